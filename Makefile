@@ -1,0 +1,29 @@
+# Quick start: `make demo` and `make test` work on a fresh machine (they create .venv first).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: venv test lint demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch is pinned so pip takes the local CPU wheel, not a multi-GB CUDA build.
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check mixdq_jax pallas_kernels weights_convert tests benchmarks
+
+test: $(STAMP)
+	$(BIN)/ruff check mixdq_jax pallas_kernels weights_convert tests benchmarks
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/mixdq demo --out runs/demo
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

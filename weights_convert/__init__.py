@@ -1,0 +1,5 @@
+"""diffusers/transformers checkpoints <-> Flax parameter trees (numpy only, no torch)."""
+
+from weights_convert.convert import ConversionError, flax_to_torch, torch_to_flax
+
+__all__ = ["ConversionError", "flax_to_torch", "torch_to_flax"]

@@ -1,0 +1,113 @@
+"""Map PyTorch state dicts to Flax parameter trees and back.
+
+Our Flax modules are named exactly like the PyTorch modules (``name="down_blocks.1"``), so a Flax
+parameter path joined with dots is the PyTorch key up to the leaf name and layout. That makes the
+conversion generic and strict: every Flax parameter must find its tensor, every tensor must be
+used, and every shape must match, or the error names the key and the file it came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+# PyTorch buffers that carry no learned value and have no Flax counterpart.
+_IGNORED_SUFFIXES = ("position_ids",)
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not fit the model: missing/unexpected key or wrong shape."""
+
+
+def _torch_key(path: tuple[str, ...], ndim: int) -> tuple[str, str]:
+    """PyTorch key and layout tag for a Flax parameter path."""
+    *module, leaf = path
+    prefix = ".".join(module)
+    if leaf == "kernel":
+        return f"{prefix}.weight", ("linear" if ndim == 2 else "conv")
+    if leaf in ("scale", "embedding"):
+        return f"{prefix}.weight", "copy"
+    return f"{prefix}.{leaf}" if prefix else leaf, "copy"
+
+
+def _to_flax_layout(x: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "linear":
+        return x.T
+    if layout == "conv":  # OIHW -> HWIO
+        return np.transpose(x, (2, 3, 1, 0))
+    return x
+
+
+def _to_torch_layout(x: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "linear":
+        return x.T
+    if layout == "conv":  # HWIO -> OIHW
+        return np.transpose(x, (3, 2, 0, 1))
+    return x
+
+
+def torch_to_flax(
+    state: Mapping[str, np.ndarray],
+    target: Mapping,
+    *,
+    sources: Mapping[str, str] | None = None,
+    what: str = "model",
+    dtype: np.dtype | None = None,
+) -> dict:
+    """Build a Flax ``params`` tree shaped like ``target`` from a PyTorch-named state dict.
+
+    ``target`` is a params tree of arrays or ``jax.ShapeDtypeStruct`` (from ``jax.eval_shape``).
+    ``sources`` maps each key to the file it was read from, for error messages.
+    """
+    sources = sources or {}
+    flat = traverse_util.flatten_dict(target)
+    out: dict[tuple[str, ...], np.ndarray] = {}
+    used: set[str] = set()
+    missing: list[str] = []
+    for path, leaf in flat.items():
+        key, layout = _torch_key(path, len(leaf.shape))
+        if key not in state:
+            missing.append(f"{key} (Flax param {'/'.join(path)})")
+            continue
+        value = _to_flax_layout(np.asarray(state[key]), layout)
+        if tuple(value.shape) != tuple(leaf.shape):
+            where = sources.get(key, "<state dict>")
+            raise ConversionError(
+                f"{what}: tensor {key!r} in {where} has shape {tuple(np.asarray(state[key]).shape)}"
+                f", expected {_torch_shape(leaf.shape, layout)}"
+            )
+        out[path] = value.astype(dtype or leaf.dtype)
+        used.add(key)
+    if missing:
+        files = sorted(set(sources.values())) or ["<state dict>"]
+        raise ConversionError(
+            f"{what}: {len(missing)} tensor(s) missing from {', '.join(files)}: "
+            + ", ".join(missing[:10])
+            + (" ..." if len(missing) > 10 else "")
+        )
+    unexpected = [k for k in state if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
+    if unexpected:
+        where = sorted({sources.get(k, "<state dict>") for k in unexpected})
+        raise ConversionError(
+            f"{what}: {len(unexpected)} unexpected tensor(s) in {', '.join(where)}: "
+            + ", ".join(sorted(unexpected)[:10])
+            + (" ..." if len(unexpected) > 10 else "")
+        )
+    return traverse_util.unflatten_dict(out)
+
+
+def _torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    return tuple(_to_torch_layout(np.empty(shape, dtype=np.uint8), layout).shape)
+
+
+def flax_to_torch(params: Mapping) -> dict[str, np.ndarray]:
+    """Inverse of :func:`torch_to_flax`: PyTorch-named numpy state dict from a Flax tree."""
+    out = {}
+    for path, leaf in traverse_util.flatten_dict(params).items():
+        arr = np.asarray(jax.device_get(leaf))
+        key, layout = _torch_key(path, arr.ndim)
+        out[key] = np.ascontiguousarray(_to_torch_layout(arr, layout))
+    return out
