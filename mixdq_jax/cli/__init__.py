@@ -1,0 +1,38 @@
+"""The ``mixdq`` command line: one sub-module per command, each exposing ``register``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Sub-command modules; each defines ``register(subparsers)`` that adds its parser and sets
+# ``func`` (called with the parsed namespace, returns an exit code).
+_COMMANDS = ("generate", "allocate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixdq", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in _COMMANDS:
+        try:
+            module = importlib.import_module(f"mixdq_jax.cli.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"mixdq_jax.cli.{name}":
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"mixdq {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
