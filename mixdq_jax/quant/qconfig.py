@@ -1,0 +1,326 @@
+"""The per-layer quantization configuration: a pytree of arrays keyed by layer name.
+
+``QConfig`` is what the fake-quant forward takes as an *argument*: bit-widths and activation
+ranges are array leaves, so every configuration of the same layer set shares one compiled
+program and ``jax.vmap`` batches over stacked configurations. What changes the computation
+itself (the quantizer family, which layers split their input, BOS handling) is static
+metadata of the pytree.
+
+``QuantSpec`` is the human-facing description (uniform bits, per-layer mappings, the official
+YAML files, protected layers) and ``QuantSpec.to_qconfig`` validates it against the model's
+layer list and builds the arrays.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixdq_jax.official_format import read_bits, write_bits
+from mixdq_jax.quant.quantizers import FLOAT_BITS
+
+QUANT_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+ALLOWED_BITS: tuple[int, ...] = (*QUANT_BITS, FLOAT_BITS)
+BOS_SUFFIXES: tuple[str, ...] = ("attn2.to_k", "attn2.to_v")
+
+# The official SDXL-turbo activation configs leave these 9 layers out (kept FP16): the "top 1%"
+# most sensitive activations (reference/mixdq-official/README.md).
+OFFICIAL_PROTECTED_ACT_LAYERS: frozenset[str] = frozenset(
+    {
+        "conv_in",
+        "conv_out",
+        "down_blocks.0.resnets.0.conv2",
+        "up_blocks.2.resnets.2.conv_shortcut",
+        "down_blocks.2.attentions.1.transformer_blocks.5.ff.net.2",
+        "down_blocks.2.attentions.1.transformer_blocks.6.ff.net.2",
+        "down_blocks.2.attentions.1.transformer_blocks.7.ff.net.2",
+        "down_blocks.2.attentions.1.transformer_blocks.8.ff.net.2",
+        "up_blocks.0.attentions.0.transformer_blocks.0.ff.net.2",
+    }
+)
+
+Array = jax.Array
+
+
+def is_bos_layer(name: str) -> bool:
+    """Cross-attention key/value projections: their input is the text embedding."""
+    return name.endswith(BOS_SUFFIXES)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True, kw_only=True)
+class LayerQConfig:
+    """One layer's quantization data. Leaves are arrays (scalars, or ``(n,)`` when stacked).
+
+    ``a_lo``/``a_hi`` is the input range (for a split layer: of channels ``[:split]``,
+    with ``a2_lo``/``a2_hi`` for ``[split:]``); for a BOS layer it excludes token 0.
+    """
+
+    w_bits: Array
+    a_bits: Array
+    a_lo: Array
+    a_hi: Array
+    a2_lo: Array | None = None
+    a2_hi: Array | None = None
+    split: int | None = field(default=None, metadata=dict(static=True))
+    bos: bool = field(default=False, metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True, kw_only=True)
+class QConfig:
+    """Per-layer configs keyed by the diffusers module name (no ``model.`` prefix).
+
+    ``weight_format``: ``"int"`` | ``"int_sym"`` | ``"fp8"``; ``act_format``: ``"int"`` |
+    ``"fp8"``. Layers not in ``layers`` are left untouched by the fake-quant context.
+    """
+
+    layers: dict[str, LayerQConfig]
+    weight_format: str = field(default="int", metadata=dict(static=True))
+    act_format: str = field(default="int", metadata=dict(static=True))
+
+    def with_bits(
+        self, *, w_bits: Mapping[str, Any] | None = None, a_bits: Mapping[str, Any] | None = None
+    ) -> QConfig:
+        """A copy with some layers' bits replaced (values are ints or arrays; not validated
+        against the allowed set so that traced values can be passed inside jit)."""
+        w_bits, a_bits = dict(w_bits or {}), dict(a_bits or {})
+        _check_known(set(w_bits) | set(a_bits), self.layers, "with_bits")
+        layers = dict(self.layers)
+        for name in set(w_bits) | set(a_bits):
+            lq = layers[name]
+            layers[name] = replace(
+                lq,
+                w_bits=jnp.asarray(w_bits.get(name, lq.w_bits), jnp.int32),
+                a_bits=jnp.asarray(a_bits.get(name, lq.a_bits), jnp.int32),
+            )
+        return replace(self, layers=layers)
+
+    def bits(self) -> tuple[dict[str, int], dict[str, int]]:
+        """``(weight_bits, act_bits)`` as Python ints (an unstacked config only)."""
+        w, a = {}, {}
+        for name, lq in self.layers.items():
+            if np.ndim(lq.w_bits) or np.ndim(lq.a_bits):
+                raise ValueError("bits() needs an unstacked QConfig (scalar bits per layer)")
+            w[name], a[name] = int(lq.w_bits), int(lq.a_bits)
+        return w, a
+
+
+def stack_qconfigs(qconfigs: Sequence[QConfig]) -> QConfig:
+    """Stack configs of the same layer set along a new leading axis, for ``jax.vmap``."""
+    if not qconfigs:
+        raise ValueError("stack_qconfigs: empty sequence")
+    first = jax.tree_util.tree_structure(qconfigs[0])
+    for i, q in enumerate(qconfigs[1:], 1):
+        if jax.tree_util.tree_structure(q) != first:
+            raise ValueError(
+                f"stack_qconfigs: config {i} has a different structure (layer set, splits, "
+                "BOS layers or formats differ) from config 0"
+            )
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *qconfigs)
+
+
+def _check_known(names: Iterable[str], layers: Iterable[str], what: str) -> None:
+    known = set(layers)
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ValueError(f"{what}: unknown layer(s) {_fmt(unknown)}")
+
+
+def _fmt(names: Sequence[str], limit: int = 20) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = len(names) - limit
+    return f"{shown} (and {more} more)" if more > 0 else shown
+
+
+def _check_bits_value(what: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer, float, np.floating)):
+        raise ValueError(f"{what}: layer {name!r}: bit-width {value!r} is not a number")
+    if int(value) != value or int(value) not in ALLOWED_BITS:
+        raise ValueError(
+            f"{what}: layer {name!r}: unsupported bit-width {value!r} "
+            f"(allowed: {list(QUANT_BITS)} or {FLOAT_BITS} = float)"
+        )
+    return int(value)
+
+
+def _resolve_bits(
+    what: str,
+    bits: int | Mapping[str, int],
+    default: int | None,
+    protected: frozenset[str],
+    layers: Sequence[str],
+) -> dict[str, int]:
+    if isinstance(bits, Mapping):
+        _check_known(bits, layers, what)
+        missing = [n for n in layers if n not in bits and n not in protected]
+        if missing and default is None:
+            raise ValueError(
+                f"{what}: no bit-width for layer(s) {_fmt(missing)} (give them in the mapping, "
+                "mark them protected, or set an explicit default)"
+            )
+        if default is not None:
+            default = _check_bits_value(what, "<default>", default)
+        out = {n: _check_bits_value(what, n, bits[n]) if n in bits else default for n in layers}
+    else:
+        value = _check_bits_value(what, "<all>", bits)
+        out = dict.fromkeys(layers, value)
+    for n in protected:
+        out[n] = FLOAT_BITS
+    return out
+
+
+def _range(name: str, value: Any, want_split: bool) -> tuple[tuple[float, float], ...]:
+    """Normalise a calibrated range to ``((lo, hi),)`` or ``((lo1, hi1), (lo2, hi2))``."""
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.shape not in ((2,), (2, 2)):
+        raise ValueError(f"act range for {name!r}: expected shape (2,) or (2, 2), got {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"act range for {name!r}: non-finite values {arr.tolist()}")
+    rows = arr.reshape(-1, 2)
+    if np.any(rows[:, 0] > rows[:, 1]):
+        raise ValueError(f"act range for {name!r}: lo > hi in {arr.tolist()}")
+    if want_split:
+        if rows.shape[0] != 2:
+            raise ValueError(
+                f"act range for split layer {name!r}: need one range per input half, shape "
+                f"(2, 2); got {arr.shape} (calibrate with shortcut splitting on)"
+            )
+        return tuple((float(lo), float(hi)) for lo, hi in rows)
+    return ((float(rows[:, 0].min()), float(rows[:, 1].max())),)
+
+
+def _f32(x: float) -> Array:
+    return jnp.asarray(x, jnp.float32)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+    """What to quantize and how; ``to_qconfig`` turns it into arrays for a model's layers.
+
+    ``weight_bits`` / ``act_bits``: one bit-width for all layers or a ``{layer: bits}``
+    mapping; allowed 2..8, or 16 = float. A mapping must cover every layer that is not
+    protected unless ``default_weight_bits`` / ``default_act_bits`` is given (``None``:
+    missing layers are an error). ``protected_weights`` / ``protected_acts`` stay float.
+    ``fp8`` replaces the integer grid by FP8 e4m3 for every quantized tensor (bits < 16).
+    """
+
+    weight_bits: int | Mapping[str, int] = FLOAT_BITS
+    act_bits: int | Mapping[str, int] = FLOAT_BITS
+    default_weight_bits: int | None = None
+    default_act_bits: int | None = None
+    protected_weights: frozenset[str] = frozenset()
+    protected_acts: frozenset[str] = frozenset()
+    symmetric_weights: bool = False
+    fp8: bool = False
+    bos_aware: bool = True
+    shortcut_split: bool = True
+
+    def __post_init__(self) -> None:
+        for attr in ("protected_weights", "protected_acts"):
+            value = getattr(self, attr)
+            if isinstance(value, str):
+                raise TypeError(f"{attr} must be a collection of layer names, not a string")
+            object.__setattr__(self, attr, frozenset(value))
+        if self.symmetric_weights and self.fp8:
+            raise ValueError("symmetric_weights and fp8 are exclusive weight formats")
+
+    @classmethod
+    def from_official_yaml(
+        cls,
+        weight_file: str | os.PathLike | None = None,
+        act_file: str | os.PathLike | None = None,
+        **options: Any,
+    ) -> QuantSpec:
+        """Spec from official ``final_config`` YAML files; a missing file means float.
+
+        Layers absent from an official activation file are kept float by the official code:
+        pass ``protected_acts=OFFICIAL_PROTECTED_ACT_LAYERS`` (or ``default_act_bits=16``) to
+        say so; otherwise ``to_qconfig`` reports them as missing.
+        """
+        if weight_file is not None:
+            options["weight_bits"] = read_bits(weight_file, allowed=QUANT_BITS)
+        if act_file is not None:
+            options["act_bits"] = read_bits(act_file, allowed=QUANT_BITS)
+        return cls(**options)
+
+    def to_qconfig(
+        self,
+        layers: Mapping[str, int | None] | Sequence[str],
+        act_ranges: Mapping[str, Any] | None = None,
+    ) -> QConfig:
+        """Build the array config for ``layers``.
+
+        ``layers``: the model's quantizable layer names, or a mapping name -> input-channel
+        split point (``None`` for no split; from the model's layer registry).
+        ``act_ranges``: name -> ``[lo, hi]`` (or ``[[lo1, hi1], [lo2, hi2]]`` for a split
+        layer), as returned by calibration; needed for every layer with activation bits < 16.
+        Extra names in ``act_ranges`` are ignored (calibrate once, build many subsets).
+        """
+        if isinstance(layers, Mapping):
+            splits = dict(layers)
+        else:
+            names = list(layers)
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"to_qconfig: duplicate layer(s) {_fmt(dup)}")
+            splits = dict.fromkeys(names)
+        names = list(splits)
+        for n, s in splits.items():
+            if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s <= 0):
+                raise ValueError(f"to_qconfig: layer {n!r}: split {s!r} is not a positive int")
+        _check_known(self.protected_weights, names, "protected_weights")
+        _check_known(self.protected_acts, names, "protected_acts")
+        w = _resolve_bits(
+            "weight_bits", self.weight_bits, self.default_weight_bits, self.protected_weights, names
+        )
+        a = _resolve_bits(
+            "act_bits", self.act_bits, self.default_act_bits, self.protected_acts, names
+        )
+        act_ranges = act_ranges or {}
+        need = [n for n in names if a[n] < FLOAT_BITS and n not in act_ranges]
+        if need:
+            raise ValueError(f"to_qconfig: no calibrated activation range for {_fmt(need)}")
+
+        out: dict[str, LayerQConfig] = {}
+        for n in names:
+            split = splits[n] if self.shortcut_split else None
+            if n in act_ranges:
+                rng = _range(n, act_ranges[n], want_split=split is not None)
+            else:  # float activations: the range is never used
+                rng = ((0.0, 0.0),) * (2 if split is not None else 1)
+            out[n] = LayerQConfig(
+                w_bits=jnp.asarray(w[n], jnp.int32),
+                a_bits=jnp.asarray(a[n], jnp.int32),
+                a_lo=_f32(rng[0][0]),
+                a_hi=_f32(rng[0][1]),
+                a2_lo=_f32(rng[1][0]) if split is not None else None,
+                a2_hi=_f32(rng[1][1]) if split is not None else None,
+                split=split,
+                bos=self.bos_aware and is_bos_layer(n),
+            )
+        weight_format = "fp8" if self.fp8 else ("int_sym" if self.symmetric_weights else "int")
+        return QConfig(
+            layers=out, weight_format=weight_format, act_format="fp8" if self.fp8 else "int"
+        )
+
+
+def write_official_yaml(
+    qconfig: QConfig,
+    *,
+    weight_file: str | os.PathLike | None = None,
+    act_file: str | os.PathLike | None = None,
+) -> None:
+    """Write the bit-widths in the official format; float (16-bit) layers are left out,
+    which the official code reads as "kept in float"."""
+    w, a = qconfig.bits()
+    if weight_file is not None:
+        write_bits(weight_file, {n: b for n, b in w.items() if b < FLOAT_BITS}, allowed=QUANT_BITS)
+    if act_file is not None:
+        write_bits(act_file, {n: b for n, b in a.items() if b < FLOAT_BITS}, allowed=QUANT_BITS)
