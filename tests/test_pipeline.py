@@ -1,0 +1,223 @@
+"""Whole-pipeline parity with diffusers' PyTorch pipelines on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import diffusers
+import jax
+import numpy as np
+import pytest
+import torch
+
+from mixdq_jax.pipeline import load_pipeline, seed_keys
+from tests.tiny_models import build_sd15, build_sdxl
+from weights_convert.checkpoint import CheckpointError
+from weights_convert.convert import ConversionError
+from weights_convert.safetensors_io import load_safetensors, save_safetensors
+
+PROMPTS = ["a red circle on a blue background", "a small green square, 4k!"]
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    return build_sdxl(tmp_path_factory.mktemp("sdxl") / "pipe", legacy_tokenizer_files=False)
+
+
+@pytest.fixture(scope="module")
+def sd15_dir(tmp_path_factory):
+    return build_sd15(tmp_path_factory.mktemp("sd15") / "pipe")
+
+
+def _latents(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _patch_step_noise(monkeypatch, module, seed, shape):
+    """Feed diffusers' scheduler the same per-step noise our pipeline draws for ``seed``."""
+    _, key = seed_keys(seed)
+    calls = {"i": 0}
+
+    def fake_randn(shape_, generator=None, device=None, dtype=None, layout=None):
+        noise = jax.random.normal(jax.random.fold_in(key, calls["i"]), tuple(shape_))
+        calls["i"] += 1
+        return torch.from_numpy(np.asarray(noise)).to(dtype or torch.float32)
+
+    monkeypatch.setattr(module, "randn_tensor", fake_randn)
+    return calls
+
+
+def _reference(folder, cls, scheduler_cls=None, **kwargs):
+    pipe = cls.from_pretrained(folder)
+    if scheduler_cls is not None:
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(output_type="np", **kwargs).images
+
+
+@pytest.mark.parametrize("height, width", [(32, 32), (32, 48)])
+def test_sdxl_turbo_one_step_matches_diffusers(sdxl_dir, height, width):
+    latents = _latents((2, 4, height // 2, width // 2))
+    ours = load_pipeline(sdxl_dir)(
+        PROMPTS,
+        num_inference_steps=1,
+        guidance_scale=0.0,
+        height=height,
+        width=width,
+        latents=latents,
+    )
+    ref = _reference(
+        sdxl_dir,
+        diffusers.StableDiffusionXLPipeline,
+        prompt=PROMPTS,
+        num_inference_steps=1,
+        guidance_scale=0.0,
+        height=height,
+        width=width,
+        latents=torch.from_numpy(latents),
+    )
+    assert ours.shape == ref.shape == (2, height, width, 3)
+    assert np.abs(ours - ref).max() <= ATOL
+    assert ours.std() > 0.01  # not a constant image
+
+
+def test_sdxl_multistep_ancestral_with_cfg_matches_diffusers(sdxl_dir, monkeypatch):
+    from diffusers.schedulers import scheduling_euler_ancestral_discrete as ea
+
+    latents = _latents((1, 4, 16, 16), seed=1)
+    kw = dict(num_inference_steps=3, guidance_scale=4.0, height=32, width=32)
+    ours = load_pipeline(sdxl_dir)(
+        PROMPTS[:1], negative_prompt="blurry", latents=latents, seed=7, **kw
+    )
+    calls = _patch_step_noise(monkeypatch, ea, 7, latents.shape)
+    ref = _reference(
+        sdxl_dir,
+        diffusers.StableDiffusionXLPipeline,
+        prompt=PROMPTS[:1],
+        negative_prompt="blurry",
+        latents=torch.from_numpy(latents),
+        **kw,
+    )
+    assert calls["i"] == 3
+    assert np.abs(ours - ref).max() <= ATOL
+
+
+def test_sdxl_cfg_zero_negative_matches_diffusers(sdxl_dir):
+    latents = _latents((2, 4, 16, 16), seed=2)
+    kw = dict(num_inference_steps=1, guidance_scale=3.0, height=32, width=32)
+    ours = load_pipeline(sdxl_dir)(PROMPTS, latents=latents, **kw)
+    ref = _reference(
+        sdxl_dir,
+        diffusers.StableDiffusionXLPipeline,
+        prompt=PROMPTS,
+        latents=torch.from_numpy(latents),
+        **kw,
+    )
+    assert np.abs(ours - ref).max() <= ATOL
+
+
+def test_sd15_lcm_four_steps_matches_diffusers(sd15_dir, monkeypatch):
+    from diffusers.schedulers import scheduling_lcm
+
+    latents = _latents((2, 4, 16, 16), seed=3)
+    kw = dict(num_inference_steps=4, guidance_scale=1.0, height=32, width=32)
+    ours = load_pipeline(sd15_dir, scheduler="LCMScheduler")(PROMPTS, latents=latents, seed=5, **kw)
+    calls = _patch_step_noise(monkeypatch, scheduling_lcm, 5, latents.shape)
+    ref = _reference(
+        sd15_dir,
+        diffusers.StableDiffusionPipeline,
+        diffusers.LCMScheduler,
+        prompt=PROMPTS,
+        latents=torch.from_numpy(latents),
+        **kw,
+    )
+    assert calls["i"] == 3  # LCM re-noises between steps, not after the last
+    assert np.abs(ours - ref).max() <= ATOL
+
+
+def test_sd15_euler_cfg_with_negative_prompt_matches_diffusers(sd15_dir):
+    latents = _latents((2, 4, 16, 24), seed=4)
+    kw = dict(num_inference_steps=3, guidance_scale=7.5, height=32, width=48)
+    ours = load_pipeline(sd15_dir, scheduler="EulerDiscreteScheduler")(
+        PROMPTS, negative_prompt=["ugly", "blurry"], latents=latents, **kw
+    )
+    ref = _reference(
+        sd15_dir,
+        diffusers.StableDiffusionPipeline,
+        diffusers.EulerDiscreteScheduler,
+        prompt=PROMPTS,
+        negative_prompt=["ugly", "blurry"],
+        latents=torch.from_numpy(latents),
+        **kw,
+    )
+    assert np.abs(ours - ref).max() <= ATOL
+
+
+def test_pil_output_and_seed_determinism(sdxl_dir):
+    pipe = load_pipeline(sdxl_dir)
+    a = pipe("a cat", height=32, width=32, seed=3)
+    b = pipe("a cat", height=32, width=32, seed=3)
+    c = pipe("a cat", height=32, width=32, seed=4)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+    (img,) = pipe("a cat", height=32, width=32, seed=3, output_type="pil")
+    assert img.size == (32, 32)
+    np.testing.assert_array_equal(np.asarray(img), (a[0] * 255).round().astype(np.uint8))
+
+
+def test_long_prompt_is_truncated_with_warning(sdxl_dir):
+    pipe = load_pipeline(sdxl_dir)
+    with pytest.warns(UserWarning, match="truncated"):
+        pipe(" ".join(["red circle"] * 60), height=32, width=32)
+
+
+# ------------------------------------------------------------------------ bad input
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_not_a_pipeline_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="not a diffusers pipeline folder"):
+        load_pipeline(tmp_path)
+
+
+def test_missing_tensor_names_key_and_file(sdxl_dir, tmp_path):
+    folder = _copy(sdxl_dir, tmp_path / "p")
+    path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = dict(load_safetensors(path, mmap=False))
+    del state["conv_in.weight"]
+    save_safetensors(path, state)
+    with pytest.raises(ConversionError, match=r"missing.*diffusion_pytorch_model.*conv_in\.weight"):
+        load_pipeline(folder)
+
+
+def test_wrong_shape_names_key(sdxl_dir, tmp_path):
+    folder = _copy(sdxl_dir, tmp_path / "p")
+    path = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    state = dict(load_safetensors(path, mmap=False))
+    state["decoder.conv_out.bias"] = np.zeros(5, np.float32)
+    save_safetensors(path, state)
+    with pytest.raises(ConversionError, match=r"'decoder\.conv_out\.bias'.*shape \(5,\)"):
+        load_pipeline(folder)
+
+
+def test_truncated_weights(sdxl_dir, tmp_path):
+    folder = _copy(sdxl_dir, tmp_path / "p")
+    path = folder / "text_encoder" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-64])
+    with pytest.raises(ValueError, match=r"model\.safetensors.*truncated"):
+        load_pipeline(folder)
+
+
+def test_unknown_scheduler_class(sdxl_dir, tmp_path):
+    folder = _copy(sdxl_dir, tmp_path / "p")
+    cfg_path = folder / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["_class_name"] = "HeunDiscreteScheduler"
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="HeunDiscreteScheduler"):
+        load_pipeline(folder)
