@@ -8,7 +8,7 @@ import sys
 
 # Sub-command modules; each defines ``register(subparsers)`` that adds its parser and sets
 # ``func`` (called with the parsed namespace, returns an exit code).
-_COMMANDS = ("generate", "layers", "allocate", "testbed")
+_COMMANDS = ("generate", "calibrate", "layers", "allocate", "testbed")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from mixdq_jax.quant.qconfig import (
     stack_qconfigs,
     write_official_yaml,
 )
+from mixdq_jax.quant.quantize import qconfig_for, quantize_pipeline
 from mixdq_jax.quant.quantizers import (
     FLOAT_BITS,
     FP8_MAX,
@@ -41,7 +42,9 @@ __all__ = [
     "fake_quant_fp8",
     "fake_quant_symmetric",
     "is_bos_layer",
+    "qconfig_for",
     "quantize_activation",
+    "quantize_pipeline",
     "quantize_weight",
     "stack_qconfigs",
     "update_ranges",

@@ -1,0 +1,78 @@
+"""``mixdq calibrate``: record activation ranges and float references into a run directory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="calibrate activation ranges on prompts")
+    p.add_argument("--model", required=True, help="diffusers folder, cached repo id, or testbed")
+    p.add_argument("--run", type=Path, required=True, help="run directory (resumable)")
+    p.add_argument(
+        "--prompts-file",
+        type=Path,
+        default=None,
+        help="one prompt per line (default: the shipped list; testbed: its captions)",
+    )
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--guidance", type=float, default=0.0)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--method",
+        choices=["minmax", "ema"],
+        default="minmax",
+        help="range accumulation over batches (ema: the official running_stat)",
+    )
+    p.add_argument("--scheduler", default=None)
+    p.set_defaults(func=run)
+
+
+def calib_prompts(model: str, prompts_file: Path | None, n: int) -> list[str]:
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            raise FileNotFoundError(f"--prompts-file {prompts_file}: no such file")
+        prompts = [ln.strip() for ln in prompts_file.read_text().splitlines() if ln.strip()]
+        if len(prompts) < n:
+            raise ValueError(f"--prompts-file {prompts_file}: {len(prompts)} prompts, need {n}")
+        return prompts[:n]
+    if model == "testbed":
+        from mixdq_jax.testbed import calibration_captions  # noqa: PLC0415
+
+        return calibration_captions(n)
+    from mixdq_jax.quant.calibrate import default_prompts  # noqa: PLC0415
+
+    return default_prompts(n)
+
+
+def native_size(pipe) -> tuple[int, int]:
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    size = pipe.unet.config.sample_size or 64
+    size = size[0] if isinstance(size, tuple) else size
+    return size * factor, size * factor
+
+
+def run(args: argparse.Namespace) -> int:
+    from mixdq_jax.pipeline import load_pipeline  # noqa: PLC0415
+    from mixdq_jax.quant.calibrate import CalibConfig, calibrate  # noqa: PLC0415
+
+    pipe = load_pipeline(args.model, scheduler=args.scheduler)
+    h, w = native_size(pipe)
+    config = CalibConfig(
+        prompts=tuple(calib_prompts(args.model, args.prompts_file, args.num_prompts)),
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        height=args.height or h,
+        width=args.width or w,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        method=args.method,
+    )
+    ranges = calibrate(pipe, config, args.run)
+    print(f"calibrated {len(ranges)} layers on {len(config.prompts)} prompts -> {args.run}/calib")
+    return 0

@@ -1,0 +1,156 @@
+"""Fake-quantized pipelines: one compile for every configuration, calibration, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from mixdq_jax.cli import main
+from mixdq_jax.pipeline import load_pipeline
+from mixdq_jax.quant import QuantSpec, quantize_pipeline
+from mixdq_jax.quant.calibrate import CalibConfig, calibrate, load_act_ranges
+from mixdq_jax.quant.quantize import qconfig_for, unet_layers
+from tests.tiny_models import build_sdxl
+
+PROMPTS = ["a red circle", "a blue square on a green background", "two yellow triangles"]
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    return build_sdxl(tmp_path_factory.mktemp("qsdxl") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def pipe(pipe_dir):
+    return load_pipeline(pipe_dir)
+
+
+@pytest.fixture(scope="module")
+def run_dir(pipe, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    config = CalibConfig(prompts=tuple(PROMPTS), height=32, width=32, batch_size=2)
+    calibrate(pipe, config, run)
+    return run
+
+
+def test_float_spec_reproduces_float_pipeline(pipe):
+    ref = pipe(PROMPTS[:2], height=32, width=32, seed=1)
+    q = quantize_pipeline(pipe, QuantSpec(weight_bits=16, act_bits=16))
+    np.testing.assert_array_equal(q(PROMPTS[:2], height=32, width=32, seed=1), ref)
+
+
+def test_three_configurations_compile_once(pipe, run_dir):
+    ranges = load_act_ranges(run_dir)
+    names = [layer.name for layer in unet_layers(pipe)]
+    rng = np.random.default_rng(0)
+    context, pooled = pipe.prompt_embeddings(PROMPTS[:1], None, 0.0)
+    latents = jax.random.normal(jax.random.key(0), (1, 4, 16, 16))
+    quant = quantize_pipeline(pipe, QuantSpec(weight_bits=8, act_bits=8), calib=ranges)
+    outs = []
+    for _ in range(3):
+        spec = QuantSpec(
+            weight_bits={n: int(rng.choice([2, 4, 8])) for n in names},
+            act_bits={n: int(rng.choice([4, 8, 16])) for n in names},
+        )
+        qconfig = qconfig_for(pipe, spec, ranges)
+        outs.append(
+            np.asarray(
+                quant.denoise(
+                    latents,
+                    context,
+                    pooled,
+                    num_inference_steps=1,
+                    guidance_scale=0.0,
+                    height=32,
+                    width=32,
+                    noise_key=jax.random.key(1),
+                    qconfig=qconfig,
+                )
+            )
+        )
+    compiled = quant._cache[("denoise", 1, False)]
+    assert compiled._cache_size() == 1
+    assert np.abs(outs[0] - outs[1]).max() > 1e-4  # the configurations really differ
+
+
+def test_quantization_error_grows_as_bits_drop(pipe, run_dir):
+    ref = pipe(PROMPTS, height=32, width=32, seed=2)
+    errs = []
+    for w, a in [(8, 8), (4, 8), (2, 4)]:
+        q = quantize_pipeline(pipe, QuantSpec(weight_bits=w, act_bits=a), calib=run_dir)
+        errs.append(float(np.mean((q(PROMPTS, height=32, width=32, seed=2) - ref) ** 2)))
+    assert 0 < errs[0] < errs[1] < errs[2]
+
+
+def test_calibration_resumes_with_identical_ranges(pipe, run_dir, tmp_path):
+    config = CalibConfig(prompts=tuple(PROMPTS), height=32, width=32, batch_size=2)
+    first = load_act_ranges(run_dir)
+    (run_dir / "calib" / "batch_00001.npz").unlink()  # as if killed before the last batch
+    (run_dir / "calib" / "act_ranges.npz").unlink()
+    again = calibrate(pipe, config, run_dir)
+    assert set(first) == set(again) == {layer.name for layer in unet_layers(pipe)}
+    for name in first:
+        np.testing.assert_array_equal(first[name], again[name])
+    split = [n for n in first if n.endswith("conv_shortcut") and n.startswith("up_blocks")]
+    assert split and all(first[n].shape == (2, 2) for n in split)  # one range per half
+    other = CalibConfig(prompts=tuple(PROMPTS), height=32, width=32, batch_size=3)
+    with pytest.raises(ValueError, match="calibrated with other settings"):
+        calibrate(pipe, other, run_dir)
+
+
+def test_missing_calibration_is_a_clear_error(pipe):
+    with pytest.raises(ValueError, match="no calibrated activation range"):
+        quantize_pipeline(pipe, QuantSpec(weight_bits=8, act_bits=8))
+
+
+def test_cli_generate_quantized_and_resume(pipe_dir, run_dir, tmp_path, capsys):
+    out = tmp_path / "imgs"
+    args = [
+        "generate",
+        "--model",
+        str(pipe_dir),
+        "--prompt",
+        "a red circle",
+        "--prompt",
+        "a cat",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--weight-bits",
+        "8",
+        "--act-bits",
+        "8",
+        "--calib",
+        str(run_dir),
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    index = json.loads((out / "prompts.json").read_text())
+    assert [r["file"] for r in index["images"]] == ["0000.png", "0001.png"]
+    assert index["settings"]["quant"] == "W8A8 int"
+    stamp = (out / "0000.png").stat().st_mtime_ns
+    assert main(args) == 0  # resumed: nothing regenerated
+    assert (out / "0000.png").stat().st_mtime_ns == stamp
+    assert main([*args[:-2], "--act-bits", "3", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(pipe_dir),
+                "--prompt",
+                "x",
+                "--weight-bits",
+                "9",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
+    assert "supported bit-widths" in capsys.readouterr().err
