@@ -27,6 +27,11 @@ def sdxl_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sdxl_pipe(sdxl_dir):
+    return load_pipeline(sdxl_dir)
+
+
+@pytest.fixture(scope="module")
 def sd15_dir(tmp_path_factory):
     return build_sd15(tmp_path_factory.mktemp("sd15") / "pipe")
 
@@ -59,9 +64,9 @@ def _reference(folder, cls, scheduler_cls=None, **kwargs):
 
 
 @pytest.mark.parametrize("height, width", [(32, 32), (32, 48)])
-def test_sdxl_turbo_one_step_matches_diffusers(sdxl_dir, height, width):
+def test_sdxl_turbo_one_step_matches_diffusers(sdxl_dir, sdxl_pipe, height, width):
     latents = _latents((2, 4, height // 2, width // 2))
-    ours = load_pipeline(sdxl_dir)(
+    ours = sdxl_pipe(
         PROMPTS,
         num_inference_steps=1,
         guidance_scale=0.0,
@@ -84,14 +89,12 @@ def test_sdxl_turbo_one_step_matches_diffusers(sdxl_dir, height, width):
     assert ours.std() > 0.01  # not a constant image
 
 
-def test_sdxl_multistep_ancestral_with_cfg_matches_diffusers(sdxl_dir, monkeypatch):
+def test_sdxl_multistep_ancestral_with_cfg_matches_diffusers(sdxl_dir, sdxl_pipe, monkeypatch):
     from diffusers.schedulers import scheduling_euler_ancestral_discrete as ea
 
     latents = _latents((1, 4, 16, 16), seed=1)
     kw = dict(num_inference_steps=3, guidance_scale=4.0, height=32, width=32)
-    ours = load_pipeline(sdxl_dir)(
-        PROMPTS[:1], negative_prompt="blurry", latents=latents, seed=7, **kw
-    )
+    ours = sdxl_pipe(PROMPTS[:1], negative_prompt="blurry", latents=latents, seed=7, **kw)
     calls = _patch_step_noise(monkeypatch, ea, 7, latents.shape)
     ref = _reference(
         sdxl_dir,
@@ -105,10 +108,10 @@ def test_sdxl_multistep_ancestral_with_cfg_matches_diffusers(sdxl_dir, monkeypat
     assert np.abs(ours - ref).max() <= ATOL
 
 
-def test_sdxl_cfg_zero_negative_matches_diffusers(sdxl_dir):
+def test_sdxl_cfg_zero_negative_matches_diffusers(sdxl_dir, sdxl_pipe):
     latents = _latents((2, 4, 16, 16), seed=2)
     kw = dict(num_inference_steps=1, guidance_scale=3.0, height=32, width=32)
-    ours = load_pipeline(sdxl_dir)(PROMPTS, latents=latents, **kw)
+    ours = sdxl_pipe(PROMPTS, latents=latents, **kw)
     ref = _reference(
         sdxl_dir,
         diffusers.StableDiffusionXLPipeline,
@@ -156,8 +159,8 @@ def test_sd15_euler_cfg_with_negative_prompt_matches_diffusers(sd15_dir):
     assert np.abs(ours - ref).max() <= ATOL
 
 
-def test_pil_output_and_seed_determinism(sdxl_dir):
-    pipe = load_pipeline(sdxl_dir)
+def test_pil_output_and_seed_determinism(sdxl_dir, sdxl_pipe):
+    pipe = sdxl_pipe
     a = pipe("a cat", height=32, width=32, seed=3)
     b = pipe("a cat", height=32, width=32, seed=3)
     c = pipe("a cat", height=32, width=32, seed=4)
@@ -168,8 +171,8 @@ def test_pil_output_and_seed_determinism(sdxl_dir):
     np.testing.assert_array_equal(np.asarray(img), (a[0] * 255).round().astype(np.uint8))
 
 
-def test_long_prompt_is_truncated_with_warning(sdxl_dir):
-    pipe = load_pipeline(sdxl_dir)
+def test_long_prompt_is_truncated_with_warning(sdxl_dir, sdxl_pipe):
+    pipe = sdxl_pipe
     with pytest.warns(UserWarning, match="truncated"):
         pipe(" ".join(["red circle"] * 60), height=32, width=32)
 
