@@ -8,7 +8,17 @@ import sys
 
 # Sub-command modules; each defines ``register(subparsers)`` that adds its parser and sets
 # ``func`` (called with the parsed namespace, returns an exit code).
-_COMMANDS = ("generate", "calibrate", "layers", "allocate", "testbed")
+_COMMANDS = (
+    "generate",
+    "calibrate",
+    "layers",
+    "sensitivity",
+    "allocate",
+    "demo",
+    "testbed",
+    "export",
+    "bench",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
