@@ -128,7 +128,8 @@ def save_safetensors(
     offset = 0
     arrays = []
     for key in sorted(tensors):
-        arr = np.ascontiguousarray(np.asarray(tensors[key]))
+        arr = np.asarray(tensors[key])
+        arr = np.ascontiguousarray(arr).reshape(arr.shape)  # keeps 0-d arrays 0-d
         if arr.dtype not in _NAMES:
             raise SafetensorsError(f"cannot store tensor {key!r}: unsupported dtype {arr.dtype}")
         nbytes = arr.nbytes
