@@ -14,6 +14,7 @@ _COMMANDS = (
     "layers",
     "sensitivity",
     "allocate",
+    "evaluate",
     "demo",
     "testbed",
     "export",
