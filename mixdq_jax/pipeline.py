@@ -394,6 +394,20 @@ def load_pipeline(
     calibration run directory (or ranges mapping) that quantized activations need.
     """
     folder = resolve_model(path_or_repo_id)
+    if (folder / "unet" / "mixdq_quant.json").is_file():  # a `mixdq export` folder
+        from mixdq_jax.deploy import load_quantized_pipeline  # noqa: PLC0415
+
+        return load_quantized_pipeline(
+            folder,
+            dtype=dtype,
+            variant=variant,
+            scheduler=scheduler,
+            lora=lora,
+            lora_scale=lora_scale,
+            allow_pickle=allow_pickle,
+            quant=quant,
+            calib=calib,
+        )
     index = read_model_index(folder)
     kind = _PIPELINES.get(index.get("_class_name", ""))
     if kind is None:

@@ -1,0 +1,46 @@
+"""Deployment: a chosen quantization config frozen into real low-bit storage (int8, packed
+int4/int2 weights + scales) and run through the int8 kernels of `pallas_kernels`.
+
+- `packed`: the per-layer plan and the packer (float params -> packed params tree);
+- `layers`: the Flax interceptor running planned layers on the integer path;
+- `checkpoint`: in-memory freezing, ``mixdq export`` folders and loading them;
+- `memory`, `latency`: the measurements behind ``mixdq bench``.
+"""
+
+from mixdq_jax.deploy.checkpoint import (
+    QuantCheckpointError,
+    deploy_pipeline,
+    export_quantized_pipeline,
+    freeze,
+    is_quantized_folder,
+    load_quantized_pipeline,
+    load_quantized_unet,
+)
+from mixdq_jax.deploy.layers import deploy_context, deploy_unet_context, run_layer
+from mixdq_jax.deploy.packed import (
+    FORMAT_VERSION,
+    DeployPlan,
+    LayerPlan,
+    pack_unet_params,
+    packed_shapes,
+    quantize_weight_codes,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "DeployPlan",
+    "LayerPlan",
+    "QuantCheckpointError",
+    "deploy_context",
+    "deploy_pipeline",
+    "deploy_unet_context",
+    "export_quantized_pipeline",
+    "freeze",
+    "is_quantized_folder",
+    "load_quantized_pipeline",
+    "load_quantized_unet",
+    "pack_unet_params",
+    "packed_shapes",
+    "quantize_weight_codes",
+    "run_layer",
+]

@@ -1,0 +1,454 @@
+"""Quantized pipelines: freeze in memory, export to a folder, load back.
+
+Folder layout written by :func:`export_quantized_pipeline` (``mixdq export``)::
+
+    OUT/model_index.json, scheduler/, text_encoder*/, tokenizer*/, vae/   copied from the source
+    OUT/unet/config.json                                                 the diffusers config
+    OUT/unet/mixdq_unet.safetensors     packed weights, scales, float params ("/"-joined paths)
+    OUT/unet/mixdq_quant.json           format version, per-layer plan, spec, activation ranges,
+                                        the weights file's size and sha256
+
+Loading checks the format version, the file size (truncation), the checksum (a file from
+another export) and every tensor's name, shape and dtype against the packed tree the plan and
+config imply, so a damaged or mismatched checkpoint is a clear :class:`QuantCheckpointError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixdq_jax.deploy.layers import deploy_unet_context
+from mixdq_jax.deploy.packed import (
+    F32_LEAVES,
+    FORMAT_VERSION,
+    DeployPlan,
+    pack_unet_params,
+    packed_shapes,
+    ranges_from_qconfig,
+)
+from mixdq_jax.io_utils import atomic_write_json
+from weights_convert.checkpoint import CheckpointError, read_json
+from weights_convert.safetensors_io import (
+    SafetensorsError,
+    load_safetensors,
+    read_safetensors_header,
+    save_safetensors,
+)
+
+FORMAT_NAME = "mixdq-jax-quantized-unet"
+META_FILE = "mixdq_quant.json"
+WEIGHTS_FILE = "mixdq_unet.safetensors"
+_SEP = "/"
+
+
+class QuantCheckpointError(CheckpointError):
+    """A quantized checkpoint is truncated, corrupt, from another export or another version."""
+
+
+def is_quantized_folder(path: str | os.PathLike) -> bool:
+    """True for a folder written by ``mixdq export`` (what `load_pipeline` dispatches on)."""
+    return (Path(path) / "unet" / META_FILE).is_file()
+
+
+# ------------------------------------------------------------------------------ in memory
+def bos_embedding(pipe: Any) -> jax.Array:
+    """The text context's token-0 row: CLIP's BOS embedding, the same for every prompt
+    (causal attention: position 0 sees only itself)."""
+    context, _ = pipe.encode_prompt(pipe.tokenize([""]))
+    return jnp.asarray(context[0, 0], jnp.float32)
+
+
+def freeze(
+    pipe: Any,
+    spec: Any,
+    calib: str | os.PathLike | Mapping[str, Any] | None = None,
+    *,
+    float_dtype: Any = None,
+) -> tuple[DeployPlan, dict, dict]:
+    """``(plan, packed UNet params, activation ranges)`` of ``spec`` for ``pipe``'s float UNet."""
+    from mixdq_jax.quant.quantize import qconfig_for  # noqa: PLC0415
+
+    ranges = None
+    if calib is not None and not isinstance(calib, Mapping):
+        from mixdq_jax.quant.calibrate import load_act_ranges  # noqa: PLC0415
+
+        ranges = load_act_ranges(calib)
+    elif calib is not None:
+        ranges = calib
+    qconfig = qconfig_for(pipe, spec, ranges)
+    params = pipe.params["unet"]
+    plan = DeployPlan.from_qconfig(qconfig, params)
+    act = {n: r for n, r in ranges_from_qconfig(qconfig).items() if n in plan.layers}
+    x_bos = bos_embedding(pipe) if plan.needs_bos() else None
+    # one compiled program for the whole tree: eager packing would compile every small op for
+    # every layer shape
+    pack = jax.jit(lambda p, r, xb: pack_unet_params(p, plan, r, xb, float_dtype=float_dtype))
+    packed = pack(params, act, x_bos)
+    return plan, packed, {n: np.asarray(r) for n, r in act.items()}
+
+
+def deploy_pipeline(
+    pipe: Any,
+    spec: Any,
+    calib: str | os.PathLike | Mapping[str, Any] | None = None,
+    *,
+    backend: str = "auto",
+    float_dtype: Any = None,
+) -> Any:
+    """A copy of the float ``pipe`` whose UNet runs the real low-bit path of ``spec``."""
+    plan, packed, _ = freeze(pipe, spec, calib, float_dtype=float_dtype)
+    return with_packed_unet(pipe, plan, packed, backend=backend)
+
+
+def with_packed_unet(pipe: Any, plan: DeployPlan, packed: Any, *, backend: str = "auto") -> Any:
+    return pipe.with_params(unet=packed).with_quantization(deploy_unet_context(plan, backend), None)
+
+
+# ------------------------------------------------------------------------------ on disk
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if _SEP in key:
+            raise ValueError(f"param key {key!r} contains {_SEP!r}")
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, path + _SEP))
+        else:
+            out[path] = value
+    return out
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split(_SEP)
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _copy_components(src: Path, out: Path, link: bool) -> None:
+    """Everything but the UNet weights: copied (or symlinked) from the source folder."""
+    for entry in sorted(src.iterdir()):
+        if entry.name == "unet" or entry.name.startswith("."):
+            continue
+        dest = out / entry.name
+        if dest.exists() or dest.is_symlink():
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest)
+            else:
+                dest.unlink()
+        if link:
+            dest.symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+        elif entry.is_dir():
+            shutil.copytree(entry, dest)
+        else:
+            shutil.copy2(entry, dest)
+
+
+def save_quantized_unet(
+    unet_dir: str | os.PathLike,
+    plan: DeployPlan,
+    packed: Mapping,
+    *,
+    unet_config: Mapping[str, Any],
+    act_ranges: Mapping[str, Any],
+    float_dtype: Any,
+    spec: Mapping[str, Any] | None = None,
+    source: str = "",
+) -> dict[str, Any]:
+    """Write ``config.json``, the packed tensors and the metadata; returns the metadata."""
+    unet_dir = Path(unet_dir)
+    unet_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(unet_dir / "config.json", dict(unet_config))
+    flat = {k: np.asarray(v) for k, v in _flatten(packed).items()}
+    weights = unet_dir / WEIGHTS_FILE
+    save_safetensors(
+        weights, flat, metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
+    )
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "weights_file": WEIGHTS_FILE,
+        "weights_bytes": weights.stat().st_size,
+        "weights_sha256": _sha256(weights),
+        "num_tensors": len(flat),
+        "param_bytes": int(sum(a.nbytes for a in flat.values())),
+        "float_dtype": jnp.dtype(float_dtype).name,
+        "bos_dim": _bos_dim(packed, plan),
+        "spec": dict(spec or {}),
+        "source": source,
+        "plan": plan.as_dict(),
+        "act_ranges": {n: np.asarray(r).tolist() for n, r in act_ranges.items()},
+    }
+    atomic_write_json(unet_dir / META_FILE, meta)  # written last: marks a complete export
+    return meta
+
+
+def _bos_dim(packed: Mapping, plan: DeployPlan) -> int | None:
+    from mixdq_jax.deploy.packed import node_at  # noqa: PLC0415
+
+    for name, lp in plan.layers.items():
+        if lp.bos and lp.mode != "act_only":
+            return int(node_at(packed, name)["bos_in"].shape[0])
+    return None
+
+
+def spec_summary(spec: Any) -> dict[str, Any]:
+    """A JSON-able record of a QuantSpec (bits mappings are in the plan already)."""
+    out = {}
+    for key in ("symmetric_weights", "bos_aware", "shortcut_split", "fp8"):
+        out[key] = bool(getattr(spec, key))
+    for key in ("weight_bits", "act_bits"):
+        value = getattr(spec, key)
+        out[key] = value if isinstance(value, int) else "per-layer"
+    return out
+
+
+def export_quantized_pipeline(
+    pipe: Any,
+    spec: Any,
+    out: str | os.PathLike,
+    *,
+    calib: str | os.PathLike | Mapping[str, Any] | None = None,
+    float_dtype: Any = jnp.float16,
+    link_components: bool = False,
+) -> dict[str, Any]:
+    """Freeze ``spec`` on ``pipe`` (a float pipeline loaded from a diffusers folder) and write
+    a quantized pipeline folder that `load_quantized_pipeline` (and `load_pipeline`) run."""
+    src = Path(pipe.source)
+    out = Path(out)
+    if not (src / "model_index.json").is_file():
+        raise ValueError(f"the pipeline's source {src} is not a diffusers folder")
+    if out.resolve() == src.resolve():
+        raise ValueError("--out must differ from the source model folder")
+    plan, packed, ranges = freeze(pipe, spec, calib, float_dtype=float_dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "unet" / META_FILE).unlink(missing_ok=True)  # an interrupted re-export is incomplete
+    _copy_components(src, out, link_components)
+    unet_config = read_json(src / "unet" / "config.json", what="unet config")
+    return save_quantized_unet(
+        out / "unet",
+        plan,
+        packed,
+        unet_config=unet_config,
+        act_ranges=ranges,
+        float_dtype=float_dtype,
+        spec=spec_summary(spec),
+        source=str(src),
+    )
+
+
+def read_quant_meta(unet_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(unet_dir) / META_FILE
+    meta = read_json(path, what="quantized UNet metadata")
+    if meta.get("format") != FORMAT_NAME:
+        raise QuantCheckpointError(f"{path}: not a {FORMAT_NAME} file")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise QuantCheckpointError(
+            f"{path}: format version {version!r} is not supported by this mixdq-jax "
+            f"(reads version {FORMAT_VERSION}); re-export the model"
+        )
+    for key in ("weights_file", "weights_bytes", "weights_sha256", "plan", "float_dtype"):
+        if key not in meta:
+            raise QuantCheckpointError(f"{path}: missing field {key!r}")
+    return meta
+
+
+def load_quantized_unet(
+    unet_dir: str | os.PathLike, *, dtype: Any = jnp.float32, verify: bool = True
+) -> tuple[DeployPlan, dict, dict[str, Any]]:
+    """``(plan, packed params as jnp arrays, metadata)``; float params cast to ``dtype``.
+
+    ``verify``: check the sha256 of the weights file (size and tensor shapes are always
+    checked).
+    """
+    from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, param_shapes  # noqa: PLC0415
+
+    unet_dir = Path(unet_dir)
+    meta = read_quant_meta(unet_dir)
+    weights = unet_dir / meta["weights_file"]
+    if not weights.is_file():
+        raise QuantCheckpointError(f"{weights}: missing weights file")
+    size = weights.stat().st_size
+    if size != meta["weights_bytes"]:
+        raise QuantCheckpointError(
+            f"{weights}: {size} bytes but the export wrote {meta['weights_bytes']} "
+            "(truncated or replaced file)"
+        )
+    if verify and _sha256(weights) != meta["weights_sha256"]:
+        raise QuantCheckpointError(
+            f"{weights}: checksum mismatch: the file does not belong to {unet_dir / META_FILE}"
+        )
+    try:
+        read_safetensors_header(weights)
+        flat = load_safetensors(weights)
+    except SafetensorsError as err:
+        raise QuantCheckpointError(str(err)) from err
+    plan = DeployPlan.from_dict(meta["plan"])
+    config = UNetConfig.from_dict(read_json(unet_dir / "config.json", what="unet config"))
+    stored_dtype = jnp.dtype(meta["float_dtype"])
+    model = UNet2DConditionModel(config=config, dtype=stored_dtype, param_dtype=stored_dtype)
+    ranges = {n: np.zeros((len(lp.parts()), 2), np.float32) for n, lp in plan.layers.items()}
+    expected = _flatten(
+        packed_shapes(
+            param_shapes(model), plan, ranges, float_dtype=stored_dtype, bos_dim=meta.get("bos_dim")
+        )
+    )
+    missing = sorted(set(expected) - set(flat))
+    extra = sorted(set(flat) - set(expected))
+    if missing or extra:
+        raise QuantCheckpointError(
+            f"{weights}: tensors do not match the plan in {META_FILE}: missing "
+            f"{missing[:10]}, unexpected {extra[:10]}"
+        )
+    arrays = {}
+    for key, want in expected.items():
+        got = flat[key]
+        if tuple(got.shape) != tuple(want.shape) or np.dtype(got.dtype) != np.dtype(want.dtype):
+            raise QuantCheckpointError(
+                f"{weights}: tensor {key!r} is {got.dtype}{list(got.shape)}, the plan needs "
+                f"{np.dtype(want.dtype)}{list(want.shape)}"
+            )
+        arr = jnp.asarray(got)
+        if got.dtype == stored_dtype and key.rsplit(_SEP, 1)[-1] not in F32_LEAVES:
+            arr = arr.astype(dtype)
+        arrays[key] = arr
+    return plan, _unflatten(arrays), meta
+
+
+def load_quantized_pipeline(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    variant: str | None = None,
+    scheduler: str | Mapping[str, Any] | None = None,
+    allow_pickle: bool = False,
+    lora: Any = None,
+    lora_scale: float = 1.0,
+    quant: Any = None,
+    calib: Any = None,
+    backend: str = "auto",
+    verify: bool = True,
+) -> Any:
+    """Load a folder written by ``mixdq export``: float text encoders / VAE, packed UNet on
+    the real low-bit path. Same keywords as `load_pipeline`; ``lora`` and ``quant`` are refused
+    (the quantization is frozen in the folder), ``calib`` and ``lora_scale`` are unused."""
+    del lora_scale, calib
+    from mixdq_jax import pipeline as pl  # noqa: PLC0415
+    from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig  # noqa: PLC0415
+
+    if lora is not None:
+        raise ValueError("a LoRA cannot be fused into a quantized checkpoint; export with it")
+    if quant is not None:
+        raise ValueError("this model folder is already quantized; do not pass a quant spec")
+    folder = pl.resolve_model(path)
+    unet_plan, unet_params, meta = load_quantized_unet(folder / "unet", dtype=dtype, verify=verify)
+    base = _load_float_components(folder, dtype=dtype, variant=variant, allow_pickle=allow_pickle)
+    unet_cfg = UNetConfig.from_dict(read_json(folder / "unet" / "config.json", what="unet config"))
+    dtype = jnp.dtype(dtype)
+    sched_cfg = read_json(folder / "scheduler" / "scheduler_config.json", what="scheduler config")
+    if isinstance(scheduler, str):
+        sched_cfg = {**sched_cfg, "_class_name": scheduler}
+    elif scheduler is not None:
+        sched_cfg = dict(scheduler)
+    return pl.Pipeline(
+        kind=base["kind"],
+        unet=UNet2DConditionModel(config=unet_cfg, dtype=dtype, param_dtype=dtype),
+        vae=base["vae"],
+        text=base["text"],
+        scheduler=pl.make_scheduler(sched_cfg),
+        params={"unet": unet_params, **base["params"]},
+        force_zeros_for_empty_prompt=base["force_zeros"],
+        unet_context=deploy_unet_context(unet_plan, backend),
+        qconfig=None,
+        source=str(folder),
+    )
+
+
+def _load_float_components(folder: Path, *, dtype, variant, allow_pickle) -> dict[str, Any]:
+    """VAE, text encoders and tokenizers of a pipeline folder, as `load_pipeline` loads them.
+
+    Mirrors the non-UNet part of `mixdq_jax.pipeline.load_pipeline` (which always loads a float
+    UNet); see the report for the refactor that would share it.
+    """
+    from mixdq_jax import pipeline as pl  # noqa: PLC0415
+    from mixdq_jax.models.clip import CLIPTextConfig  # noqa: PLC0415
+    from mixdq_jax.models.vae import AutoencoderKL, VAEConfig, legacy_vae_keys  # noqa: PLC0415
+    from mixdq_jax.tokenizer import CLIPTokenizer  # noqa: PLC0415
+    from weights_convert.checkpoint import load_component_weights, read_model_index  # noqa: PLC0415
+    from weights_convert.clip_keys import normalize_clip_keys  # noqa: PLC0415
+
+    index = read_model_index(folder)
+    kind = pl._PIPELINES.get(index.get("_class_name", ""))
+    if kind is None:
+        raise CheckpointError(
+            f"{folder}/model_index.json: pipeline class {index.get('_class_name')!r} is not "
+            "supported"
+        )
+    dtype = jnp.dtype(dtype)
+    text_names = ["text_encoder", "text_encoder_2"] if kind == "sdxl" else ["text_encoder"]
+    params: dict[str, Any] = {}
+    vae_cfg = VAEConfig.from_dict(read_json(folder / "vae" / "config.json", what="vae config"))
+    vae_dtype = jnp.float32 if vae_cfg.force_upcast else dtype
+    vae = AutoencoderKL(config=vae_cfg, dtype=vae_dtype, param_dtype=vae_dtype)
+    weights = load_component_weights(folder / "vae", variant=variant, allow_pickle=allow_pickle)
+    state = legacy_vae_keys(weights.state)
+    vae_target = jax.eval_shape(
+        lambda: vae.init(jax.random.key(0), jnp.zeros((1, vae_cfg.in_channels, 8, 8)))
+    )["params"]
+    params["vae"] = pl._load_params(
+        folder,
+        "vae",
+        vae_target,
+        state,
+        {k: weights.sources.get(k, "") for k in state},
+        vae_dtype,
+    )
+    stacks = []
+    for name in text_names:
+        cls_name = pl._component_class(index, name, folder)
+        if cls_name not in pl._TEXT_CLASSES:
+            raise CheckpointError(f"{folder}/model_index.json: {name} class {cls_name!r}")
+        weights = load_component_weights(folder / name, variant=variant, allow_pickle=allow_pickle)
+        state = normalize_clip_keys(weights.state)
+        sources = {
+            k: weights.sources.get(k, weights.sources.get(f"text_model.{k}", "")) for k in state
+        }
+        cfg = CLIPTextConfig.from_dict(
+            read_json(folder / name / "config.json", what=f"{name} config")
+        )
+        model = pl._TEXT_CLASSES[cls_name](config=cfg, dtype=dtype, param_dtype=dtype)
+        target = jax.eval_shape(
+            lambda m=model: m.init(jax.random.key(0), jnp.zeros((1, 77), jnp.int32))
+        )["params"]
+        params[name] = pl._load_params(folder, name, target, state, sources, dtype)
+        tok = CLIPTokenizer.from_pretrained(folder / name.replace("text_encoder", "tokenizer"))
+        stacks.append(pl.TextStack(name=name, tokenizer=tok, model=model))
+    return {
+        "kind": kind,
+        "vae": vae,
+        "text": tuple(stacks),
+        "params": params,
+        "force_zeros": bool(index.get("force_zeros_for_empty_prompt", True)),
+    }

@@ -1,0 +1,342 @@
+"""Freeze a quantization config into real low-bit storage (the deployment side of MixDQ).
+
+A :class:`DeployPlan` is the *static* part of a frozen configuration: per layer the weight and
+activation bits, the storage width (int8, or int4/int2 packed two/four per byte), symmetric or
+asymmetric weights, the shortcut split and BOS handling. :func:`pack_unet_params` turns a float
+UNet params tree into the packed tree the real path runs on; it is pure ``jnp`` so
+``jax.eval_shape`` gives the exact packed shapes of the full SDXL UNet without weights.
+
+Packed node of a quantized layer (replaces ``{"kernel", "bias"}``), one ``q<j>`` per input part
+(``q0``, plus ``q1`` for a shortcut-split conv):
+
+- ``q<j>/w``: weight codes, int8. Dense ``(K, N)``; conv ``HWIO`` when stored in int8, else the
+  GEMM matrix ``(KH*KW*Cin, Cout)``; int4/int2 storage packs that along K
+  (`pallas_kernels.pack_weights`). 3-bit weights are stored in int4 fields, 5..7-bit in int8.
+- ``q<j>/w_scale`` f32 ``(N,)``; ``q<j>/w_zp`` int8 ``(N,)`` for asymmetric weights only;
+  ``w ~= w_scale * (w - w_zp)``.
+- ``q<j>/colsum`` int32 ``(N,)`` (integer path), ``q<j>/a_scale`` f32 and ``q<j>/a_zp`` int32
+  (quantized activations), from the calibrated range.
+- ``bias`` (float), ``kernel`` (float, only when the weights stay float), and for the
+  BOS-aware ``attn2.to_k/to_v``: ``bos_in`` (the BOS token embedding) and ``bos_row``
+  ``= bos_in @ W + b`` in f32, computed from the float weights at export.
+
+No float copy of quantized weights is kept. Weight codes reproduce the fake quantizer
+(`mixdq_jax.quant.quantizers.quantize_weight`) exactly: asymmetric codes ``q_u in [0, 2^b-1]``
+are stored shifted to the signed range (``q_u - 2^(b-1)``, zero point shifted alike), so the
+same int8 GEMM serves both; the asymmetric weight zero point costs an activation row-sum
+correction in the epilogue (see `layers`), the symmetric form (the official run config) none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixdq_jax.quant.qconfig import QConfig
+from mixdq_jax.quant.quantizers import FLOAT_BITS, weight_range
+from pallas_kernels import activation_qparams, pack_weights, values_per_byte, weight_column_sums
+
+FORMAT_VERSION = 1
+STORAGE_BITS = (2, 4, 8)
+_MIN_SCALE = 1e-8  # the fake quantizer's floor for a zero-width range
+# Leaves of a packed node that stay float32 whatever dtype the float params use.
+F32_LEAVES = frozenset({"w_scale", "a_scale", "bos_in", "bos_row"})
+
+Array = jax.Array
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerPlan:
+    """How one layer is stored and run. ``w_bits``/``a_bits`` 16 mean float."""
+
+    name: str
+    kind: str  # "linear" | "conv"
+    weight_shape: tuple[int, ...]  # the float kernel, Flax layout
+    w_bits: int
+    a_bits: int
+    storage_bits: int  # 2 | 4 | 8, or 16 when the weights stay float
+    symmetric: bool
+    split: int | None = None
+    bos: bool = False
+
+    @property
+    def mode(self) -> str:
+        """``int`` (int8 GEMM), ``weight_only`` (A16: dequantize, float op) or ``act_only``."""
+        if self.w_bits < FLOAT_BITS:
+            return "int" if self.a_bits < FLOAT_BITS else "weight_only"
+        return "act_only"
+
+    def parts(self) -> list[tuple[int, int]]:
+        """Input-channel ranges quantized separately (two for a shortcut-split conv)."""
+        cin = self.weight_shape[-2]
+        if self.split is None:
+            return [(0, cin)]
+        return [(0, self.split), (self.split, cin)]
+
+    def part_k(self, part: tuple[int, int]) -> int:
+        """GEMM reduction length of one part (KH*KW*Cin_part for a conv)."""
+        return int(np.prod(self.weight_shape[:-2], dtype=np.int64)) * (part[1] - part[0])
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["weight_shape"] = list(self.weight_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerPlan:
+        d = dict(d)
+        d["weight_shape"] = tuple(int(v) for v in d["weight_shape"])
+        return cls(**d)
+
+
+def storage_bits_for(w_bits: int, ks: list[int]) -> int:
+    """Narrowest packed width holding ``w_bits`` whose values-per-byte divides every K."""
+    if w_bits >= FLOAT_BITS:
+        return FLOAT_BITS
+    for s in (2, 4):
+        if w_bits <= s and all(k % values_per_byte(s) == 0 for k in ks):
+            return s
+    return 8
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeployPlan:
+    """The static description of a frozen configuration: ``{layer name: LayerPlan}``."""
+
+    layers: Mapping[str, LayerPlan] = field(default_factory=dict)
+
+    @classmethod
+    def from_qconfig(cls, qconfig: QConfig, params: Any) -> DeployPlan:
+        """Plan for every configured layer that is not fully float; ``params`` is the float
+        UNet params tree (arrays or ``ShapeDtypeStruct``s) giving kernel shapes."""
+        if qconfig.weight_format == "fp8" or qconfig.act_format == "fp8":
+            raise ValueError("deployment supports integer formats only, not fp8 fake quant")
+        symmetric = qconfig.weight_format == "int_sym"
+        w_bits, a_bits = qconfig.bits()
+        layers = {}
+        for name, lq in qconfig.layers.items():
+            wb, ab = w_bits[name], a_bits[name]
+            if wb >= FLOAT_BITS and ab >= FLOAT_BITS:
+                continue
+            shape = tuple(int(d) for d in node_at(params, name)["kernel"].shape)
+            lp = LayerPlan(
+                name=name,
+                kind="linear" if len(shape) == 2 else "conv",
+                weight_shape=shape,
+                w_bits=wb,
+                a_bits=ab,
+                storage_bits=FLOAT_BITS,
+                symmetric=symmetric,
+                split=lq.split,
+                bos=lq.bos,
+            )
+            ks = [lp.part_k(p) for p in lp.parts()]
+            layers[name] = LayerPlan(**{**asdict(lp), "storage_bits": storage_bits_for(wb, ks)})
+        return cls(layers=layers)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: lp.as_dict() for name, lp in self.layers.items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DeployPlan:
+        return cls(layers={name: LayerPlan.from_dict(v) for name, v in d.items()})
+
+    def needs_bos(self) -> bool:
+        return any(lp.bos and lp.mode != "act_only" for lp in self.layers.values())
+
+
+def ranges_from_qconfig(qconfig: QConfig) -> dict[str, Array]:
+    """``{layer: [lo, hi]}`` (``[[lo1, hi1], [lo2, hi2]]`` for split layers) of a QConfig."""
+    out = {}
+    for name, lq in qconfig.layers.items():
+        first = jnp.stack([lq.a_lo, lq.a_hi])
+        if lq.split is not None:
+            first = jnp.stack([first, jnp.stack([lq.a2_lo, lq.a2_hi])])
+        out[name] = first
+    return out
+
+
+# ------------------------------------------------------------------------------ tree access
+def _path_of(tree: Mapping, name: str) -> tuple[str, ...]:
+    """Keys leading to a module's node; module names themselves contain dots."""
+    node, rest, path = tree, name, []
+    while rest:
+        for key in sorted(node, key=len, reverse=True):
+            if rest == key or rest.startswith(key + "."):
+                node, rest = node[key], rest[len(key) + 1 :]
+                path.append(key)
+                break
+        else:
+            raise KeyError(f"layer {name!r} has no parameters in the params tree")
+    return tuple(path)
+
+
+def node_at(tree: Mapping, name: str) -> Mapping:
+    node = tree
+    for key in _path_of(tree, name):
+        node = node[key]
+    return node
+
+
+def _replace_node(tree: Mapping, path: tuple[str, ...], value: Any) -> dict:
+    out = dict(tree)
+    out[path[0]] = value if len(path) == 1 else _replace_node(tree[path[0]], path[1:], value)
+    return out
+
+
+# ------------------------------------------------------------------------------ quantization
+def quantize_weight_codes(
+    w: Array, bits: int, *, symmetric: bool
+) -> tuple[Array, Array, Array | None]:
+    """Per-output-channel signed codes (int8), scale (f32) and zero point (int8 or None).
+
+    ``scale * (codes - zp)`` equals the fake quantizer's output bit for bit (same f32 ops).
+    """
+    lo, hi = weight_range(w)
+    wf = w.astype(jnp.float32)
+    if symmetric:
+        half = jnp.float32((1 << (bits - 1)) - 1)
+        scale = jnp.maximum(jnp.maximum(-lo, hi) * (jnp.float32(1.0) / half), _MIN_SCALE)
+        q = jnp.clip(jnp.round(wf / scale), -half - 1.0, half)
+        return q.astype(jnp.int8), scale, None
+    levels = jnp.float32((1 << bits) - 1)
+    scale = jnp.maximum((hi - lo) * (jnp.float32(1.0) / levels), _MIN_SCALE)
+    zero = jnp.round(-lo / scale)
+    q = jnp.clip(jnp.round(wf / scale) + zero, 0.0, levels)
+    shift = jnp.float32(1 << (bits - 1))
+    return (q - shift).astype(jnp.int8), scale, (zero - shift).astype(jnp.int8)
+
+
+def dequantize_weight(q: Mapping[str, Array], lp: LayerPlan, part: tuple[int, int]) -> Array:
+    """Float (f32) kernel of one part from its stored codes, in the Flax layout."""
+    codes = unpacked_codes(q["w"], lp)
+    zp = q.get("w_zp")
+    centred = codes.astype(jnp.int32) - (0 if zp is None else zp.astype(jnp.int32))
+    w = centred.astype(jnp.float32) * q["w_scale"]
+    shape = (*lp.weight_shape[:-2], part[1] - part[0], lp.weight_shape[-1])
+    return w.reshape(shape)
+
+
+def unpacked_codes(w: Array, lp: LayerPlan) -> Array:
+    """int8 codes as a 2-D ``(K, N)`` matrix or the stored 4-D HWIO array."""
+    if lp.storage_bits in (2, 4):
+        from pallas_kernels import unpack_weights  # noqa: PLC0415
+
+        return unpack_weights(w, lp.storage_bits)
+    return w
+
+
+def pack_layer(
+    node: Mapping[str, Array],
+    lp: LayerPlan,
+    act_range: Array | None,
+    x_bos: Array | None,
+    float_dtype: Any,
+) -> dict[str, Any]:
+    """The packed node of one layer from its float ``{"kernel", "bias"}`` node."""
+    kernel = node["kernel"]
+    bias = node.get("bias")
+    out: dict[str, Any] = {}
+    if bias is not None:
+        out["bias"] = bias.astype(float_dtype)
+    if lp.mode == "act_only":
+        out["kernel"] = kernel.astype(float_dtype)
+    ranges = None
+    if lp.a_bits < FLOAT_BITS:
+        if act_range is None:
+            raise ValueError(f"layer {lp.name!r}: quantized activations need a calibrated range")
+        ranges = jnp.asarray(act_range, jnp.float32).reshape(-1, 2)
+        if ranges.shape[0] != len(lp.parts()):
+            raise ValueError(
+                f"layer {lp.name!r}: {ranges.shape[0]} activation range(s) for "
+                f"{len(lp.parts())} input part(s)"
+            )
+    for j, part in enumerate(lp.parts()):
+        q: dict[str, Array] = {}
+        if lp.w_bits < FLOAT_BITS:
+            codes, scale, zp = quantize_weight_codes(
+                kernel[..., part[0] : part[1], :], lp.w_bits, symmetric=lp.symmetric
+            )
+            matrix = codes.reshape(-1, codes.shape[-1])
+            if lp.storage_bits in (2, 4):
+                q["w"] = pack_weights(matrix, lp.storage_bits)
+            else:
+                q["w"] = codes  # Dense (K, N) or conv HWIO
+            q["w_scale"] = scale
+            if zp is not None:
+                q["w_zp"] = zp
+            if lp.a_bits < FLOAT_BITS:
+                q["colsum"] = weight_column_sums(matrix)
+        if ranges is not None:
+            a_scale, a_zp = activation_qparams(ranges[j, 0], ranges[j, 1], lp.a_bits)
+            q["a_scale"], q["a_zp"] = a_scale, a_zp
+        out[f"q{j}"] = q
+    if lp.bos and lp.mode != "act_only":
+        if x_bos is None:
+            raise ValueError(
+                f"layer {lp.name!r} is BOS-aware: pass the BOS token embedding (x_bos)"
+            )
+        xb = jnp.asarray(x_bos, jnp.float32)
+        row = jnp.dot(xb, kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+        if bias is not None:
+            row = row + bias.astype(jnp.float32)
+        out["bos_in"], out["bos_row"] = xb, row
+    return out
+
+
+def pack_unet_params(
+    params: Mapping,
+    plan: DeployPlan,
+    act_ranges: Mapping[str, Any] | None = None,
+    x_bos: Array | None = None,
+    *,
+    float_dtype: Any = None,
+) -> dict:
+    """The packed UNet params tree: every planned layer replaced by its packed node, every
+    other float leaf cast to ``float_dtype`` (kept as is when ``None``).
+
+    ``act_ranges``: ``{layer: [lo, hi]}`` for layers with quantized activations;
+    ``x_bos``: the text encoders' BOS token embedding (``context[0, 0]``), needed for
+    BOS-aware layers. Pure jnp: ``jax.eval_shape`` of it gives the packed shapes.
+    """
+    act_ranges = act_ranges or {}
+    out = dict(params)
+    if float_dtype is not None:
+        out = jax.tree.map(lambda a: _cast_float(a, float_dtype), out)
+    for name, lp in plan.layers.items():
+        path = _path_of(params, name)
+        node = node_at(params, name)
+        fd = float_dtype if float_dtype is not None else node["kernel"].dtype
+        packed = pack_layer(node, lp, act_ranges.get(name), x_bos, fd)
+        out = _replace_node(out, path, packed)
+    return out
+
+
+def _cast_float(a: Any, dtype: Any) -> Any:
+    if jnp.issubdtype(a.dtype, jnp.floating):
+        return a.astype(dtype)
+    return a
+
+
+def packed_shapes(
+    params: Mapping,
+    plan: DeployPlan,
+    act_ranges: Mapping[str, Any] | None = None,
+    *,
+    float_dtype: Any = None,
+    bos_dim: int | None = None,
+) -> dict:
+    """``jax.ShapeDtypeStruct`` tree of the packed params, by tracing the real packer
+    (``params`` may itself be abstract): no weight is materialised."""
+    x_bos = None if bos_dim is None else jax.ShapeDtypeStruct((bos_dim,), jnp.float32)
+    return jax.eval_shape(
+        lambda p, r, xb: pack_unet_params(p, plan, r, xb, float_dtype=float_dtype),
+        params,
+        dict(act_ranges or {}),
+        x_bos,
+    )
