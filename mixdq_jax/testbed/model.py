@@ -67,7 +67,7 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
-    "prediction_type": "epsilon",
+    "prediction_type": "v_prediction",
     "timestep_spacing": "trailing",
     "steps_offset": 1,
     "trained_betas": None,

@@ -4,11 +4,12 @@ Each stage checkpoints to ``work_dir`` atomically every ``checkpoint_every`` ste
 completion; a rerun resumes where the last run stopped (the data and noise of step ``k`` are a
 function of (seed, k), so a resumed run equals an uninterrupted one up to float reordering).
 
-The UNet is trained with the epsilon objective on SDXL's scaled-linear schedule, with two
+The UNet is trained with the v-prediction objective on SDXL's scaled-linear schedule, with two
 choices aimed at few-step sampling: half of each batch sits on the timesteps the 1-step Euler-A
-(trailing) and 4-step LCM samplers visit, and the per-sample loss is weighted by 1 / alpha_bar
-(the v-prediction loss written for an epsilon model), so the error that a 1-step sample
-amplifies, ``sqrt(1 - ab) / sqrt(ab)`` times the epsilon error, is what training minimises.
+(trailing) and 4-step LCM samplers visit, and v (almost -x0 at the 1-step sampler's timestep)
+is predicted, so a 1-step sample is the network's direct image estimate. (An epsilon model
+trained as briefly reached a content score of only 0.32 at 1 step: its epsilon error is
+multiplied by sigma ~ 14.6 in a 1-step sample.)
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class TrainConfig:
     vae_kl_weight: float = 1e-6
     vae_object_weight: float = 20.0
     num_images: int = 12000
-    unet_steps: int = 2000
+    unet_steps: int = 3000
     unet_batch: int = 16
     unet_lr: float = 1e-3
     ema_decay: float = 0.995
@@ -284,9 +285,12 @@ class UNetTrainer:
             {"params": params["unet"]}, xt, t.astype(jnp.float32), context,
             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
         )  # fmt: skip
-        mse = jnp.mean((pred - noise) ** 2, axis=(1, 2, 3))
-        w = 1.0 / ab
-        return jnp.sum(w * mse) / jnp.sum(w)
+        # v-prediction target: at the 1-step sampler's timestep (alpha_bar ~ 0.005) v is
+        # almost -x0, so the network predicts the image directly instead of an epsilon whose
+        # error a 1-step sample multiplies by sigma ~ 14.6.
+        sa, sb = jnp.sqrt(ab)[:, None, None, None], jnp.sqrt(1 - ab)[:, None, None, None]
+        target = sa * noise - sb * x0
+        return jnp.mean((pred - target) ** 2)
 
     def step(self, params, ema, opt_state, x0, ids1, ids2, key, decay):
         loss, grads = jax.value_and_grad(self.loss)(params, x0, ids1, ids2, key)
