@@ -166,6 +166,12 @@ def read_sizes(path: str | os.PathLike) -> dict[str, float]:
     return {layer: _check_size(str(path), layer, v) for layer, v in data.items()}
 
 
+def write_sizes(path: str | os.PathLike, sizes: Mapping[str, float]) -> None:
+    """Write ``{model.<layer>: size}`` (the ``tensor_ratio`` format), atomically."""
+    checked = {n: _check_size(str(path), n, v) for n, v in sizes.items()}
+    atomic_write_text(path, _dump(checked))
+
+
 def read_layer_list(path: str | os.PathLike) -> list[str]:
     """Layer names from a YAML sequence (``- model.conv_in``); the prefix is optional here."""
     data = _load(path)

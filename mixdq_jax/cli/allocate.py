@@ -64,19 +64,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
         "--sensitivity",
         type=Path,
-        required=True,
         metavar="DIR",
         help="folder with <kind>_sqnr.yaml and <kind>_ssim.yaml",
+    )
+    src.add_argument(
+        "--run",
+        type=Path,
+        metavar="RUN",
+        help="a run directory of `mixdq sensitivity`: its sensitivity files, and layer sizes "
+        "from the calibrated model (weight elements or input-activation elements)",
     )
     p.add_argument(
         "--sizes",
         type=Path,
-        required=True,
         metavar="FILE",
-        help="per-layer sizes (official tensor_ratio format); defines the layers",
+        help="per-layer sizes (official tensor_ratio format); defines the layers "
+        "(required with --sensitivity)",
     )
     p.add_argument("--kind", choices=KINDS, required=True)
     p.add_argument(
@@ -212,13 +219,46 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"with --k-sweep, --out is a folder, got {args.out}")
     if not 0.0 <= args.protect_top <= 100.0:
         raise ValueError(f"--protect-top is a percentage in [0, 100], got {args.protect_top}")
+    sensitivity_dir, sizes_path = args.sensitivity, args.sizes
+    if args.run is not None:
+        sensitivity_dir = args.run / "sensitivity"
+        if sizes_path is None:
+            sizes_path = write_run_sizes(args.run, args.kind)
+    elif sizes_path is None:
+        raise ValueError("--sizes FILE is required with --sensitivity (or use --run RUN)")
     inputs = load_from_files(
         kind=args.kind,
-        sensitivity_dir=args.sensitivity,
-        sizes_path=args.sizes,
+        sensitivity_dir=sensitivity_dir,
+        sizes_path=sizes_path,
         protect_path=args.protect,
     )
     return allocate(inputs, args)
+
+
+def write_run_sizes(run: Path, kind: str) -> Path:
+    """``RUN/sensitivity/<kind>_sizes.yaml`` from the calibrated model's layer registry.
+
+    Sizes are element counts (weights without bias, or one sample's input activation), the
+    quantities the official ratio files hold up to a constant factor.
+    """
+    import json  # noqa: PLC0415
+
+    from mixdq_jax.quant.registry import registry_from_unet_config  # noqa: PLC0415
+
+    meta_path = run / "calib" / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: not a calibrated run directory")
+    source = Path(json.loads(meta_path.read_text())["source"])
+    config = source / "unet" / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config}: the run's model folder is gone; pass --sizes FILE")
+    sizes = {
+        layer.name: float(layer.weight_params if kind == "weight" else layer.input_size)
+        for layer in registry_from_unet_config(config)
+    }
+    path = run / "sensitivity" / f"{kind}_sizes.yaml"
+    official_format.write_sizes(path, sizes)
+    return path
 
 
 def allocate(inputs: AllocationInputs, args: argparse.Namespace) -> int:
