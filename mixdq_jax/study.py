@@ -68,7 +68,7 @@ class StudyConfig:
 
     model: str = "testbed"
     run_dir: Path = Path("runs/demo")
-    num_calib: int = 32
+    num_calib: int = 16
     num_eval: int = 64
     num_select: int = 8  # prompts used to pick among Pareto candidates (MSE vs float)
     steps: int = 1

@@ -7,8 +7,6 @@ CLIP's file format, CLIP text encoders, a UNet, a VAE and a scheduler, saved wit
 
 from __future__ import annotations
 
-import collections
-import json
 import shutil
 from pathlib import Path
 
@@ -21,61 +19,14 @@ CORPUS = (
 )
 
 
-def _bytes_to_unicode() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def write_clip_tokenizer(folder: Path, *, pad_token: str = "<|endoftext|>", merges: int = 120):
-    """A real (small) CLIP BPE tokenizer: byte alphabet + merges learnt from CORPUS."""
+def write_clip_tokenizer(folder: Path, *, pad_token: str = "<|endoftext|>") -> int:
+    """A real (small) CLIP BPE tokenizer whose merges cover CORPUS's words; returns its size."""
     import regex
 
-    folder.mkdir(parents=True, exist_ok=True)
-    alphabet = _bytes_to_unicode()
-    vocab = alphabet + [c + "</w>" for c in alphabet]
-    words = collections.Counter(regex.findall(r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", CORPUS.lower()))
-    splits = {w: [*w[:-1], w[-1] + "</w>"] for w in words}
-    learnt = []
-    for _ in range(merges):
-        pairs = collections.Counter()
-        for w, parts in splits.items():
-            for a, b in zip(parts, parts[1:], strict=False):
-                pairs[a, b] += words[w]
-        if not pairs:
-            break
-        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
-        learnt.append((a, b))
-        vocab.append(a + b)
-        for w, parts in splits.items():
-            out, i = [], 0
-            while i < len(parts):
-                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == (a, b):
-                    out.append(a + b)
-                    i += 2
-                else:
-                    out.append(parts[i])
-                    i += 1
-            splits[w] = out
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in learnt))
-    special = {
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": pad_token,
-    }
-    (folder / "special_tokens_map.json").write_text(json.dumps(special))
-    config = {"model_max_length": 77, "tokenizer_class": "CLIPTokenizer", **special}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return len(vocab)
+    from mixdq_jax.testbed.vocab import write_tokenizer
+
+    words = sorted(set(regex.findall(r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", CORPUS.lower())))
+    return write_tokenizer(folder, pad_token=pad_token, words=words)["vocab_size"]
 
 
 def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:

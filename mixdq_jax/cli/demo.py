@@ -12,7 +12,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="testbed")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
     p.add_argument("--num-eval", type=int, default=64, help="held-out test captions")
-    p.add_argument("--num-calib", type=int, default=32)
+    p.add_argument(
+        "--num-calib",
+        type=int,
+        default=16,
+        help="calibration captions (the sweeps run on all of them)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 

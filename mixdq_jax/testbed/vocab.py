@@ -60,12 +60,14 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
             splits[w] = out
 
 
-def write_tokenizer(folder: str | Path, *, pad_token: str = EOS) -> dict[str, int]:
-    """Write vocab.json, merges.txt and the token configs; returns the special-token ids and
-    the vocabulary size."""
+def write_tokenizer(
+    folder: str | Path, *, pad_token: str = EOS, words: list[str] | None = None
+) -> dict[str, int]:
+    """Write vocab.json, merges.txt and the token configs for ``words`` (default: the testbed
+    grammar's words); returns the special-token ids and the vocabulary size."""
     folder = Path(folder)
     alphabet = _bytes_to_unicode()
-    merges = learn_merges(vocabulary_words())
+    merges = learn_merges(vocabulary_words() if words is None else words)
     vocab = alphabet + [c + "</w>" for c in alphabet]
     seen = set(vocab)
     for a, b in merges:
