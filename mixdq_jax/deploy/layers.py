@@ -58,7 +58,7 @@ def _conv_geometry(module: nn.Conv, lp: LayerPlan) -> tuple[int, int]:
     pad = module.padding
     if isinstance(pad, str):
         if pad.upper() != "VALID":
-            raise NotImplementedError(f"layer {lp.name!r}: padding {pad!r} is not supported")
+            raise ValueError(f"layer {lp.name!r}: padding {pad!r} is not supported")
         pad = ((0, 0), (0, 0))
     elif isinstance(pad, int):
         pad = ((pad, pad), (pad, pad))
@@ -71,7 +71,7 @@ def _conv_geometry(module: nn.Conv, lp: LayerPlan) -> tuple[int, int]:
         or (dil if isinstance(dil, int) else max(dil)) != 1
         or (module.input_dilation or 1) not in (1, (1, 1))
     ):
-        raise NotImplementedError(
+        raise ValueError(
             f"layer {lp.name!r}: only square strides, symmetric padding, no dilation or groups"
         )
     return strides[0], pads.pop()

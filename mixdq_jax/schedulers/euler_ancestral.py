@@ -34,7 +34,7 @@ _F32 = np.float32
 class EulerAncestralDiscreteScheduler(DiscreteSchedulerConfig):
     """Config and pure step functions; see ``mixdq_jax.schedulers.common.Scheduler``."""
 
-    # diffusers raises NotImplementedError for "sample"; we reject it when the config is read.
+    # diffusers refuses "sample" only when stepping; we reject it when the config is read.
     supported_prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
 
     def set_timesteps(self, num_inference_steps: int) -> SchedulePlan:
