@@ -185,7 +185,7 @@ def run_study(config: StudyConfig) -> Path:
     """Run (or resume) the study; returns the report folder."""
     from mixdq_jax.pipeline import load_pipeline  # noqa: PLC0415
     from mixdq_jax.quant import QuantSpec  # noqa: PLC0415
-    from mixdq_jax.quant.calibrate import load_act_ranges, load_references  # noqa: PLC0415
+    from mixdq_jax.quant.calibrate import load_act_ranges  # noqa: PLC0415
     from mixdq_jax.quant.quantize import layer_splits, unet_layers  # noqa: PLC0415
     from mixdq_jax.testbed.evaluate import evaluate  # noqa: PLC0415
 
@@ -205,8 +205,7 @@ def run_study(config: StudyConfig) -> Path:
     # One quantized pipeline per quantizer structure; configurations are data.
     def quant_pipe(bos_aware: bool):
         spec = QuantSpec(weight_bits=8, act_bits=8, bos_aware=bos_aware)
-        base = pipe.with_quantization(_context, spec.to_qconfig(splits, ranges))
-        return base
+        return pipe.with_quantization(_context, spec.to_qconfig(splits, ranges))
 
     qpipes = {True: quant_pipe(True), False: quant_pipe(False)}
 
@@ -214,7 +213,6 @@ def run_study(config: StudyConfig) -> Path:
         spec = QuantSpec(weight_bits=dict(w_bits), act_bits=dict(a_bits), bos_aware=bos)
         return spec.to_qconfig(splits, ranges)
 
-    refs = load_references(run)
     select_prompts = _select_prompts(config)
 
     _stage("3/5 allocation")
@@ -299,7 +297,6 @@ def run_study(config: StudyConfig) -> Path:
             metrics["unet_mb"] = _unet_megabytes(pipe, w_bits)
             results[key] = metrics
             images[key] = out["images"]
-    del refs
 
     _stage("5/5 report")
     report = run / "report"
