@@ -8,7 +8,9 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="calibrate activation ranges on prompts")
-    p.add_argument("--model", required=True, help="diffusers folder, cached repo id, or testbed")
+    p.add_argument(
+        "--model", default="testbed", help="diffusers folder, cached repo id, or testbed (default)"
+    )
     p.add_argument("--run", type=Path, required=True, help="run directory (resumable)")
     p.add_argument(
         "--prompts-file",

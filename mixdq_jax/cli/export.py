@@ -13,7 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "export", help="write a quantized pipeline (packed low-bit UNet weights + scales)"
     )
     p.add_argument(
-        "--model", required=True, help="float diffusers folder, cached repo id, or testbed"
+        "--model",
+        default="testbed",
+        help="float diffusers folder, cached repo id, or testbed (default)",
     )
     p.add_argument("--out", type=Path, required=True, help="output pipeline folder")
     p.add_argument(

@@ -16,7 +16,9 @@ from mixdq_jax.io_utils import atomic_write_bytes, atomic_write_json
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images from text prompts")
-    p.add_argument("--model", required=True, help="diffusers folder, cached repo id, or testbed")
+    p.add_argument(
+        "--model", default="testbed", help="diffusers folder, cached repo id, or testbed (default)"
+    )
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", type=Path, help="text file, one prompt per line")
     p.add_argument("--negative-prompt", default=None)

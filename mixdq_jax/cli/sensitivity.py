@@ -25,7 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Resumable: finished chunks are kept. Uses every JAX device (the configurations are "
         "sharded); on a cluster run it on every host with --distributed.",
     )
-    p.add_argument("--model", required=True, help="diffusers folder, cached repo id, or testbed")
+    p.add_argument(
+        "--model", default="testbed", help="diffusers folder, cached repo id, or testbed (default)"
+    )
     p.add_argument("--run", type=Path, required=True, help="a calibrated run directory")
     p.add_argument("--kind", choices=["weight", "act", "both"], default="both")
     p.add_argument("--bits", type=_bits, default=(2, 4, 8), help="candidate bits (default 2,4,8)")
