@@ -342,6 +342,24 @@ class CrossAttnUpBlock2D(nn.Module):
         return x
 
 
+def _time_free_resnets(block: nn.Module, x: jax.Array) -> jax.Array:
+    """The VAE blocks' ``resnets.{i}`` (no time embedding), created in ``block``'s scope."""
+    for i in range(block.num_layers):
+        x = ResnetBlock2D(
+            block.in_channels if i == 0 else block.out_channels,
+            block.out_channels,
+            None,
+            block.groups,
+            block.eps,
+            block.act_fn,
+            dtype=block.dtype,
+            param_dtype=block.param_dtype,
+            parent=block,
+            name=f"resnets.{i}",
+        )(x)
+    return x
+
+
 class DownEncoderBlock2D(nn.Module):
     """VAE encoder block: time-free resnets, then an optional downsampler (padding 0)."""
 
@@ -358,18 +376,7 @@ class DownEncoderBlock2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        for i in range(self.num_layers):
-            x = ResnetBlock2D(
-                self.in_channels if i == 0 else self.out_channels,
-                self.out_channels,
-                None,
-                self.groups,
-                self.eps,
-                self.act_fn,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"resnets.{i}",
-            )(x)
+        x = _time_free_resnets(self, x)
         if self.add_downsample:
             x = Downsample2D(
                 self.out_channels,
@@ -396,18 +403,7 @@ class UpDecoderBlock2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        for i in range(self.num_layers):
-            x = ResnetBlock2D(
-                self.in_channels if i == 0 else self.out_channels,
-                self.out_channels,
-                None,
-                self.groups,
-                self.eps,
-                self.act_fn,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"resnets.{i}",
-            )(x)
+        x = _time_free_resnets(self, x)
         if self.add_upsample:
             x = Upsample2D(
                 self.out_channels,

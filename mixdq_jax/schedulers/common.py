@@ -256,3 +256,16 @@ def euler_init_noise_sigma(sigmas: np.ndarray, timestep_spacing: str) -> np.ndar
     if timestep_spacing in ("linspace", "trailing"):
         return np.asarray(top, dtype=_F32)
     return np.asarray(np.sqrt(top * top + _F32(1.0)), dtype=_F32)
+
+
+class SigmaInputScaling:
+    """What Euler-type schedulers share: ``init_noise_sigma`` and ``x / sqrt(sigma^2 + 1)``
+    input scaling, both read from the plan (``plan.steps["input_scale"]``)."""
+
+    def init_noise_sigma(self, plan: SchedulePlan) -> Array:
+        return plan.init_noise_sigma
+
+    def scale_model_input(self, plan: SchedulePlan, sample: Array, i: Array | int) -> jax.Array:
+        """``sample / sqrt(sigma_i^2 + 1)``: the UNet sees unit-variance inputs."""
+        sample = jnp.asarray(sample)
+        return exact_div(sample, step_value(plan, "input_scale", i)).astype(sample.dtype)

@@ -18,6 +18,7 @@ from mixdq_jax.schedulers.common import (
     Array,
     DiscreteSchedulerConfig,
     SchedulePlan,
+    SigmaInputScaling,
     check_choice,
     euler_init_noise_sigma,
     exact_div,
@@ -33,7 +34,7 @@ _KARRAS_RHO = 7.0  # the paper's value, as in diffusers
 
 
 @dataclass(frozen=True, kw_only=True)
-class EulerDiscreteScheduler(DiscreteSchedulerConfig):
+class EulerDiscreteScheduler(SigmaInputScaling, DiscreteSchedulerConfig):
     """Config and pure step functions; see ``mixdq_jax.schedulers.common.Scheduler``."""
 
     supported_prediction_types: ClassVar[tuple[str, ...]] = (
@@ -97,14 +98,6 @@ class EulerDiscreteScheduler(DiscreteSchedulerConfig):
             init_noise_sigma=euler_init_noise_sigma(sigmas, self.timestep_spacing),
             steps=steps,
         )
-
-    def init_noise_sigma(self, plan: SchedulePlan) -> Array:
-        return plan.init_noise_sigma
-
-    def scale_model_input(self, plan: SchedulePlan, sample: Array, i: Array | int) -> jax.Array:
-        """``sample / sqrt(sigma_i^2 + 1)``: the UNet sees unit-variance inputs."""
-        sample = jnp.asarray(sample)
-        return exact_div(sample, step_value(plan, "input_scale", i)).astype(sample.dtype)
 
     def step(
         self,

@@ -18,6 +18,7 @@ from mixdq_jax.schedulers.common import (
     Array,
     DiscreteSchedulerConfig,
     SchedulePlan,
+    SigmaInputScaling,
     euler_init_noise_sigma,
     exact_div,
     interp_sigmas,
@@ -31,7 +32,7 @@ _F32 = np.float32
 
 
 @dataclass(frozen=True, kw_only=True)
-class EulerAncestralDiscreteScheduler(DiscreteSchedulerConfig):
+class EulerAncestralDiscreteScheduler(SigmaInputScaling, DiscreteSchedulerConfig):
     """Config and pure step functions; see ``mixdq_jax.schedulers.common.Scheduler``."""
 
     # diffusers refuses "sample" only when stepping; we reject it when the config is read.
@@ -63,14 +64,6 @@ class EulerAncestralDiscreteScheduler(DiscreteSchedulerConfig):
             init_noise_sigma=euler_init_noise_sigma(sigmas, self.timestep_spacing),
             steps=steps,
         )
-
-    def init_noise_sigma(self, plan: SchedulePlan) -> Array:
-        return plan.init_noise_sigma
-
-    def scale_model_input(self, plan: SchedulePlan, sample: Array, i: Array | int) -> jax.Array:
-        """``sample / sqrt(sigma_i^2 + 1)``: the UNet sees unit-variance inputs."""
-        sample = jnp.asarray(sample)
-        return exact_div(sample, step_value(plan, "input_scale", i)).astype(sample.dtype)
 
     def step(
         self,
