@@ -29,6 +29,30 @@ def write_clip_tokenizer(folder: Path, *, pad_token: str = "<|endoftext|>") -> i
     return write_tokenizer(folder, pad_token=pad_token, words=words)["vocab_size"]
 
 
+def sdxl_unet_config(**overrides) -> dict:
+    """A tiny SDXL-shaped UNet config (diffusers keyword arguments); ``overrides`` replace keys."""
+    pooled = overrides.pop("pooled_dim", 32)
+    config = dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * 6 + pooled,
+        cross_attention_dim=64,
+        norm_num_groups=8,
+    )
+    config.update(overrides)
+    return config
+
+
 def _perturb(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
     """Make every parameter non-trivial (diffusers zero-inits some layers)."""
     g = torch.Generator().manual_seed(seed)
@@ -97,23 +121,7 @@ def build_sdxl(
     write_clip_tokenizer(tmp / "tokenizer_2", pad_token="!")
     te1, te2 = _text_encoders(n, two=True, eos_token_id=2)
     torch.manual_seed(4)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=8 * 6 + 32,
-        cross_attention_dim=64,
-        norm_num_groups=8,
-    ).eval()
+    unet = UNet2DConditionModel(**sdxl_unet_config()).eval()
     _perturb(unet, 5)
     sched = EulerAncestralDiscreteScheduler(
         beta_start=0.00085,

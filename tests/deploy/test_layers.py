@@ -19,25 +19,15 @@ from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, example_inpu
 from mixdq_jax.quant import QuantSpec, fake_quant_context, update_ranges
 from mixdq_jax.quant.quantize import layer_splits
 from mixdq_jax.quant.registry import build_registry
+from tests.tiny_models import sdxl_unet_config
 
 REL_TOL = 2e-5  # |real - fake| <= REL_TOL * (1 + max |fake|), per layer
 CONFIG = UNetConfig.from_dict(
-    dict(
-        sample_size=8,
-        layers_per_block=1,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 1),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=8 * 6 + 24,
-        cross_attention_dim=24,
-        norm_num_groups=8,
+    sdxl_unet_config(
+        sample_size=8, layers_per_block=1, block_out_channels=(16, 32),
+        transformer_layers_per_block=(1, 1), cross_attention_dim=24, pooled_dim=24,
     )
-)
+)  # fmt: skip
 MODEL = UNet2DConditionModel(config=CONFIG)
 BOS = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
 

@@ -13,21 +13,10 @@ from mixdq_jax.deploy.memory import memory_table, plan_for_spec, tree_nbytes
 from mixdq_jax.deploy.packed import dequantize_weight, pack_layer, packed_shapes, storage_bits_for
 from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, example_inputs
 from mixdq_jax.quant import QuantSpec, quantize_weight
+from tests.tiny_models import sdxl_unet_config
 
-TINY_UNET = dict(
-    sample_size=8,
-    layers_per_block=1,
-    block_out_channels=(32, 64),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 1),
-    attention_head_dim=(2, 4),
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=8 * 6 + 32,
-    cross_attention_dim=64,
-    norm_num_groups=8,
+TINY_UNET = sdxl_unet_config(
+    sample_size=8, layers_per_block=1, transformer_layers_per_block=(1, 1)
 )
 
 
