@@ -1,39 +1,146 @@
-"""Fake-quantized vs real low-bit (exported) testbed: image differences on 32 test captions.
+"""Fake quantization vs the real low-bit path on the testbed, and why they differ at A8.
 
-Needs a calibration run and three exports first:
+For each configuration, 64 held-out test captions at 1 step:
 
-    mixdq demo --out runs/demo      # or: mixdq calibrate --model testbed --run runs/demo
-    mixdq export --model testbed --weight-bits 8 --act-bits 8 --calib runs/demo --out /tmp/tb_w8a8
-    mixdq export --model testbed --weight-bits 4 --act-bits 8 --symmetric-weights \
-        --calib runs/demo --out /tmp/tb_w4a8_sym
-    mixdq export --model testbed --weight-bits 4 --act-bits 16 --calib runs/demo --out /tmp/tb_w4a16
-    .venv/bin/python benchmarks/testbed_fake_vs_real.py
+- images of the fake-quantized pipeline, of the real integer path (`deploy_pipeline`, XLA
+  int8 backend) with the unquantized params kept in float32, and with them stored in fp16
+  (what `mixdq export` writes by default);
+- the *rounding floor*: the fake path against itself with every float UNet parameter moved
+  by one ulp (`np.nextafter`): the same computation with a float-rounding-sized change in
+  every layer, as the real path's integer accumulation makes;
+- the content score (judge) and SSIM against the float images of both paths;
+- for the A8 configurations, where the paths first disagree inside the UNet (one forward at
+  t = 999 on the same inputs): the first layer whose 8-bit input codes differ, how far that
+  input was from a rounding boundary, and the fraction of flipped codes per block.
+
+Needs a calibration run (`mixdq demo --out runs/demo`, or `mixdq calibrate --model testbed
+--run runs/demo`). Run: ``.venv/bin/python benchmarks/testbed_fake_vs_real.py [--num 64]``.
 """
 
-import json
+from __future__ import annotations
 
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from mixdq_jax.pipeline import load_pipeline
-from mixdq_jax.quant import QuantSpec, quantize_pipeline
-from mixdq_jax.testbed import data
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-caps = list(data.sample_scenes(32, seed=2024, split="test").captions)
-fp = load_pipeline("testbed")
-out = {}
-for name, (w, a, sym) in {
-    "w8a8": (8, 8, False),
-    "w4a8_sym": (4, 8, True),
-    "w4a16": (4, 16, False),
-}.items():
-    spec = QuantSpec(weight_bits=w, act_bits=a, symmetric_weights=sym)
-    fake = quantize_pipeline(fp, spec, calib="runs/demo")(caps, height=64, width=64, seed=0)
-    real = load_pipeline(f"/tmp/tb_{name}")(caps, height=64, width=64, seed=0)
-    ref = fp(caps, height=64, width=64, seed=0)
-    out[name] = {
-        "max_abs_fake_vs_real": float(np.abs(fake - real).max()),
-        "mean_abs_fake_vs_real": float(np.abs(fake - real).mean()),
-        "max_abs_fake_vs_float": float(np.abs(fake - ref).max()),
-        "mean_abs_fake_vs_float": float(np.abs(fake - ref).mean()),
-    }
-print(json.dumps(out, indent=1))
+from mixdq_jax.deploy import deploy_pipeline  # noqa: E402
+from mixdq_jax.deploy.checkpoint import freeze  # noqa: E402
+from mixdq_jax.deploy.layers import deploy_context  # noqa: E402
+from mixdq_jax.deploy.packed import node_at  # noqa: E402
+from mixdq_jax.metrics import ssim_global  # noqa: E402
+from mixdq_jax.quant import QuantSpec, fake_quant_context, quantize_pipeline  # noqa: E402
+from mixdq_jax.quant.calibrate import load_act_ranges  # noqa: E402
+from mixdq_jax.quant.quantize import qconfig_for  # noqa: E402
+from mixdq_jax.testbed import data, judge  # noqa: E402
+from mixdq_jax.testbed.evaluate import _latents, load_testbed  # noqa: E402
+from tests.deploy.conftest import capture_layer_io  # noqa: E402
+
+CONFIGS = {
+    "W4A16": QuantSpec(weight_bits=4, act_bits=16),
+    "W8A8": QuantSpec(weight_bits=8, act_bits=8),
+    "W4A8 (sym)": QuantSpec(weight_bits=4, act_bits=8, symmetric_weights=True),
+}
+
+
+def images(pipe, captions, latents):
+    return np.asarray(pipe(list(captions), num_inference_steps=1, guidance_scale=0.0,
+                           height=data.SIZE, width=data.SIZE, latents=latents))  # fmt: skip
+
+
+def first_divergence(pipe, spec, ranges, captions, latents) -> dict:
+    """Where fake and real first disagree inside one UNet forward (8-bit input codes)."""
+    plan, packed, _ = freeze(pipe, spec, ranges)
+    qconfig = qconfig_for(pipe, spec, ranges)
+    context, pooled = pipe.prompt_embeddings(list(captions), None, 0.0)
+    cond = pipe.conditioning(context, pooled, 0.0, data.SIZE, data.SIZE)
+    x, t = jnp.asarray(latents), jnp.float32(999.0)
+    names = set(plan.layers)
+    fake = capture_layer_io(pipe, pipe.params["unet"], x, t, cond, names,
+                            inner=lambda: fake_quant_context(qconfig))  # fmt: skip
+    real = capture_layer_io(pipe, packed, x, t, cond, names,
+                            inner=lambda: deploy_context(plan, backend="xla"))  # fmt: skip
+    first, per_block = None, {}
+    for name, (_, xf, _) in fake.items():
+        xf, xr = np.asarray(xf, np.float64), np.asarray(real[name][1], np.float64)
+        p, lp = node_at(packed, name), plan.layers[name]
+        n_flip = n_all = 0
+        for j, (a, b) in enumerate(lp.parts()):
+            s, z = float(p[f"q{j}"]["a_scale"]), float(p[f"q{j}"]["a_zp"])
+            uf, ur = xf[..., a:b] / s, xr[..., a:b] / s
+            cf = np.clip(np.round(uf) + z, 0, 255)
+            flips = cf != np.clip(np.round(ur) + z, 0, 255)
+            n_flip += int(flips.sum())
+            n_all += flips.size
+            if flips.any() and first is None:
+                first = {
+                    "layer": name,
+                    "codes_flipped": int(flips.sum()),
+                    "input_rel_diff": float(np.abs(xf - xr).max() / np.abs(xf).max()),
+                    "distance_to_boundary_in_steps": float(
+                        np.abs(np.abs(uf[flips] - np.floor(uf[flips])) - 0.5).max()
+                    ),
+                }
+        parts = name.split(".")
+        block = ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
+        f, n = per_block.get(block, (0, 0))
+        per_block[block] = (f + n_flip, n + n_all)
+    return {"first_flip": first,
+            "flipped_code_fraction": {k: f / n for k, (f, n) in per_block.items() if n}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--num", type=int, default=64)
+    ap.add_argument("--calib", default="runs/demo")
+    args = ap.parse_args()
+    scenes = data.sample_scenes(args.num, seed=2024, split="test")
+    caps = scenes.captions
+    fp = load_testbed()
+    lat = np.stack([_latents(fp, i) for i in range(len(caps))])
+    ranges = load_act_ranges(args.calib)
+    jparams = judge.load_judge()
+
+    def content(img):
+        return judge.content_score(judge.read(jparams, img)[1], scenes).content_score
+
+    def ssim(a, b):
+        return float(np.mean(ssim_global(a * 255.0, b * 255.0)))
+
+    fp_ulp = fp.with_params(unet=jax.tree.map(
+        lambda a: np.nextafter(np.asarray(a), np.float32(np.inf)), fp.params["unet"]))
+    ref = images(fp, caps, lat)
+    out = {"float": {"content_score": content(ref),
+                     "rounding_floor_max": float(np.abs(ref - images(fp_ulp, caps, lat)).max())}}
+    for name, spec in CONFIGS.items():
+        fake_pipe = quantize_pipeline(fp, spec, calib=ranges)
+        real_pipe = deploy_pipeline(fp, spec, ranges, backend="xla")
+        real16 = deploy_pipeline(fp, spec, ranges, backend="xla", float_dtype=jnp.float16)
+        fake, real, r16 = (images(p, caps, lat) for p in (fake_pipe, real_pipe, real16))
+        fake_ulp = images(quantize_pipeline(fp_ulp, spec, calib=ranges), caps, lat)
+        row = {
+            "fake_vs_real": {"max": float(np.abs(fake - real).max()),
+                             "mean": float(np.abs(fake - real).mean())},
+            "fake_vs_real_fp16_params": {"max": float(np.abs(fake - r16).max()),
+                                         "mean": float(np.abs(fake - r16).mean())},
+            "fake_rounding_floor": {"max": float(np.abs(fake - fake_ulp).max()),
+                                    "mean": float(np.abs(fake - fake_ulp).mean())},
+            "fake_vs_float_mean": float(np.abs(fake - ref).mean()),
+            "content_score": {"fake": content(fake), "real": content(real)},
+            "ssim_vs_float": {"fake": ssim(fake, ref), "real": ssim(real, ref)},
+        }  # fmt: skip
+        if spec.act_bits != 16:
+            row["inside_unet"] = first_divergence(fp, spec, ranges, caps[:16], lat[:16])
+        out[name] = row
+        print(name, json.dumps(row, indent=1), flush=True)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

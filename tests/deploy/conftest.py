@@ -59,8 +59,8 @@ def ranges(pipe):
 
 def capture_layer_io(pipe, params, x, t, cond, names, *, inner=None):
     """``{layer: (module, input, output)}`` of the named Dense/Conv calls of one jitted UNet
-    forward. ``inner()``: a context (e.g. fake quant) entered inside the capture, so the
-    outputs are that context's."""
+    forward, in the order the forward calls them. ``inner()``: a context (e.g. fake quant)
+    entered inside the capture, so the outputs are that context's."""
     modules = {}
 
     @jax.jit
@@ -83,5 +83,5 @@ def capture_layer_io(pipe, params, x, t, cond, names, *, inner=None):
             )
         return seen
 
-    arrays = run(params, x, t, cond)
-    return {name: (modules[name], *arrays[name]) for name in arrays}
+    arrays = run(params, x, t, cond)  # a dict pytree: keys come back sorted
+    return {name: (modules[name], *arrays[name]) for name in modules}  # tracing order

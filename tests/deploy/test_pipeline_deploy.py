@@ -71,3 +71,60 @@ def test_w8a8_real_path_tracks_fake_quant(pipe, ranges, float_images):
     )
     assert diff.mean() < fake_err.mean()
     assert 0.5 < real_err.mean() / fake_err.mean() < 2.0
+
+
+def _codes(x, q):
+    """8-bit activation codes of ``x`` (numpy, float64): ``clip(round(x / s) + z, 0, 255)``."""
+    u = np.asarray(x, np.float64) / float(q["a_scale"])
+    return np.clip(np.round(u) + float(q["a_zp"]), 0, 255)
+
+
+def test_w8a8_divergence_starts_at_a_rounding_boundary(pipe, ranges):
+    """The root cause of W8A8 fake-vs-real image differences, pinned layer by layer.
+
+    In calling order, every quantized layer's input is compared between the fake and real
+    forwards. Up to the first layer whose 8-bit codes differ, inputs agree to float rounding,
+    so that first flip can only be a value sitting on a rounding boundary (a code off by
+    exactly one). A real mismatch (range, zero point, BOS row, split) would instead show up as
+    a layer input that differs beyond float rounding before any code has flipped.
+    """
+    from mixdq_jax.deploy.checkpoint import freeze
+    from mixdq_jax.deploy.layers import deploy_context
+    from mixdq_jax.deploy.packed import node_at
+    from mixdq_jax.quant import fake_quant_context
+    from mixdq_jax.quant.quantize import qconfig_for
+    from tests.deploy.conftest import capture_layer_io, unet_inputs
+
+    spec = QuantSpec(weight_bits=8, act_bits=8)
+    plan, packed, _ = freeze(pipe, spec, ranges)
+    qconfig = qconfig_for(pipe, spec, ranges)
+    x, t, cond = unet_inputs(pipe, PROMPTS, seed=5)
+    names = set(plan.layers)
+    fake = capture_layer_io(pipe, pipe.params["unet"], x, t, cond, names,
+                            inner=lambda: fake_quant_context(qconfig))  # fmt: skip
+    real = capture_layer_io(pipe, packed, x, t, cond, names,
+                            inner=lambda: deploy_context(plan, backend="xla"))  # fmt: skip
+    assert list(fake) == list(real) and set(fake) == names
+    flipped = []
+    for name, (_, xf, _) in fake.items():
+        xr = real[name][1]
+        xf, xr = np.asarray(xf, np.float64), np.asarray(xr, np.float64)
+        p, lp = node_at(packed, name), plan.layers[name]
+        flips = [
+            _codes(xf[..., a:b], p[f"q{j}"]) - _codes(xr[..., a:b], p[f"q{j}"])
+            for j, (a, b) in enumerate(lp.parts())
+        ]
+        if not flipped:
+            # no code has differed yet: this input is the same up to float rounding
+            rel = np.abs(xf - xr).max() / (np.abs(xf).max() + 1e-12)
+            assert rel < 1e-5, f"{name}: input differs by {rel:.1e} before any flip"
+        n = sum(int(np.count_nonzero(f)) for f in flips)
+        if n:
+            if not flipped:  # the first flip: one code step on a rounding boundary
+                assert max(np.abs(f).max() for f in flips) == 1, name
+            flipped.append((name, n))
+    out_f, out_r = (np.asarray(list(d.values())[-1][2]) for d in (fake, real))
+    diff = float(np.abs(out_f - out_r).max())
+    print(f"W8A8 first code flips: {flipped[:3]} of {len(flipped)} layers; last layer {diff:.2e}")
+    if not flipped:  # no boundary hit: the two paths must then agree to float rounding
+        assert diff < 1e-5 * (1 + np.abs(out_f).max())
