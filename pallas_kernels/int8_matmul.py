@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._backend import check_block, resolve_backend, resolve_interpret
-from pallas_kernels.packing import unpack_field
+from pallas_kernels.packing import unpack_field, unpack_weights
 
 _FLOAT_OUT = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -214,20 +214,29 @@ def int8_matmul(
             out_dtype=out_dtype,
         )
     colsum = weight_column_sums(w_q) if colsum is None else colsum
+    return _gemm(
+        x_q, w_q, wbits=8, k=k, n=n, colsum=colsum, a_scale=a_scale, a_zero_point=a_zero_point,
+        w_scale=w_scale, bias=bias, out_dtype=out_dtype, backend=backend,
+        tiles=dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
+                   num_stages=num_stages, interpret=resolve_interpret(interpret)),
+    )  # fmt: skip
+
+
+def _gemm(x_q, w, *, wbits, k, n, colsum, a_scale, a_zero_point, w_scale, bias, out_dtype,
+          backend, tiles):  # fmt: skip
+    """The shared body of `int8_matmul` and `w4a8_matmul` once the weights are validated:
+    epilogue vectors, then XLA's int8 dot (weights unpacked first) or the Pallas kernel."""
     x2, out_dtype, (zc, scale, b) = _prepare(
         x_q, k, n, a_scale=a_scale, a_zero_point=a_zero_point, w_scale=w_scale, colsum=colsum,
         bias=bias, out_dtype=out_dtype,
-    )
+    )  # fmt: skip
     if backend == "xla":
+        w_full = w if wbits == 8 else unpack_weights(w, wbits)
         acc = jax.lax.dot_general(
-            x2, w_q, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32
+            x2, w_full, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32
         )
         y = _apply_epilogue(acc, zc[None, :], *(
             (None, None) if scale is None else (scale[None, :], b[None, :])), out_dtype)
     else:
-        y = gemm_pallas(
-            x2, w_q, zc, scale, b, wbits=8, out_dtype=out_dtype, block_m=block_m,
-            block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
-            interpret=resolve_interpret(interpret),
-        )
+        y = gemm_pallas(x2, w, zc, scale, b, wbits=wbits, out_dtype=out_dtype, **tiles)
     return y.reshape(*x_q.shape[:-1], n)

@@ -16,13 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._backend import resolve_backend, resolve_interpret
-from pallas_kernels.int8_matmul import (
-    _apply_epilogue,
-    _prepare,
-    gemm_pallas,
-    int8_matmul_reference,
-    weight_column_sums,
-)
+from pallas_kernels.int8_matmul import _gemm, int8_matmul_reference, weight_column_sums
 from pallas_kernels.packing import unpack_weights, values_per_byte
 
 
@@ -79,21 +73,10 @@ def w4a8_matmul(
             w_scale=w_scale, bias=bias, out_dtype=out_dtype,
         )
     colsum = packed_column_sums(w_packed, bits) if colsum is None else colsum
-    x2, out_dtype, (zc, scale, b) = _prepare(
-        x_q, k, n, a_scale=a_scale, a_zero_point=a_zero_point, w_scale=w_scale, colsum=colsum,
-        bias=bias, out_dtype=out_dtype,
-    )
-    if backend == "xla":
-        acc = jax.lax.dot_general(
-            x2, unpack_weights(w_packed, bits), (((1,), (0,)), ((), ())),
-            preferred_element_type=jnp.int32,
-        )
-        y = _apply_epilogue(acc, zc[None, :], *(
-            (None, None) if scale is None else (scale[None, :], b[None, :])), out_dtype)
-    else:
-        y = gemm_pallas(
-            x2, w_packed, zc, scale, b, wbits=bits, out_dtype=out_dtype, block_m=block_m,
-            block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages,
-            interpret=resolve_interpret(interpret),
-        )
-    return y.reshape(*x_q.shape[:-1], n)
+    return _gemm(
+        x_q, w_packed, wbits=bits, k=k, n=n, colsum=colsum, a_scale=a_scale,
+        a_zero_point=a_zero_point, w_scale=w_scale, bias=bias, out_dtype=out_dtype,
+        backend=backend,
+        tiles=dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
+                   num_stages=num_stages, interpret=resolve_interpret(interpret)),
+    )  # fmt: skip
