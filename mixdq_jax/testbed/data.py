@@ -5,9 +5,13 @@ and up to two objects, each with a shape, colour, size and a cell of a 3x3 grid.
 every attribute, so a caption determines its image up to a pixel of jitter: a 1-step sampler,
 whose sample is the model's estimate of the mean image given the caption, can then be sharp.
 
-Splits are by attribute combination: an object whose (shape, colour) pair is in
-``TEST_PAIRS`` (``VAL_PAIRS``) puts its scene in the test (validation) split, so the test
-captions describe combinations the model never saw in training.
+Splits are by attribute combination: an object whose (shape, colour, background) triple is in
+``TEST_TRIPLES`` (``VAL_TRIPLES``) puts its scene in the test (validation) split, so every test
+caption describes a combination the model never saw in training, while each pair within a
+held-out triple (this shape in this colour, this object on this background) was seen. (Holding
+out (shape, colour) pairs instead asks the model to bind a colour to a shape it never drew in
+that colour; the small testbed then drew the colour's familiar shapes: test shape accuracy 0.32
+against 0.70 on training captions, measured at 4000 UNet steps.)
 """
 
 from __future__ import annotations
@@ -31,8 +35,14 @@ RELATIONS = ("to the left of", "to the right of", "above", "below")
 # caption determines the layout.
 RELATION_CELLS = ((3, 5), (5, 3), (1, 7), (7, 1))
 SPLITS = ("train", "val", "test")
-TEST_PAIRS = frozenset({("triangle", "red"), ("circle", "blue"), ("square", "yellow")})
-VAL_PAIRS = frozenset({("square", "green"), ("triangle", "purple"), ("circle", "cyan")})
+TEST_TRIPLES = frozenset({
+    ("triangle", "red", "gray"), ("circle", "blue", "white"), ("square", "yellow", "brown"),
+    ("circle", "green", "black"), ("square", "purple", "gray"), ("triangle", "cyan", "white"),
+})  # fmt: skip
+VAL_TRIPLES = frozenset({
+    ("square", "green", "white"), ("triangle", "purple", "black"), ("circle", "cyan", "brown"),
+    ("triangle", "yellow", "gray"), ("circle", "red", "white"), ("square", "blue", "black"),
+})  # fmt: skip
 
 COLOUR_RGB = np.array(
     [
@@ -120,16 +130,20 @@ class Scenes:
         return out
 
 
-def split_of(shape: np.ndarray, colour: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """Split index (0 train, 1 val, 2 test) of each scene from its objects' (shape, colour)."""
+def split_of(
+    shape: np.ndarray, colour: np.ndarray, present: np.ndarray, background: np.ndarray
+) -> np.ndarray:
+    """Split index (0 train, 1 val, 2 test) of each scene from its objects' (shape, colour,
+    background) triples: test if any object's triple is held out for test, else val if any
+    is held out for validation."""
 
-    def held(pairs: frozenset) -> np.ndarray:
-        table = np.zeros((len(SHAPES), len(COLOURS)), bool)
-        for s, c in pairs:
-            table[SHAPES.index(s), COLOURS.index(c)] = True
-        return (table[shape, colour] & present).any(axis=1)
+    def held(triples: frozenset) -> np.ndarray:
+        table = np.zeros((len(SHAPES), len(COLOURS), len(BACKGROUNDS)), bool)
+        for s, c, b in triples:
+            table[SHAPES.index(s), COLOURS.index(c), BACKGROUNDS.index(b)] = True
+        return (table[shape, colour, np.asarray(background)[:, None]] & present).any(axis=1)
 
-    return np.where(held(TEST_PAIRS), 2, np.where(held(VAL_PAIRS), 1, 0))
+    return np.where(held(TEST_TRIPLES), 2, np.where(held(VAL_TRIPLES), 1, 0))
 
 
 def _draw_attributes(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
@@ -194,7 +208,7 @@ def sample_scenes(n: int, *, seed: int, split: str = "train") -> Scenes:
     have = 0
     while have < n:
         a = _draw_attributes(rng, max(2 * (n - have), 64))
-        keep = split_of(a["shape"], a["colour"], a["present"]) == want
+        keep = split_of(a["shape"], a["colour"], a["present"], a["background"]) == want
         a = {k: v[keep] for k, v in a.items()}
         parts.append(a)
         have += int(keep.sum())

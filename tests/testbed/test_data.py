@@ -17,12 +17,13 @@ def test_deterministic_from_seed():
     assert a.captions != c.captions
 
 
-def _pairs(scenes: data.Scenes) -> set[tuple[str, str]]:
+def _triples(scenes: data.Scenes) -> set[tuple[str, str, str]]:
     out = set()
     for i in range(len(scenes)):
         for s in range(2):
             if scenes.present[i, s]:
-                out.add((data.SHAPES[scenes.shape[i, s]], data.COLOURS[scenes.colour[i, s]]))
+                out.add((data.SHAPES[scenes.shape[i, s]], data.COLOURS[scenes.colour[i, s]],
+                         data.BACKGROUNDS[scenes.background[i]]))  # fmt: skip
     return out
 
 
@@ -32,14 +33,19 @@ def test_splits_disjoint_by_combination():
     assert not captions["train"] & captions["test"]
     assert not captions["train"] & captions["val"]
     assert not captions["val"] & captions["test"]
-    assert not _pairs(scenes["train"]) & (data.TEST_PAIRS | data.VAL_PAIRS)
-    assert not _pairs(scenes["val"]) & data.TEST_PAIRS
-    # every test scene holds a held-out pair, named in its caption
-    for i, caption in enumerate(scenes["test"].captions):
-        named = {(s, c) for s, c in data.TEST_PAIRS if f"{c} {s}" in caption}
+    assert not _triples(scenes["train"]) & (data.TEST_TRIPLES | data.VAL_TRIPLES)
+    assert not _triples(scenes["val"]) & data.TEST_TRIPLES
+    # every test scene holds a held-out triple, named in its caption
+    for caption in scenes["test"].captions:
+        named = {(s, c, b) for s, c, b in data.TEST_TRIPLES if f"{c} {s}" in caption
+                 and (f"{b} background" in caption or caption.endswith(f"on {b}"))}  # fmt: skip
         assert named, caption
-        assert data.split_of(scenes["test"].shape[i:i + 1], scenes["test"].colour[i:i + 1],
-                             scenes["test"].present[i:i + 1])[0] == 2
+    # ... while every pair inside a held-out triple occurs in training
+    train = _triples(scenes["train"])
+    for s, c, b in data.TEST_TRIPLES:
+        assert any(t[:2] == (s, c) for t in train), (s, c)
+        assert any(t[0] == s and t[2] == b for t in train), (s, b)
+        assert any(t[1] == c and t[2] == b for t in train), (c, b)
 
 
 def test_captions_name_every_attribute():

@@ -86,3 +86,53 @@ def test_focus_timesteps_are_the_sampler_timesteps():
     # diffusers: SDXL-turbo's Euler-A trailing at 1 step samples at 999, LCM at 4 steps at
     # 999, 759, 499, 259
     np.testing.assert_array_equal(train.focus_timesteps(), [259, 499, 759, 999])
+
+
+def _tiny_trainer():
+    unet = UNet2DConditionModel(config=UNetConfig.from_dict(TINY_UNET))
+    encoders = (_tiny_text(8, CLIPTextModel), _tiny_text(8, CLIPTextModelWithProjection))
+    sched_ac = np.linspace(0.99, 0.01, 1000).astype(np.float32)
+    trainer = train.UNetTrainer(unet=unet, encoders=encoders, alphas_cumprod=sched_ac,
+                                focus=np.array([499, 999]), opt=optax.adam(3e-3))  # fmt: skip
+    k = jax.random.split(jax.random.key(0), 4)
+    ids = jax.random.randint(k[0], (4, 16), 0, 48)
+    params = {
+        "unet": unet.init(k[1], **example_inputs(unet.config))["params"],
+        "text_encoder": encoders[0].init(k[2], ids)["params"],
+        "text_encoder_2": encoders[1].init(k[3], ids)["params"],
+    }
+    return trainer, params, ids
+
+
+def test_weighted_loss_is_a_weighted_mean_of_the_squared_error():
+    trainer, params, ids = _tiny_trainer()
+    x0 = jax.random.normal(jax.random.key(5), (4, 4, 8, 8))
+    key = jax.random.key(6)
+    plain = float(trainer.loss(params, x0, ids, ids, key))
+    # a constant weight changes nothing; weight on one half only is the mean over that half
+    assert np.isclose(float(trainer.loss(params, x0, ids, ids, key, jnp.full((4, 1, 8, 8), 3.0))),
+                      plain, rtol=1e-6)  # fmt: skip
+    left = jnp.zeros((4, 1, 8, 8)).at[..., :4].set(1.0)
+    right = 1.0 - left
+    l_left = float(trainer.loss(params, x0, ids, ids, key, left))
+    l_right = float(trainer.loss(params, x0, ids, ids, key, right))
+    assert np.isclose((l_left + l_right) / 2, plain, rtol=1e-5)
+    assert not np.isclose(l_left, l_right)
+
+
+def test_latent_object_mask_covers_the_objects_patches():
+    from mixdq_jax.testbed import data
+
+    scenes = data.sample_scenes(6, seed=4, split="train")
+    mask = train.latent_object_mask(scenes)
+    images = data.render(scenes)
+    f = data.SIZE // model.LATENT_SIZE
+    for b in range(len(scenes)):
+        bg = data.BACKGROUND_RGB[scenes.background[b]]
+        obj = np.abs(images[b] - bg).sum(-1) > 0.02
+        ys, xs = np.nonzero(obj)
+        expect = np.zeros((model.LATENT_SIZE,) * 2, bool)
+        for y, x in zip(ys // f, xs // f, strict=True):  # the pixel's latent cell and its ring
+            expect[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2] = True
+        np.testing.assert_array_equal(mask[b], expect)
+        assert 0 < expect.mean() < 0.5
