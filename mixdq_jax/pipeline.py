@@ -363,6 +363,116 @@ def _load_params(
     )
 
 
+@dataclass(frozen=True, kw_only=True)
+class Components:
+    """The models of a diffusers pipeline folder, loaded into Flax (``unet`` None when not
+    asked for: a quantized folder's UNet is loaded by `mixdq_jax.deploy`)."""
+
+    kind: str  # "sdxl" | "sd"
+    unet: UNet2DConditionModel | None
+    vae: AutoencoderKL
+    text: tuple[TextStack, ...]
+    params: dict[str, Any]
+    force_zeros_for_empty_prompt: bool
+
+
+def load_components(
+    folder: Path,
+    *,
+    dtype: Any = jnp.float32,
+    variant: str | None = None,
+    allow_pickle: bool = False,
+    lora: str | os.PathLike | None = None,
+    lora_scale: float = 1.0,
+    unet: bool = True,
+) -> Components:
+    """UNet (if ``unet``), VAE, text encoders and tokenizers of a pipeline folder."""
+    index = read_model_index(folder)
+    kind = _PIPELINES.get(index.get("_class_name", ""))
+    if kind is None:
+        raise CheckpointError(
+            f"{folder}/model_index.json: pipeline class {index.get('_class_name')!r} is not "
+            f"supported (supported: {', '.join(_PIPELINES)})"
+        )
+    dtype = jnp.dtype(dtype)
+    text_names = ["text_encoder", "text_encoder_2"] if kind == "sdxl" else ["text_encoder"]
+
+    states, sources = {}, {}
+    for name in [*(["unet"] if unet else []), "vae", *text_names]:
+        if _component_class(index, name, folder) is None:
+            raise CheckpointError(f"{folder}: model_index.json lists no {name!r} component")
+        weights = load_component_weights(folder / name, variant=variant, allow_pickle=allow_pickle)
+        state = weights.state
+        if name == "vae":
+            state = legacy_vae_keys(state)
+        elif name.startswith("text_encoder"):
+            state = normalize_clip_keys(state)
+        states[name] = state
+        sources[name] = {
+            k: weights.sources.get(k, weights.sources.get(f"text_model.{k}", "")) for k in state
+        }
+    if lora is not None:
+        lora_path = Path(lora)
+        states = fuse_lora(
+            states, load_safetensors(lora_path), scale=lora_scale, source=str(lora_path)
+        )
+
+    params: dict[str, Any] = {}
+    unet_model = None
+    if unet:
+        unet_cfg = UNetConfig.from_dict(
+            read_json(folder / "unet" / "config.json", what="unet config")
+        )
+        unet_model = UNet2DConditionModel(config=unet_cfg, dtype=dtype, param_dtype=dtype)
+        params["unet"] = _load_params(
+            folder, "unet", param_shapes(unet_model), states["unet"], sources["unet"], dtype
+        )
+    vae_cfg = VAEConfig.from_dict(read_json(folder / "vae" / "config.json", what="vae config"))
+    vae_dtype = jnp.float32 if vae_cfg.force_upcast else dtype
+    vae = AutoencoderKL(config=vae_cfg, dtype=vae_dtype, param_dtype=vae_dtype)
+    vae_target = jax.eval_shape(
+        lambda: vae.init(jax.random.key(0), jnp.zeros((1, vae_cfg.in_channels, 8, 8)))
+    )["params"]
+    params["vae"] = _load_params(
+        folder, "vae", vae_target, states["vae"], sources["vae"], vae_dtype
+    )
+    stacks = []
+    for name in text_names:
+        cls_name = _component_class(index, name, folder)
+        if cls_name not in _TEXT_CLASSES:
+            raise CheckpointError(
+                f"{folder}/model_index.json: {name} class {cls_name!r} is not supported "
+                f"(supported: {', '.join(_TEXT_CLASSES)})"
+            )
+        cfg = CLIPTextConfig.from_dict(
+            read_json(folder / name / "config.json", what=f"{name} config")
+        )
+        model = _TEXT_CLASSES[cls_name](config=cfg, dtype=dtype, param_dtype=dtype)
+        target = jax.eval_shape(
+            lambda m=model: m.init(jax.random.key(0), jnp.zeros((1, 77), jnp.int32))
+        )["params"]
+        params[name] = _load_params(folder, name, target, states[name], sources[name], dtype)
+        tok_name = name.replace("text_encoder", "tokenizer")
+        stacks.append(
+            TextStack(
+                name=name, tokenizer=CLIPTokenizer.from_pretrained(folder / tok_name), model=model
+            )
+        )
+    return Components(
+        kind=kind, unet=unet_model, vae=vae, text=tuple(stacks), params=params,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+    )  # fmt: skip
+
+
+def scheduler_config(folder: Path, scheduler: str | Mapping[str, Any] | None = None) -> dict:
+    """The folder's scheduler config; ``scheduler`` replaces its class (a name, keeping the
+    config, as ``from_config``) or all of it (a dict)."""
+    cfg = read_json(folder / "scheduler" / "scheduler_config.json", what="scheduler config")
+    if isinstance(scheduler, str):
+        return {**cfg, "_class_name": scheduler}
+    return dict(scheduler) if scheduler is not None else cfg
+
+
 def resolve_model(model: str | os.PathLike) -> Path:
     """A ``--model`` argument as a folder: ``"testbed"``, a local folder, or a cached repo id."""
     if str(model) == "testbed":
@@ -408,90 +518,18 @@ def load_pipeline(
             quant=quant,
             calib=calib,
         )
-    index = read_model_index(folder)
-    kind = _PIPELINES.get(index.get("_class_name", ""))
-    if kind is None:
-        raise CheckpointError(
-            f"{folder}/model_index.json: pipeline class {index.get('_class_name')!r} is not "
-            f"supported (supported: {', '.join(_PIPELINES)})"
-        )
-    dtype = jnp.dtype(dtype)
-    text_names = ["text_encoder", "text_encoder_2"] if kind == "sdxl" else ["text_encoder"]
-
-    states, sources = {}, {}
-    for name in ["unet", "vae", *text_names]:
-        if _component_class(index, name, folder) is None:
-            raise CheckpointError(f"{folder}: model_index.json lists no {name!r} component")
-        weights = load_component_weights(folder / name, variant=variant, allow_pickle=allow_pickle)
-        state = weights.state
-        if name == "vae":
-            state = legacy_vae_keys(state)
-        elif name.startswith("text_encoder"):
-            state = normalize_clip_keys(state)
-        states[name] = state
-        sources[name] = {
-            k: weights.sources.get(k, weights.sources.get(f"text_model.{k}", "")) for k in state
-        }
-    if lora is not None:
-        lora_path = Path(lora)
-        states = fuse_lora(
-            states, load_safetensors(lora_path), scale=lora_scale, source=str(lora_path)
-        )
-
-    unet_cfg = UNetConfig.from_dict(read_json(folder / "unet" / "config.json", what="unet config"))
-    unet = UNet2DConditionModel(config=unet_cfg, dtype=dtype, param_dtype=dtype)
-    vae_cfg = VAEConfig.from_dict(read_json(folder / "vae" / "config.json", what="vae config"))
-    vae_dtype = jnp.float32 if vae_cfg.force_upcast else dtype
-    vae = AutoencoderKL(config=vae_cfg, dtype=vae_dtype, param_dtype=vae_dtype)
-
-    params = {
-        "unet": _load_params(
-            folder, "unet", param_shapes(unet), states["unet"], sources["unet"], dtype
-        )
-    }
-    vae_target = jax.eval_shape(
-        lambda: vae.init(jax.random.key(0), jnp.zeros((1, vae_cfg.in_channels, 8, 8)))
-    )["params"]
-    params["vae"] = _load_params(
-        folder, "vae", vae_target, states["vae"], sources["vae"], vae_dtype
-    )
-    stacks = []
-    for name in text_names:
-        cls_name = _component_class(index, name, folder)
-        if cls_name not in _TEXT_CLASSES:
-            raise CheckpointError(
-                f"{folder}/model_index.json: {name} class {cls_name!r} is not supported "
-                f"(supported: {', '.join(_TEXT_CLASSES)})"
-            )
-        cfg = CLIPTextConfig.from_dict(
-            read_json(folder / name / "config.json", what=f"{name} config")
-        )
-        model = _TEXT_CLASSES[cls_name](config=cfg, dtype=dtype, param_dtype=dtype)
-        target = jax.eval_shape(
-            lambda m=model: m.init(jax.random.key(0), jnp.zeros((1, 77), jnp.int32))
-        )["params"]
-        params[name] = _load_params(folder, name, target, states[name], sources[name], dtype)
-        tok_name = name.replace("text_encoder", "tokenizer")
-        stacks.append(
-            TextStack(
-                name=name, tokenizer=CLIPTokenizer.from_pretrained(folder / tok_name), model=model
-            )
-        )
-    del states
-
-    sched_cfg = read_json(folder / "scheduler" / "scheduler_config.json", what="scheduler config")
-    if isinstance(scheduler, str):
-        sched_cfg = {**sched_cfg, "_class_name": scheduler}
-    elif scheduler is not None:
-        sched_cfg = dict(scheduler)
+    parts = load_components(
+        folder, dtype=dtype, variant=variant, allow_pickle=allow_pickle, lora=lora,
+        lora_scale=lora_scale,
+    )  # fmt: skip
     pipe = Pipeline(
-        kind=kind,
-        unet=unet,
-        vae=vae,
-        text=tuple(stacks),
-        scheduler=make_scheduler(sched_cfg),
-        params=params,
-        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+        kind=parts.kind,
+        unet=parts.unet,
+        vae=parts.vae,
+        text=parts.text,
+        scheduler=make_scheduler(scheduler_config(folder, scheduler)),
+        params=parts.params,
+        force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
         source=str(folder),
     )
     if quant is not None:

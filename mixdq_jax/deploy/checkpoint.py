@@ -364,91 +364,20 @@ def load_quantized_pipeline(
         raise ValueError("this model folder is already quantized; do not pass a quant spec")
     folder = pl.resolve_model(path)
     unet_plan, unet_params, meta = load_quantized_unet(folder / "unet", dtype=dtype, verify=verify)
-    base = _load_float_components(folder, dtype=dtype, variant=variant, allow_pickle=allow_pickle)
+    base = pl.load_components(
+        folder, dtype=dtype, variant=variant, allow_pickle=allow_pickle, unet=False
+    )
     unet_cfg = UNetConfig.from_dict(read_json(folder / "unet" / "config.json", what="unet config"))
     dtype = jnp.dtype(dtype)
-    sched_cfg = read_json(folder / "scheduler" / "scheduler_config.json", what="scheduler config")
-    if isinstance(scheduler, str):
-        sched_cfg = {**sched_cfg, "_class_name": scheduler}
-    elif scheduler is not None:
-        sched_cfg = dict(scheduler)
     return pl.Pipeline(
-        kind=base["kind"],
+        kind=base.kind,
         unet=UNet2DConditionModel(config=unet_cfg, dtype=dtype, param_dtype=dtype),
-        vae=base["vae"],
-        text=base["text"],
-        scheduler=pl.make_scheduler(sched_cfg),
-        params={"unet": unet_params, **base["params"]},
-        force_zeros_for_empty_prompt=base["force_zeros"],
+        vae=base.vae,
+        text=base.text,
+        scheduler=pl.make_scheduler(pl.scheduler_config(folder, scheduler)),
+        params={"unet": unet_params, **base.params},
+        force_zeros_for_empty_prompt=base.force_zeros_for_empty_prompt,
         unet_context=deploy_unet_context(unet_plan, backend),
         qconfig=None,
         source=str(folder),
     )
-
-
-def _load_float_components(folder: Path, *, dtype, variant, allow_pickle) -> dict[str, Any]:
-    """VAE, text encoders and tokenizers of a pipeline folder, as `load_pipeline` loads them.
-
-    Mirrors the non-UNet part of `mixdq_jax.pipeline.load_pipeline` (which always loads a float
-    UNet); see the report for the refactor that would share it.
-    """
-    from mixdq_jax import pipeline as pl  # noqa: PLC0415
-    from mixdq_jax.models.clip import CLIPTextConfig  # noqa: PLC0415
-    from mixdq_jax.models.vae import AutoencoderKL, VAEConfig, legacy_vae_keys  # noqa: PLC0415
-    from mixdq_jax.tokenizer import CLIPTokenizer  # noqa: PLC0415
-    from weights_convert.checkpoint import load_component_weights, read_model_index  # noqa: PLC0415
-    from weights_convert.clip_keys import normalize_clip_keys  # noqa: PLC0415
-
-    index = read_model_index(folder)
-    kind = pl._PIPELINES.get(index.get("_class_name", ""))
-    if kind is None:
-        raise CheckpointError(
-            f"{folder}/model_index.json: pipeline class {index.get('_class_name')!r} is not "
-            "supported"
-        )
-    dtype = jnp.dtype(dtype)
-    text_names = ["text_encoder", "text_encoder_2"] if kind == "sdxl" else ["text_encoder"]
-    params: dict[str, Any] = {}
-    vae_cfg = VAEConfig.from_dict(read_json(folder / "vae" / "config.json", what="vae config"))
-    vae_dtype = jnp.float32 if vae_cfg.force_upcast else dtype
-    vae = AutoencoderKL(config=vae_cfg, dtype=vae_dtype, param_dtype=vae_dtype)
-    weights = load_component_weights(folder / "vae", variant=variant, allow_pickle=allow_pickle)
-    state = legacy_vae_keys(weights.state)
-    vae_target = jax.eval_shape(
-        lambda: vae.init(jax.random.key(0), jnp.zeros((1, vae_cfg.in_channels, 8, 8)))
-    )["params"]
-    params["vae"] = pl._load_params(
-        folder,
-        "vae",
-        vae_target,
-        state,
-        {k: weights.sources.get(k, "") for k in state},
-        vae_dtype,
-    )
-    stacks = []
-    for name in text_names:
-        cls_name = pl._component_class(index, name, folder)
-        if cls_name not in pl._TEXT_CLASSES:
-            raise CheckpointError(f"{folder}/model_index.json: {name} class {cls_name!r}")
-        weights = load_component_weights(folder / name, variant=variant, allow_pickle=allow_pickle)
-        state = normalize_clip_keys(weights.state)
-        sources = {
-            k: weights.sources.get(k, weights.sources.get(f"text_model.{k}", "")) for k in state
-        }
-        cfg = CLIPTextConfig.from_dict(
-            read_json(folder / name / "config.json", what=f"{name} config")
-        )
-        model = pl._TEXT_CLASSES[cls_name](config=cfg, dtype=dtype, param_dtype=dtype)
-        target = jax.eval_shape(
-            lambda m=model: m.init(jax.random.key(0), jnp.zeros((1, 77), jnp.int32))
-        )["params"]
-        params[name] = pl._load_params(folder, name, target, state, sources, dtype)
-        tok = CLIPTokenizer.from_pretrained(folder / name.replace("text_encoder", "tokenizer"))
-        stacks.append(pl.TextStack(name=name, tokenizer=tok, model=model))
-    return {
-        "kind": kind,
-        "vae": vae,
-        "text": tuple(stacks),
-        "params": params,
-        "force_zeros": bool(index.get("force_zeros_for_empty_prompt", True)),
-    }
