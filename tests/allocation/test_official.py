@@ -168,50 +168,37 @@ def test_weight_sweep(data):
         assert abs(cand.avg_bits(d["sizes"]) - cand.target) <= BAND + 1e-6
 
 
-def _cli(*args: str) -> int:
-    return main(["allocate", "--sensitivity", str(OFFICIAL / "sensitivity"), *args])
+def _cli(kind: str, target: str, out, *extra: str) -> int:
+    """``mixdq allocate`` on the official sensitivities and sizes of ``kind``."""
+    sizes = OFFICIAL / "tensor_ratio" / f"{kind}_ratio.yaml"
+    return main(
+        [
+            "allocate",
+            "--sensitivity",
+            str(OFFICIAL / "sensitivity"),
+            "--sizes",
+            str(sizes),
+            "--kind",
+            kind,
+            "--target",
+            target,
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def test_cli_weight_and_act(tmp_path, capsys):
     out = tmp_path / "w.yaml"
-    sizes = str(OFFICIAL / "tensor_ratio" / "weight_ratio.yaml")
-    assert (
-        _cli(
-            "--sizes",
-            sizes,
-            "--kind",
-            "weight",
-            "--target",
-            "4.0",
-            "--k",
-            "0.62",
-            "--out",
-            str(out),
-        )
-        == 0
-    )
+    assert _cli("weight", "4.0", str(out), "--k", "0.62") == 0
     bits = _raw(out)
     assert len(bits) == 794 and set(bits.values()) <= {2, 4, 8}
     assert {bits[n] for n in bits if not is_content_layer(n)} <= {4, 8}
     assert "content:  420 layers" in capsys.readouterr().out
 
     out = tmp_path / "a.yaml"
-    sizes = str(OFFICIAL / "tensor_ratio" / "act_ratio.yaml")
-    assert (
-        _cli(
-            "--sizes",
-            sizes,
-            "--kind",
-            "act",
-            "--target",
-            "7.7",
-            "--protect-top",
-            "1",
-            "--out",
-            str(out),
-        )
-        == 0
-    )
+    assert _cli("act", "7.7", str(out), "--protect-top", "1") == 0
     bits = _raw(out)
     assert len(bits) == 785 and set(bits.values()) <= {4, 8}
     assert "conv_in" not in bits and "conv_out" not in bits
@@ -261,43 +248,14 @@ def test_cli_errors(tmp_path, capsys):
 
 def test_cli_sweep_writes_candidates(tmp_path):
     out = tmp_path / "sweep"
-    sizes = str(OFFICIAL / "tensor_ratio" / "weight_ratio.yaml")
-    assert (
-        _cli(
-            "--sizes",
-            sizes,
-            "--kind",
-            "weight",
-            "--target",
-            "4.0",
-            "--k-sweep",
-            "--b-num",
-            "1",
-            "--out",
-            str(out),
-        )
-        == 0
-    )
+    assert _cli("weight", "4.0", str(out), "--k-sweep", "--b-num", "1") == 0
     index = json.loads((out / "index.json").read_text())["candidates"]
     assert index and len(list(out.glob("weight_B*.yaml"))) == len(index)
     for entry in index:
         assert entry["target"] == 4.0 and entry["k"] in WEIGHT_K_SWEEP
         assert len(fmt.read_bits(out / entry["file"])) == 794
         assert abs(entry["avg_bits"] - 4.0) <= BAND + 1e-6
-    assert (
-        _cli(
-            "--sizes",
-            sizes,
-            "--kind",
-            "weight",
-            "--target",
-            "4.0",
-            "--k-sweep",
-            "--out",
-            str(tmp_path / "x.yaml"),
-        )
-        == 2
-    )
+    assert _cli("weight", "4.0", str(tmp_path / "x.yaml"), "--k-sweep") == 2
 
 
 def test_weight_sizes_match_diffusers_shapes(data):
