@@ -32,12 +32,12 @@ def _tiny_text(hidden, cls):
     return cls(config=cfg)
 
 
-def test_unet_steps_reduce_loss():
+def _tiny_trainer():
     unet = UNet2DConditionModel(config=UNetConfig.from_dict(TINY_UNET))
     encoders = (_tiny_text(8, CLIPTextModel), _tiny_text(8, CLIPTextModelWithProjection))
     sched_ac = np.linspace(0.99, 0.01, 1000).astype(np.float32)
     trainer = train.UNetTrainer(unet=unet, encoders=encoders, alphas_cumprod=sched_ac,
-                                focus=np.array([999, 499]), opt=optax.adam(3e-3))
+                                focus=np.array([499, 999]), opt=optax.adam(3e-3))  # fmt: skip
     k = jax.random.split(jax.random.key(0), 4)
     ids = jax.random.randint(k[0], (4, 16), 0, 48)
     params = {
@@ -45,6 +45,11 @@ def test_unet_steps_reduce_loss():
         "text_encoder": encoders[0].init(k[2], ids)["params"],
         "text_encoder_2": encoders[1].init(k[3], ids)["params"],
     }
+    return trainer, params, ids
+
+
+def test_unet_steps_reduce_loss():
+    trainer, params, ids = _tiny_trainer()
     x0 = jax.random.normal(jax.random.key(5), (4, 4, 8, 8))
     key = jax.random.key(6)  # the same noise every step: the loss must fall
     step = jax.jit(trainer.step)
@@ -86,22 +91,6 @@ def test_focus_timesteps_are_the_sampler_timesteps():
     # diffusers: SDXL-turbo's Euler-A trailing at 1 step samples at 999, LCM at 4 steps at
     # 999, 759, 499, 259
     np.testing.assert_array_equal(train.focus_timesteps(), [259, 499, 759, 999])
-
-
-def _tiny_trainer():
-    unet = UNet2DConditionModel(config=UNetConfig.from_dict(TINY_UNET))
-    encoders = (_tiny_text(8, CLIPTextModel), _tiny_text(8, CLIPTextModelWithProjection))
-    sched_ac = np.linspace(0.99, 0.01, 1000).astype(np.float32)
-    trainer = train.UNetTrainer(unet=unet, encoders=encoders, alphas_cumprod=sched_ac,
-                                focus=np.array([499, 999]), opt=optax.adam(3e-3))  # fmt: skip
-    k = jax.random.split(jax.random.key(0), 4)
-    ids = jax.random.randint(k[0], (4, 16), 0, 48)
-    params = {
-        "unet": unet.init(k[1], **example_inputs(unet.config))["params"],
-        "text_encoder": encoders[0].init(k[2], ids)["params"],
-        "text_encoder_2": encoders[1].init(k[3], ids)["params"],
-    }
-    return trainer, params, ids
 
 
 def test_weighted_loss_is_a_weighted_mean_of_the_squared_error():
