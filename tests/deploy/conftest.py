@@ -57,6 +57,17 @@ def ranges(pipe):
     return {k: np.asarray(v) for k, v in running.items()}
 
 
+def denoised(pipe, base, prompts, seed):
+    """One-step latents of ``pipe``'s UNet for ``prompts``, from ``base``'s text encoding, so
+    two pipelines that differ only in their UNet are compared on the same inputs."""
+    context, pooled = base.prompt_embeddings(list(prompts), None, 0.0)
+    latents = jax.random.normal(jax.random.key(seed), (len(prompts), 4, SIZE // 2, SIZE // 2))
+    return pipe.denoise(
+        latents, context, pooled, num_inference_steps=1, guidance_scale=0.0, height=SIZE,
+        width=SIZE, noise_key=jax.random.key(seed + 1), qconfig=pipe.qconfig,
+    )  # fmt: skip
+
+
 def capture_layer_io(pipe, params, x, t, cond, names, *, inner=None):
     """``{layer: (module, input, output)}`` of the named Dense/Conv calls of one jitted UNet
     forward, in the order the forward calls them. ``inner()``: a context (e.g. fake quant)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import io
 import json
 import shutil
@@ -26,30 +25,12 @@ from mixdq_jax.deploy import (
 )
 from mixdq_jax.quant import QuantSpec
 from mixdq_jax.quant.quantize import unet_layers
-from tests.deploy.conftest import PROMPTS, SIZE
+from tests.deploy.conftest import PROMPTS, denoised
 from weights_convert.safetensors_io import load_safetensors, save_safetensors
-
-HOOKED = "mixdq_quant" in inspect.getsource(pipeline_module.load_pipeline) or (
-    "is_quantized_folder" in inspect.getsource(pipeline_module.load_pipeline)
-)
 
 
 def _latents(pipe, base):
-    context, pooled = base.prompt_embeddings(PROMPTS[:2], None, 0.0)
-    latents = jax.random.normal(jax.random.key(5), (2, 4, SIZE // 2, SIZE // 2))
-    return np.asarray(
-        pipe.denoise(
-            latents,
-            context,
-            pooled,
-            num_inference_steps=1,
-            guidance_scale=0.0,
-            height=SIZE,
-            width=SIZE,
-            noise_key=jax.random.key(6),
-            qconfig=pipe.qconfig,
-        )
-    )
+    return np.asarray(denoised(pipe, base, PROMPTS[:2], seed=5))
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +61,8 @@ def test_reloaded_checkpoint_runs_identically(pipe, ranges, spec, exported, pipe
     loaded = load_quantized_pipeline(out)
     memory = deploy_pipeline(pipe, spec, ranges)
     np.testing.assert_array_equal(_latents(loaded, pipe), _latents(memory, pipe))
-    if HOOKED:
-        via_load_pipeline = pipeline_module.load_pipeline(out)
-        assert via_load_pipeline.qconfig is None and via_load_pipeline.unet_context is not None
+    via_load_pipeline = pipeline_module.load_pipeline(out)
+    assert via_load_pipeline.qconfig is None and via_load_pipeline.unet_context is not None
 
 
 def _copy(exported, tmp_path):
@@ -188,21 +168,9 @@ def test_cli_export(pipe_dir, ranges, tmp_path, capsys):
     with pytest.raises(ValueError, match="nothing to quantize"):
         bad = parser.parse_args(["export", "--model", str(pipe_dir), "--out", str(out)])
         bad.func(bad)
-    if HOOKED:
-        from mixdq_jax.cli import main  # noqa: PLC0415
+    from mixdq_jax.cli import main  # noqa: PLC0415
 
-        gen = [
-            "generate",
-            "--model",
-            str(out),
-            "--prompt",
-            "a red circle",
-            "--height",
-            "32",
-            "--width",
-            "32",
-            "--out",
-            str(tmp_path / "imgs"),
-        ]
-        assert main(gen) == 0
-        assert (tmp_path / "imgs" / "0000.png").is_file()
+    gen = ["generate", "--model", str(out), "--prompt", "a red circle", "--height", "32",
+           "--width", "32", "--out", str(tmp_path / "imgs")]  # fmt: skip
+    assert main(gen) == 0
+    assert (tmp_path / "imgs" / "0000.png").is_file()

@@ -14,32 +14,18 @@ path itself differs from itself by the same order when XLA merely compiles it di
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 
 from mixdq_jax.deploy import deploy_pipeline
 from mixdq_jax.quant import QuantSpec, quantize_pipeline
 from mixdq_jax.quant.quantize import unet_layers
-from tests.deploy.conftest import PROMPTS, SIZE
+from tests.deploy.conftest import PROMPTS, denoised
 
 
 def _images(pipe, base, seed=3):
     """Images of ``pipe``'s UNet: shared text encoding and VAE decoding from ``base``."""
-    context, pooled = base.prompt_embeddings(PROMPTS, None, 0.0)
-    latents = jax.random.normal(jax.random.key(seed), (len(PROMPTS), 4, SIZE // 2, SIZE // 2))
-    out = pipe.denoise(
-        latents,
-        context,
-        pooled,
-        num_inference_steps=1,
-        guidance_scale=0.0,
-        height=SIZE,
-        width=SIZE,
-        noise_key=jax.random.key(seed + 1),
-        qconfig=pipe.qconfig,
-    )
-    return np.asarray(base.decode(out))
+    return np.asarray(base.decode(denoised(pipe, base, PROMPTS, seed)))
 
 
 @pytest.fixture(scope="module")
