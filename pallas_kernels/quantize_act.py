@@ -7,7 +7,7 @@ that same range. This is the unsigned asymmetric quantizer ``u = clip(round(x/s)
 so 8-bit codes fit int8 and dequantization is ``x ~= s * (q - zp)``. Codes of fewer bits are
 stored in int8 too (clipped to their 2**bits levels).
 
-Arithmetic is the fake quantizer's (`mixdq_jax.quant.quantizers.fake_quant`, torch's
+Arithmetic is the one grid's (`pallas_kernels.grid`, shared with fake quantization; torch's
 ``round(x / s)``): f32 ``x / s`` rounded half to even, so deployment codes match fake quant
 bit for bit. Triton lowers f32 ``/`` to the approximate ``div.full.f32``, so the compiled kernel
 divides with inline PTX ``div.rn.f32`` (IEEE, NVIDIA only) and builds round-half-even from
@@ -23,17 +23,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import grid
 from pallas_kernels._backend import check_block, resolve_backend, resolve_interpret
-
-MIN_SCALE = 1e-8
-"""Scale floor for a zero-width range (as in the fake quantizer): keeps x / s finite."""
-
-
-def code_range(bits: int) -> tuple[int, int]:
-    """(qmin, qmax) of signed `bits`-bit codes."""
-    if not 2 <= bits <= 8:
-        raise ValueError(f"activation bits must be in [2, 8], got {bits}")
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+from pallas_kernels.grid import code_range
 
 
 def activation_qparams(lo: jax.Array, hi: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
@@ -44,17 +36,14 @@ def activation_qparams(lo: jax.Array, hi: jax.Array, bits: int) -> tuple[jax.Arr
     ``zp = qmin + round(-lo / s)``.
     """
     qmin, qmax = code_range(bits)
-    lo = jnp.minimum(jnp.asarray(lo, jnp.float32), 0.0)
-    hi = jnp.maximum(jnp.asarray(hi, jnp.float32), 0.0)
-    levels = jnp.float32((1 << bits) - 1)
-    scale = jnp.maximum((hi - lo) * (1.0 / levels), jnp.float32(MIN_SCALE))
-    zero_point = jnp.clip(qmin + jnp.round(-lo / scale), qmin, qmax).astype(jnp.int32)
+    scale, zero, _ = grid.affine_params(lo, hi, bits)
+    zero_point = jnp.clip(qmin + zero, qmin, qmax).astype(jnp.int32)
     return scale, zero_point
 
 
 def dequantize_activation(q: jax.Array, scale: jax.Array, zero_point: jax.Array) -> jax.Array:
     """``scale * (q - zp)`` in f32."""
-    return jnp.asarray(scale, jnp.float32) * (q.astype(jnp.int32) - zero_point).astype(jnp.float32)
+    return grid.dequantize(q, jnp.asarray(scale, jnp.float32), zero_point)
 
 
 def _divide_rn(x: jax.Array, s: jax.Array, *, inline_ptx: bool) -> jax.Array:
@@ -83,9 +72,7 @@ def quantize_activation_reference(
 ) -> jax.Array:
     """Plain-jnp definition: ``clip(round(x / s) + zp, qmin, qmax)`` as int8."""
     qmin, qmax = code_range(bits)
-    v = jnp.round(x.astype(jnp.float32) / jnp.asarray(scale, jnp.float32))
-    v = v + jnp.asarray(zero_point).astype(jnp.float32)
-    return jnp.clip(v, qmin, qmax).astype(jnp.int8)
+    return grid.codes(x, jnp.asarray(scale, jnp.float32), zero_point, qmin, qmax).astype(jnp.int8)
 
 
 def _quantize_kernel(x_ref, s_ref, zp_ref, o_ref, *, n, block, qmin, qmax, inline_ptx):

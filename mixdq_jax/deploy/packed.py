@@ -20,11 +20,12 @@ Packed node of a quantized layer (replaces ``{"kernel", "bias"}``), one ``q<j>``
   BOS-aware ``attn2.to_k/to_v``: ``bos_in`` (the BOS token embedding) and ``bos_row``
   ``= bos_in @ W + b`` in f32, computed from the float weights at export.
 
-No float copy of quantized weights is kept. Weight codes reproduce the fake quantizer
-(`mixdq_jax.quant.quantizers.quantize_weight`) exactly: asymmetric codes ``q_u in [0, 2^b-1]``
-are stored shifted to the signed range (``q_u - 2^(b-1)``, zero point shifted alike), so the
-same int8 GEMM serves both; the asymmetric weight zero point costs an activation row-sum
-correction in the epilogue (see `layers`), the symmetric form (the official run config) none.
+No float copy of quantized weights is kept. Weight codes come from the one grid
+(`pallas_kernels.grid`) the fake quantizer uses, so they reproduce it exactly: asymmetric
+codes ``q_u in [0, 2^b-1]`` are stored shifted to the signed range (``q_u - 2^(b-1)``, zero
+point shifted alike), so the same int8 GEMM serves both; the asymmetric weight zero point
+costs an activation row-sum correction in the epilogue (see `layers`), the symmetric form
+(the official run config) none.
 """
 
 from __future__ import annotations
@@ -38,12 +39,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixdq_jax.quant.qconfig import QConfig
-from mixdq_jax.quant.quantizers import FLOAT_BITS, weight_range
-from pallas_kernels import activation_qparams, pack_weights, values_per_byte, weight_column_sums
+from pallas_kernels import (
+    activation_qparams,
+    grid,
+    pack_weights,
+    values_per_byte,
+    weight_column_sums,
+)
+from pallas_kernels.grid import FLOAT_BITS
 
 FORMAT_VERSION = 1
 STORAGE_BITS = (2, 4, 8)
-_MIN_SCALE = 1e-8  # the fake quantizer's floor for a zero-width range
 # Leaves of a packed node that stay float32 whatever dtype the float params use.
 F32_LEAVES = frozenset({"w_scale", "a_scale", "bos_in", "bos_row"})
 
@@ -195,29 +201,23 @@ def quantize_weight_codes(
 ) -> tuple[Array, Array, Array | None]:
     """Per-output-channel signed codes (int8), scale (f32) and zero point (int8 or None).
 
-    ``scale * (codes - zp)`` equals the fake quantizer's output bit for bit (same f32 ops).
+    The grid is `pallas_kernels.grid`, the fake quantizer's own: ``scale * (codes - zp)``
+    equals its output bit for bit.
     """
-    lo, hi = weight_range(w)
-    wf = w.astype(jnp.float32)
+    lo, hi = grid.channel_range(w)
     if symmetric:
-        half = jnp.float32((1 << (bits - 1)) - 1)
-        scale = jnp.maximum(jnp.maximum(-lo, hi) * (jnp.float32(1.0) / half), _MIN_SCALE)
-        q = jnp.clip(jnp.round(wf / scale), -half - 1.0, half)
+        scale, half = grid.symmetric_params(jnp.maximum(-lo, hi), bits)
+        q = grid.codes(w, scale, None, -half - 1.0, half)
         return q.astype(jnp.int8), scale, None
-    levels = jnp.float32((1 << bits) - 1)
-    scale = jnp.maximum((hi - lo) * (jnp.float32(1.0) / levels), _MIN_SCALE)
-    zero = jnp.round(-lo / scale)
-    q = jnp.clip(jnp.round(wf / scale) + zero, 0.0, levels)
-    shift = jnp.float32(1 << (bits - 1))
+    scale, zero, levels = grid.affine_params(lo, hi, bits)
+    q = grid.codes(w, scale, zero, 0.0, levels)
+    shift = jnp.float32(grid.signed_shift(bits))
     return (q - shift).astype(jnp.int8), scale, (zero - shift).astype(jnp.int8)
 
 
 def dequantize_weight(q: Mapping[str, Array], lp: LayerPlan, part: tuple[int, int]) -> Array:
     """Float (f32) kernel of one part from its stored codes, in the Flax layout."""
-    codes = unpacked_codes(q["w"], lp)
-    zp = q.get("w_zp")
-    centred = codes.astype(jnp.int32) - (0 if zp is None else zp.astype(jnp.int32))
-    w = centred.astype(jnp.float32) * q["w_scale"]
+    w = grid.dequantize(unpacked_codes(q["w"], lp), q["w_scale"], q.get("w_zp"))
     shape = (*lp.weight_shape[:-2], part[1] - part[0], lp.weight_shape[-1])
     return w.reshape(shape)
 
