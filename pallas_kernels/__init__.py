@@ -2,9 +2,12 @@
 
 Every op has a plain-jnp `*_reference`, an XLA fallback and a Pallas (Triton) kernel, chosen by
 ``backend="auto" | "pallas" | "xla" | "reference"`` (auto: Pallas on GPU, XLA elsewhere; Pallas
-off-GPU runs in interpret mode).
+off-GPU runs in interpret mode). Tile settings of the Pallas kernels are one frozen config per
+op (`GemmTiles` for the GEMMs and the conv, `QuantizeTiles` for activation quantization), passed
+as ``tiles=`` (None = defaults).
 """
 
+from pallas_kernels.config import GemmTiles, QuantizeTiles
 from pallas_kernels.conv import conv_weight_matrix, im2col, int8_conv2d, int8_conv2d_reference
 from pallas_kernels.int8_matmul import int8_matmul, int8_matmul_reference, weight_column_sums
 from pallas_kernels.packing import (
@@ -26,6 +29,8 @@ from pallas_kernels.quantize_act import (
 from pallas_kernels.w4a8_matmul import packed_column_sums, w4a8_matmul, w4a8_matmul_reference
 
 __all__ = [
+    "GemmTiles",
+    "QuantizeTiles",
     "activation_qparams",
     "code_range",
     "conv_weight_matrix",

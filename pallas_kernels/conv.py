@@ -23,8 +23,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._backend import resolve_backend
-from pallas_kernels.int8_matmul import _apply_epilogue, _prepare, int8_matmul, weight_column_sums
+from pallas_kernels.backend import resolve_backend
+from pallas_kernels.config import GemmTiles, resolve_tiles
+from pallas_kernels.gemm import apply_epilogue, prepare_gemm
+from pallas_kernels.int8_matmul import int8_matmul, weight_column_sums
 from pallas_kernels.packing import unpack_weights
 from pallas_kernels.w4a8_matmul import w4a8_matmul
 
@@ -102,15 +104,18 @@ def int8_conv2d(
     bias: jax.Array | None = None,
     out_dtype=jnp.float32,
     backend: str = "auto",
-    **gemm_options,
+    tiles: GemmTiles | None = None,
+    interpret: bool | None = None,
 ) -> jax.Array:
     """Quantized conv of int8 NHWC codes; epilogue and backends as in `int8_matmul`.
 
     w: int8 HWIO codes (weight_bits=8), or the 2-D GEMM matrix (int8, or packed int4/int2 with
     weight_bits 4/2) together with `kernel_size`. "pallas" = im2col + the Pallas GEMM;
     "xla" = `lax.conv_general_dilated` int8 -> int32 (cuDNN on GPU) + the same epilogue.
+    `tiles` and `interpret` are those of the Pallas GEMM (`int8_matmul` / `w4a8_matmul`).
     """
     backend = resolve_backend(backend)
+    tiles = resolve_tiles(tiles, GemmTiles)
     if w.ndim == 4:
         if weight_bits != 8:
             raise ValueError("packed weights must be given as the 2-D GEMM matrix")
@@ -129,17 +134,13 @@ def int8_conv2d(
     if backend == "pallas":
         patches = im2col(x_q, kernel_size, stride, padding, a_zero_point)
         w2 = conv_weight_matrix(w) if w.ndim == 4 else w
+        pallas = dict(backend="pallas", tiles=tiles, interpret=interpret)
         if weight_bits == 8:
-            return int8_matmul(
-                patches, w2, colsum=colsum, backend="pallas", **common, **gemm_options
-            )
-        return w4a8_matmul(
-            patches, w2, bits=weight_bits, colsum=colsum, backend="pallas", **common,
-            **gemm_options,
-        )
+            return int8_matmul(patches, w2, colsum=colsum, **common, **pallas)
+        return w4a8_matmul(patches, w2, bits=weight_bits, colsum=colsum, **common, **pallas)
     w4 = _weights_hwio(w, kernel_size, weight_bits)
     colsum = weight_column_sums(conv_weight_matrix(w4)) if colsum is None else colsum
-    _, out_dtype, (zc, scale, b) = _prepare(
+    _, out_dtype, (zc, scale, b) = prepare_gemm(
         x_q, x_q.shape[-1], w4.shape[-1], colsum=colsum, **common
     )
     pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
@@ -148,4 +149,4 @@ def int8_conv2d(
         xp, w4, (stride, stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
         preferred_element_type=jnp.int32,
     )
-    return _apply_epilogue(acc, zc, scale, b, out_dtype)
+    return apply_epilogue(acc, zc, scale, b, out_dtype)

@@ -24,7 +24,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import grid
-from pallas_kernels._backend import check_block, resolve_backend, resolve_interpret
+from pallas_kernels.backend import resolve_backend, resolve_interpret
+from pallas_kernels.config import QuantizeTiles, resolve_tiles
 from pallas_kernels.grid import code_range
 
 
@@ -85,8 +86,8 @@ def _quantize_kernel(x_ref, s_ref, zp_ref, o_ref, *, n, block, qmin, qmax, inlin
     plgpu.store(o_ref, q.astype(jnp.int8), mask=mask)
 
 
-def _quantize_pallas(x, scale, zero_point, *, bits, block, num_warps, interpret):
-    check_block("block", block)
+def _quantize_pallas(x, scale, zero_point, *, bits, tiles: QuantizeTiles, interpret):
+    block = tiles.block
     qmin, qmax = code_range(bits)
     flat = x.reshape(-1)
     n = flat.shape[0]
@@ -102,7 +103,7 @@ def _quantize_pallas(x, scale, zero_point, *, bits, block, num_warps, interpret)
         grid=(pl.cdiv(n, block),),
         in_specs=[pl.BlockSpec((block,), lambda i: (i,)), scalar_spec, scalar_spec],
         out_specs=pl.BlockSpec((block,), lambda i: (i,)),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps),
+        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps),
         interpret=interpret,
         name="quantize_activation",
     )(flat, s, zp)
@@ -116,19 +117,19 @@ def quantize_activation(
     *,
     bits: int = 8,
     backend: str = "auto",
-    block: int = 4096,
-    num_warps: int = 4,
+    tiles: QuantizeTiles | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
     """Quantizes `x` (any shape, float) to int8 codes; see the module docstring.
 
     backend: "pallas" (Triton on GPU, interpret mode elsewhere), "xla" (fused jnp, identical to
     the reference for this elementwise op), "reference", or "auto" (pallas on GPU, else xla).
+    `tiles` sets the Pallas kernel's Triton tiles (`QuantizeTiles`; None = its defaults).
     """
     backend = resolve_backend(backend)
+    tiles = resolve_tiles(tiles, QuantizeTiles)
     if backend == "pallas":
         return _quantize_pallas(
-            x, scale, zero_point, bits=bits, block=block, num_warps=num_warps,
-            interpret=resolve_interpret(interpret),
+            x, scale, zero_point, bits=bits, tiles=tiles, interpret=resolve_interpret(interpret)
         )
     return quantize_activation_reference(x, scale, zero_point, bits=bits)

@@ -3,9 +3,9 @@
 Weights are stored segment-packed along K (`packing.pack_weights`): (K * bits / 8, N) int8
 bytes. Each K step loads one (block_k, block_n) tile of bytes, splits it with two shifts per
 field into ``8 // bits`` int8 tiles and runs one int8 x int8 -> int32 dot per field against the
-matching activation columns; the epilogue is the one of `int8_matmul`. Weight memory traffic
-is halved (quartered for int2); the arithmetic stays on int8 tensor cores, as in the paper,
-which has no INT4 kernels either (MixDQ appendix C).
+matching activation columns; the epilogue is the one of `int8_matmul` (both run `gemm`). Weight
+memory traffic is halved (quartered for int2); the arithmetic stays on int8 tensor cores, as in
+the paper, which has no INT4 kernels either (MixDQ appendix C).
 
 `colsum` must be the column sums of the *unpacked* codes (`packed_column_sums`).
 """
@@ -15,8 +15,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._backend import resolve_backend, resolve_interpret
-from pallas_kernels.int8_matmul import _gemm, int8_matmul_reference, weight_column_sums
+from pallas_kernels.backend import resolve_backend, resolve_interpret
+from pallas_kernels.config import GemmTiles, resolve_tiles
+from pallas_kernels.gemm import quantized_gemm
+from pallas_kernels.int8_matmul import int8_matmul_reference, weight_column_sums
 from pallas_kernels.packing import unpack_weights, values_per_byte
 
 
@@ -48,18 +50,16 @@ def w4a8_matmul(
     bias: jax.Array | None = None,
     out_dtype=jnp.float32,
     backend: str = "auto",
-    block_m: int | None = None,
-    block_n: int = 128,
-    block_k: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 3,
+    tiles: GemmTiles | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
     """Same contract as `int8_matmul`, with (K * bits / 8, N) packed weights (bits 4 or 2).
 
-    block_k counts packed rows per K step; each step issues ``8 // bits`` dots of depth block_k.
+    `tiles.block_k` counts packed rows per K step; each step issues ``8 // bits`` dots of depth
+    block_k.
     """
     backend = resolve_backend(backend)
+    tiles = resolve_tiles(tiles, GemmTiles)
     r = values_per_byte(bits)
     if w_packed.dtype != jnp.int8 or w_packed.ndim != 2:
         raise TypeError(
@@ -73,10 +73,8 @@ def w4a8_matmul(
             w_scale=w_scale, bias=bias, out_dtype=out_dtype,
         )
     colsum = packed_column_sums(w_packed, bits) if colsum is None else colsum
-    return _gemm(
+    return quantized_gemm(
         x_q, w_packed, wbits=bits, k=k, n=n, colsum=colsum, a_scale=a_scale,
         a_zero_point=a_zero_point, w_scale=w_scale, bias=bias, out_dtype=out_dtype,
-        backend=backend,
-        tiles=dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
-                   num_stages=num_stages, interpret=resolve_interpret(interpret)),
-    )  # fmt: skip
+        backend=backend, tiles=tiles, interpret=resolve_interpret(interpret),
+    )

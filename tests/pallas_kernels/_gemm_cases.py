@@ -2,9 +2,11 @@
 
 import numpy as np
 
+from pallas_kernels import GemmTiles
+
 F32_EPS = float(np.finfo(np.float32).eps)
 # Small tiles so the tests cover several M/N tiles and a multi-step K loop.
-SMALL_BLOCKS = dict(block_m=32, block_n=32, block_k=32)
+SMALL_TILES = GemmTiles(block_m=32, block_n=32, block_k=32)
 # (M, K, N): ragged M=77, N and K not multiples of the blocks, a divisible case, tiny K.
 SHAPES = [(77, 100, 70), (64, 128, 96), (5, 36, 16)]
 

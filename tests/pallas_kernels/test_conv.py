@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import conv_weight_matrix, int8_conv2d, pack_weights
+from pallas_kernels import GemmTiles, conv_weight_matrix, int8_conv2d, pack_weights
 from tests.pallas_kernels._gemm_cases import F32_EPS
 
 BACKENDS = ["pallas", "xla", "reference"]
 CASES = [((3, 3), 1, 1), ((3, 3), 2, 1), ((1, 1), 1, 0)]  # (kernel, stride, padding)
-GEMM_BLOCKS = dict(block_m=32, block_n=16, block_k=16)
+GEMM_TILES = GemmTiles(block_m=32, block_n=16, block_k=16)
 
 
 def _operands(rng, kernel, cin=8, cout=24, w_lim=128):
@@ -30,7 +30,7 @@ def _lax_conv(x, w, stride, padding):
 
 
 def _options(backend):
-    return GEMM_BLOCKS if backend == "pallas" else {}
+    return {"tiles": GEMM_TILES} if backend == "pallas" else {}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

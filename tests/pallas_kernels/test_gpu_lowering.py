@@ -14,7 +14,14 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import int8_matmul, pack_weights, quantize_activation, w4a8_matmul
+from pallas_kernels import (
+    GemmTiles,
+    QuantizeTiles,
+    int8_matmul,
+    pack_weights,
+    quantize_activation,
+    w4a8_matmul,
+)
 
 triton_lowering = pytest.importorskip("jax._src.pallas.triton.lowering")
 from jax._src.interpreters import mlir  # noqa: E402
@@ -55,12 +62,12 @@ def _spec(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-BLOCKS = dict(block_m=64, block_n=64, block_k=32)
+TILES = GemmTiles(block_m=64, block_n=64, block_k=32)
 
 
 def test_int8_matmul_lowers_to_i8_dot_with_i32_accumulator():
     fn = functools.partial(int8_matmul, out_dtype=jnp.bfloat16, backend="pallas",
-                           interpret=False, **BLOCKS)
+                           interpret=False, tiles=TILES)
     [ttir] = _triton_modules(
         lambda x, w, s, b: fn(x, w, a_scale=0.1, a_zero_point=3, w_scale=s, bias=b),
         _spec((77, 96), jnp.int8), _spec((96, 100), jnp.int8),
@@ -75,7 +82,7 @@ def test_int8_matmul_lowers_to_i8_dot_with_i32_accumulator():
 @pytest.mark.parametrize(("bits", "fields"), [(4, 2), (2, 4)])
 def test_packed_matmul_unpacks_in_kernel(bits, fields):
     fn = functools.partial(w4a8_matmul, bits=bits, out_dtype=jnp.int32, backend="pallas",
-                           interpret=False, **BLOCKS)
+                           interpret=False, tiles=TILES)
     k = 128
     w = pack_weights(jnp.zeros((k, 64), jnp.int8), bits)
     [ttir] = _triton_modules(lambda x, w: fn(x, w), _spec((77, k), jnp.int8),
@@ -90,7 +97,7 @@ def test_packed_matmul_unpacks_in_kernel(bits, fields):
 
 def test_quantize_activation_lowers():
     fn = functools.partial(quantize_activation, bits=8, backend="pallas", interpret=False,
-                           block=1024)
+                           tiles=QuantizeTiles(block=1024))
     [ttir] = _triton_modules(lambda x: fn(x, 0.1, 3), _spec((77, 640), jnp.bfloat16))
     assert "__nv_floorf" in ttir  # round-half-even is built from floor (no lax.round lowering)
     assert "div.rn.f32" in ttir  # IEEE division (Triton's plain f32 division is approximate)

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import int8_matmul, weight_column_sums
+from pallas_kernels import GemmTiles, int8_matmul, weight_column_sums
 from tests.pallas_kernels._gemm_cases import (
     SHAPES,
-    SMALL_BLOCKS,
+    SMALL_TILES,
     assert_epilogue_close,
     float_reference,
     int_reference,
@@ -23,7 +23,7 @@ BACKENDS = ["pallas", "xla", "reference"]
 def test_int32_exact(backend, m, k, n):
     x_q, w_q, _, zp, _, _ = operands(np.random.default_rng(m + k + n), m, k, n)
     acc = int8_matmul(x_q, w_q, a_zero_point=zp, out_dtype=jnp.int32, backend=backend,
-                      **SMALL_BLOCKS)
+                      tiles=SMALL_TILES)
     assert acc.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(acc), int_reference(x_q, w_q, zp))
 
@@ -36,7 +36,7 @@ def test_epilogue_matches_dequantized_float(backend, out_dtype):
     y = int8_matmul(
         x_q, w_q, a_scale=a_scale, a_zero_point=zp, w_scale=w_scale,
         colsum=weight_column_sums(w_q), bias=bias, out_dtype=out_dtype, backend=backend,
-        **SMALL_BLOCKS,
+        tiles=SMALL_TILES,
     )
     assert y.dtype == jnp.dtype(out_dtype) and y.shape == (m, n)
     ref, magnitude = float_reference(x_q, w_q, zp, a_scale, w_scale, bias)
@@ -60,7 +60,7 @@ def test_scales_are_data_one_compile():
     x_q, w_q, _, _, w_scale, bias = operands(rng, 16, 32, 16)
     f = jax.jit(lambda a_s, zp: int8_matmul(x_q, w_q, a_scale=a_s, a_zero_point=zp,
                                             w_scale=w_scale, bias=bias, backend="pallas",
-                                            **SMALL_BLOCKS))
+                                            tiles=SMALL_TILES))
     for a_s, zp in ((0.1, 3), (0.2, -5), (0.05, 0)):
         y = f(jnp.float32(a_s), jnp.int32(zp))
         ref, magnitude = float_reference(x_q, w_q, zp, np.float32(a_s), w_scale, bias)
@@ -80,4 +80,5 @@ def test_errors():
     with pytest.raises(TypeError):
         int8_matmul(x.astype(np.float32), w, out_dtype=jnp.int32, backend="xla")
     with pytest.raises(ValueError, match="power of two"):
-        int8_matmul(x, w, out_dtype=jnp.int32, backend="pallas", block_n=48)
+        int8_matmul(x, w, out_dtype=jnp.int32, backend="pallas",
+                    tiles=GemmTiles(block_n=48))

@@ -5,7 +5,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pallas_kernels import activation_qparams, dequantize_activation, quantize_activation
+from pallas_kernels import (
+    QuantizeTiles,
+    activation_qparams,
+    dequantize_activation,
+    quantize_activation,
+)
 
 BACKENDS = ["pallas", "xla", "reference"]
 
@@ -39,7 +44,8 @@ def test_quantize_matches_numpy(backend, bits, scale):
     rng = np.random.default_rng(bits)
     scale, zp = np.float32(scale), 2 ** (bits - 1) // 3 - 1
     x = _inputs(rng, scale)
-    q = quantize_activation(jnp.asarray(x), scale, zp, bits=bits, backend=backend, block=256)
+    q = quantize_activation(jnp.asarray(x), scale, zp, bits=bits, backend=backend,
+                            tiles=QuantizeTiles(block=256))
     assert q.dtype == jnp.int8 and q.shape == x.shape
     np.testing.assert_array_equal(np.asarray(q), numpy_quantize(x, scale, zp, bits))
 
@@ -49,7 +55,8 @@ def test_quantize_bf16_input(backend):
     rng = np.random.default_rng(3)
     x = rng.normal(size=(5, 50)).astype(ml_dtypes.bfloat16)
     scale, zp = activation_qparams(float(x.min()), float(x.max()), 8)
-    q = quantize_activation(jnp.asarray(x), scale, zp, bits=8, backend=backend, block=128)
+    q = quantize_activation(jnp.asarray(x), scale, zp, bits=8, backend=backend,
+                            tiles=QuantizeTiles(block=128))
     expected = numpy_quantize(x.astype(np.float32), np.float32(scale), int(zp), 8)
     np.testing.assert_array_equal(np.asarray(q), expected)
 
@@ -69,6 +76,7 @@ def test_error_within_half_step_inside_range():
     rng = np.random.default_rng(4)
     x = rng.uniform(-1.0, 3.0, size=(1000,)).astype(np.float32)
     scale, zp = activation_qparams(x.min(), x.max(), 8)
-    q = quantize_activation(jnp.asarray(x), scale, zp, bits=8, backend="pallas", block=512)
+    q = quantize_activation(jnp.asarray(x), scale, zp, bits=8, backend="pallas",
+                            tiles=QuantizeTiles(block=512))
     err = np.abs(np.asarray(dequantize_activation(q, scale, zp)) - x)
     assert err.max() <= 0.5 * float(scale) * (1 + 1e-5)

@@ -23,9 +23,3 @@ def resolve_backend(backend: str) -> str:
 def resolve_interpret(interpret: bool | None) -> bool:
     """Pallas runs compiled (Triton) on GPU and in interpret mode anywhere else."""
     return (not on_gpu()) if interpret is None else interpret
-
-
-def check_block(name: str, value: int, minimum: int = 16) -> None:
-    """Triton tiles must be powers of two; tt.dot needs every dimension >= 16."""
-    if value < minimum or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= {minimum}, got {value}")
