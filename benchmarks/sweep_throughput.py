@@ -34,11 +34,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mixdq_jax.api import load_pipeline  # noqa: E402
+from mixdq_jax.calibrate import CalibConfig, calibrate, default_prompts  # noqa: E402
 from mixdq_jax.cli.calibrate import native_size  # noqa: E402
-from mixdq_jax.pipeline import load_pipeline  # noqa: E402
 from mixdq_jax.quant import QuantSpec  # noqa: E402
-from mixdq_jax.quant.calibrate import CalibConfig, calibrate, default_prompts  # noqa: E402
-from mixdq_jax.quant.quantize import unet_layers  # noqa: E402
+from mixdq_jax.quant.registry import unet_layers  # noqa: E402
 from mixdq_jax.sensitivity import (  # noqa: E402
     Evaluator,
     base_qconfig,
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         calib_s = time.perf_counter() - t
         calib = load_calibration(work / "run", pipe)
-        layers = [layer.name for layer in unet_layers(pipe)]
+        layers = [layer.name for layer in unet_layers(pipe.unet.config)]
         base = base_qconfig(pipe, QuantSpec(), calib.ranges)
         evaluator = Evaluator(pipe, calib)
         chunk = -(-args.chunk // evaluator.size) * evaluator.size

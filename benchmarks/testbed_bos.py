@@ -18,7 +18,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 
-from mixdq_jax.pipeline import load_pipeline
+from mixdq_jax.api import load_pipeline
 from mixdq_jax.quant.quantizers import quantize_activation
 from mixdq_jax.testbed import calibration_captions, data
 from mixdq_jax.testbed.evaluate import bos_outlier
@@ -67,9 +67,9 @@ def main() -> None:
 
 
 def _names(pipe):
-    from mixdq_jax.quant.quantize import unet_layers  # noqa: PLC0415
+    from mixdq_jax.quant.registry import unet_layers  # noqa: PLC0415
 
-    return [layer.name for layer in unet_layers(pipe)]
+    return [layer.name for layer in unet_layers(pipe.unet.config)]
 
 
 if __name__ == "__main__":

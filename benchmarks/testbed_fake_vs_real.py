@@ -31,14 +31,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mixdq_jax.deploy import deploy_pipeline  # noqa: E402
+from mixdq_jax.api import qconfig_for  # noqa: E402
+from mixdq_jax.deploy import Deployed, deploy_pipeline  # noqa: E402
 from mixdq_jax.deploy.checkpoint import freeze  # noqa: E402
-from mixdq_jax.deploy.layers import deploy_context  # noqa: E402
 from mixdq_jax.deploy.packed import node_at  # noqa: E402
 from mixdq_jax.metrics import ssim_global  # noqa: E402
-from mixdq_jax.quant import QuantSpec, fake_quant_context, quantize_pipeline  # noqa: E402
-from mixdq_jax.quant.calibrate import load_act_ranges  # noqa: E402
-from mixdq_jax.quant.quantize import qconfig_for  # noqa: E402
+from mixdq_jax.quant import FakeQuant, QuantSpec, intercept  # noqa: E402
+from mixdq_jax.rundir import RunDir  # noqa: E402
 from mixdq_jax.testbed import data, judge  # noqa: E402
 from mixdq_jax.testbed.evaluate import generate, load_testbed  # noqa: E402
 from pallas_kernels import quantize_activation  # noqa: E402
@@ -62,9 +61,10 @@ def first_divergence(pipe, spec, ranges, captions) -> dict:
     t = jnp.float32(999.0)
     names = set(plan.layers)
     fake = capture_layer_io(pipe, pipe.params["unet"], x, t, cond, names,
-                            inner=lambda: fake_quant_context(qconfig))  # fmt: skip
+                            inner=lambda: intercept(FakeQuant(), qconfig))  # fmt: skip
+    deployed = Deployed(plan=plan, backend="xla")
     real = capture_layer_io(pipe, packed, x, t, cond, names,
-                            inner=lambda: deploy_context(plan, backend="xla"))  # fmt: skip
+                            inner=lambda: intercept(deployed))  # fmt: skip
     first, per_block = None, {}
     for name, (_, xf, _) in fake.items():
         xr = real[name][1]
@@ -107,7 +107,7 @@ def main() -> None:
     scenes = data.sample_scenes(args.num, seed=2024, split="test")
     caps = scenes.captions
     fp = load_testbed()
-    ranges = load_act_ranges(args.calib)
+    ranges = RunDir(args.calib).act_ranges()
     jparams = judge.load_judge()
 
     def content(img):
@@ -119,18 +119,18 @@ def main() -> None:
     fp_ulp = fp.with_params(unet=jax.tree.map(
         lambda a: np.nextafter(np.asarray(a), np.float32(np.inf)), fp.params["unet"]))
 
-    def images(pipe):  # caption i uses seed i in every pipeline
-        return generate(pipe, caps, steps=1)
+    def images(pipe, qconfig=None):  # caption i uses seed i in every pipeline
+        return generate(pipe, caps, steps=1, qconfig=qconfig)
 
     ref = images(fp)
     out = {"float": {"content_score": content(ref),
                      "rounding_floor_max": float(np.abs(ref - images(fp_ulp)).max())}}
     for name, spec in CONFIGS.items():
-        fake_pipe = quantize_pipeline(fp, spec, calib=ranges)
         real_pipe = deploy_pipeline(fp, spec, ranges, backend="xla")
         real16 = deploy_pipeline(fp, spec, ranges, backend="xla", float_dtype=jnp.float16)
-        fake, real, r16 = (images(p) for p in (fake_pipe, real_pipe, real16))
-        fake_ulp = images(quantize_pipeline(fp_ulp, spec, calib=ranges))
+        fake = images(fp, qconfig_for(fp, spec, ranges))
+        real, r16 = (images(p) for p in (real_pipe, real16))
+        fake_ulp = images(fp_ulp, qconfig_for(fp_ulp, spec, ranges))
         row = {
             "fake_vs_real": {"max": float(np.abs(fake - real).max()),
                              "mean": float(np.abs(fake - real).mean())},

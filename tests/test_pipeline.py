@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from mixdq_jax.pipeline import load_pipeline, seed_keys
+from mixdq_jax.api import load_pipeline
+from mixdq_jax.pipeline import seed_keys
 from tests.tiny_models import build_sd15, build_sdxl
 from weights_convert.checkpoint import CheckpointError
 from weights_convert.convert import ConversionError

@@ -25,6 +25,7 @@ from mixdq_jax.allocation.milp import (
     average_bits,
     score_index,
 )
+from mixdq_jax.quant.registry import layer_group
 
 # Candidate ratios k = b_content / b_quality swept by the official code.
 WEIGHT_K_SWEEP: tuple[float, ...] = tuple(float(k) for k in np.linspace(0.46, 1.36, 10))
@@ -37,8 +38,9 @@ OFFICIAL_CANDIDATES: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 
 
 def is_content_layer(name: str) -> bool:
-    """The official grouping: cross-attention and feed-forward layers change image content."""
-    return "ff" in name or "attn2" in name
+    """The official grouping: cross-attention and feed-forward layers change image content
+    (the registry's one rule, `mixdq_jax.quant.registry.layer_group`)."""
+    return layer_group(name) == "content"
 
 
 def split_groups(names: Iterable[str]) -> tuple[list[str], list[str]]:

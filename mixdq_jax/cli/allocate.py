@@ -12,35 +12,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from mixdq_jax import official_format
-from mixdq_jax.allocation import (
-    ACT_K_SWEEP,
-    OFFICIAL_CANDIDATES,
-    WEIGHT_K_SWEEP,
-    Candidate,
-    GroupAllocator,
-    budget_sweep,
-    is_content_layer,
-    most_sensitive,
-)
-from mixdq_jax.io_utils import atomic_write_json
 
 KINDS = ("weight", "act")
-
-
-@dataclass(frozen=True, kw_only=True)
-class AllocationInputs:
-    """Everything the allocation needs, whatever source it was loaded from."""
-
-    kind: str
-    sizes: Mapping[str, float]  # every layer to place, protected ones included
-    content: Mapping[str, tuple[float, ...]]  # SSIM, content layers
-    quality: Mapping[str, tuple[float, ...]]  # SQNR, quality layers
-    protected: frozenset[str]  # kept in float: absent from the output
 
 
 def _bits_list(text: str) -> tuple[int, ...]:
@@ -148,195 +124,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _require(problems: Sequence[str], message: str) -> None:
-    """Raise one error listing every offending layer, not just the first."""
-    if problems:
-        raise ValueError(f"{message} ({len(problems)}): {', '.join(problems)}")
+def options_from_args(args: argparse.Namespace):
+    """The allocation options the flags describe."""
+    from mixdq_jax.allocation.files import AllocationOptions  # noqa: PLC0415  (fast --help)
 
-
-def load_from_files(
-    *, kind: str, sensitivity_dir: Path, sizes_path: Path, protect_path: Path | None
-) -> AllocationInputs:
-    """Read the official-format files and check that they describe the same layers."""
-    sqnr_path = sensitivity_dir / f"{kind}_sqnr.yaml"
-    ssim_path = sensitivity_dir / f"{kind}_ssim.yaml"
-    for path in (sqnr_path, ssim_path, sizes_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"no such file: {path}")
-    sizes = official_format.read_sizes(sizes_path)
-    sqnr = official_format.read_sensitivity(sqnr_path)
-    ssim = official_format.read_sensitivity(ssim_path)
-    layers = sorted(sizes)
-    content = [n for n in layers if is_content_layer(n)]
-    _require(
-        [n for n in layers if n not in sqnr], f"layers of {sizes_path} missing from {sqnr_path}"
+    return AllocationOptions(
+        target=args.target,
+        k=args.k,
+        k_sweep=args.k_sweep,
+        b_delta=args.b_delta,
+        b_num=args.b_num,
+        content_bits=args.content_bits,
+        quality_bits=args.quality_bits,
+        protect_top=args.protect_top,
+        band=args.band,
     )
-    _require(
-        [n for n in content if n not in ssim],
-        f"content layers of {sizes_path} missing from {ssim_path}",
-    )
-    for path, scores in ((sqnr_path, sqnr), (ssim_path, ssim)):
-        _require(sorted(set(scores) - set(sizes)), f"layers of {path} not in {sizes_path}")
-    protected: list[str] = []
-    if protect_path is not None:
-        protected = official_format.read_layer_list(protect_path)
-        _require(
-            [n for n in protected if n not in sizes],
-            f"layers of {protect_path} not in {sizes_path}",
-        )
-    return AllocationInputs(
-        kind=kind,
-        sizes=sizes,
-        content={n: ssim[n] for n in content},
-        quality={n: sqnr[n] for n in layers if not is_content_layer(n)},
-        protected=frozenset(protected),
-    )
-
-
-def _summary(candidate: Candidate, allocator: GroupAllocator, inputs: AllocationInputs) -> str:
-    lines = [
-        f"{inputs.kind}: target {candidate.target:.4f} k {candidate.k:.4f} "
-        f"(r = P_content/P_quality = {allocator.ratio:.4f})"
-    ]
-    for name, metric, program, alloc in (
-        ("content", "ssim", allocator.content, candidate.content),
-        ("quality", "sqnr", allocator.quality, candidate.quality),
-    ):
-        lines.append(
-            f"  {name}: {len(program.names):4d} layers  bits {list(program.candidates)}  "
-            f"budget {alloc.budget:.4f}  avg {alloc.avg_bits:.4f}  "
-            f"sum {metric} {alloc.sensitivity:.4f}  solve {alloc.solve_seconds:.3f} s"
-        )
-    lines.append(
-        f"  overall: {len(candidate.bits):4d} layers  avg {candidate.avg_bits(inputs.sizes):.4f}"
-        f"  float (protected): {len(inputs.protected)}"
-    )
-    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.k_sweep and args.out.suffix in (".yaml", ".yml"):
-        raise ValueError(f"with --k-sweep, --out is a folder, got {args.out}")
-    if not 0.0 <= args.protect_top <= 100.0:
-        raise ValueError(f"--protect-top is a percentage in [0, 100], got {args.protect_top}")
+    from mixdq_jax.allocation import files  # noqa: PLC0415  (keeps --help fast)
+
+    options = options_from_args(args)
+    files.check_out(args.out, options)
     sensitivity_dir, sizes_path = args.sensitivity, args.sizes
     if args.run is not None:
         sensitivity_dir = args.run / "sensitivity"
         if sizes_path is None:
-            sizes_path = write_run_sizes(args.run, args.kind)
+            sizes_path = files.run_sizes(args.run, args.kind)
     elif sizes_path is None:
         raise ValueError("--sizes FILE is required with --sensitivity (or use --run RUN)")
-    inputs = load_from_files(
+    inputs = files.load_inputs(
         kind=args.kind,
         sensitivity_dir=sensitivity_dir,
         sizes_path=sizes_path,
         protect_path=args.protect,
     )
-    return allocate(inputs, args)
-
-
-def write_run_sizes(run: Path, kind: str) -> Path:
-    """``RUN/sensitivity/<kind>_sizes.yaml`` from the calibrated model's layer registry.
-
-    Sizes are element counts (weights without bias, or one sample's input activation), the
-    quantities the official ratio files hold up to a constant factor.
-    """
-    import json  # noqa: PLC0415
-
-    from mixdq_jax.quant.registry import registry_from_unet_config  # noqa: PLC0415
-
-    meta_path = run / "calib" / "meta.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path}: not a calibrated run directory")
-    source = Path(json.loads(meta_path.read_text())["source"])
-    config = source / "unet" / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{config}: the run's model folder is gone; pass --sizes FILE")
-    sizes = {
-        layer.name: float(layer.weight_params if kind == "weight" else layer.input_size)
-        for layer in registry_from_unet_config(config)
-    }
-    path = run / "sensitivity" / f"{kind}_sizes.yaml"
-    official_format.write_sizes(path, sizes)
-    return path
-
-
-def allocate(inputs: AllocationInputs, args: argparse.Namespace) -> int:
-    """Protect, solve and write, whatever source ``inputs`` came from."""
-    default_content, default_quality = OFFICIAL_CANDIDATES[inputs.kind]
-    content_bits = args.content_bits or default_content
-    quality_bits = args.quality_bits or default_quality
-
-    protected = set(inputs.protected)
-    if args.protect_top:
-        fraction = args.protect_top / 100.0
-        protected |= set(most_sensitive(inputs.content, fraction=fraction, bits=min(content_bits)))
-        protected |= set(most_sensitive(inputs.quality, fraction=fraction, bits=min(quality_bits)))
-    inputs = AllocationInputs(
-        kind=inputs.kind,
-        sizes=inputs.sizes,
-        content={n: s for n, s in inputs.content.items() if n not in protected},
-        quality={n: s for n, s in inputs.quality.items() if n not in protected},
-        protected=frozenset(protected),
-    )
-    allocator = GroupAllocator(
-        content_sensitivity=inputs.content,
-        quality_sensitivity=inputs.quality,
-        sizes=inputs.sizes,
-        content_candidates=content_bits,
-        quality_candidates=quality_bits,
-    )
-    if protected:
-        print(f"kept in float: {', '.join(sorted(protected))}")
-
-    if not args.k_sweep:
-        candidate = allocator.allocate(args.target, args.k, band=args.band)
-        official_format.write_bits(args.out, candidate.bits)
-        print(_summary(candidate, allocator, inputs))
+    result = files.allocate(inputs, options, args.out)
+    if result.inputs.protected:
+        print(f"kept in float: {', '.join(sorted(result.inputs.protected))}")
+    for candidate in result.candidates:
+        print(files.summary(candidate, result.allocator, result.inputs))
+    if not options.k_sweep:
         print(f"wrote {args.out}")
-        return 0
-
-    ks = WEIGHT_K_SWEEP if inputs.kind == "weight" else ACT_K_SWEEP
-    targets = budget_sweep(args.target, delta=args.b_delta, num=args.b_num)
-    candidates = allocator.sweep(targets=targets, ks=ks, band=args.band)
-    if not candidates:
-        raise ValueError(
-            f"no (B, k) combination of the sweep is feasible: B in {targets[0]:.3f}.."
-            f"{targets[-1]:.3f}, k in {ks[0]:.3f}..{ks[-1]:.3f}, content bits "
-            f"{list(content_bits)}, quality bits {list(quality_bits)}"
+    else:
+        print(
+            f"wrote {len(result.candidates)} candidate configs and index.json to {args.out}; "
+            "the final pick needs an image evaluation of each",
+            file=sys.stderr,
         )
-    index = []
-    for candidate in candidates:
-        name = f"{inputs.kind}_B{candidate.target:.3f}_k{candidate.k:.3f}.yaml"
-        official_format.write_bits(args.out / name, candidate.bits)
-        index.append(
-            {
-                "file": name,
-                "target": candidate.target,
-                "k": candidate.k,
-                "avg_bits": candidate.avg_bits(inputs.sizes),
-                "content": {
-                    "avg_bits": candidate.content.avg_bits,
-                    "sum_ssim": candidate.content.sensitivity,
-                },
-                "quality": {
-                    "avg_bits": candidate.quality.avg_bits,
-                    "sum_sqnr": candidate.quality.sensitivity,
-                },
-            }
-        )
-        print(_summary(candidate, allocator, inputs))
-    atomic_write_json(
-        args.out / "index.json",
-        {
-            "kind": inputs.kind,
-            "protected": sorted(inputs.protected),
-            "candidates": index,
-        },
-    )
-    print(
-        f"wrote {len(candidates)} candidate configs and index.json to {args.out}; "
-        "the final pick needs an image evaluation of each",
-        file=sys.stderr,
-    )
     return 0

@@ -47,21 +47,18 @@ def calib_prompts(model: str, prompts_file: Path | None, n: int) -> list[str]:
         from mixdq_jax.testbed import calibration_captions  # noqa: PLC0415
 
         return calibration_captions(n)
-    from mixdq_jax.quant.calibrate import default_prompts  # noqa: PLC0415
+    from mixdq_jax.calibrate import default_prompts  # noqa: PLC0415
 
     return default_prompts(n)
 
 
 def native_size(pipe) -> tuple[int, int]:
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    size = pipe.unet.config.sample_size or 64
-    size = size[0] if isinstance(size, tuple) else size
-    return size * factor, size * factor
+    return pipe.image_size
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixdq_jax.pipeline import load_pipeline  # noqa: PLC0415
-    from mixdq_jax.quant.calibrate import CalibConfig, calibrate  # noqa: PLC0415
+    from mixdq_jax.api import load_pipeline  # noqa: PLC0415
+    from mixdq_jax.calibrate import CalibConfig, calibrate  # noqa: PLC0415
 
     pipe = load_pipeline(args.model, scheduler=args.scheduler)
     h, w = native_size(pipe)

@@ -29,9 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mixdq_jax.api import load_pipeline, quantized_config  # noqa: PLC0415
     from mixdq_jax.io_utils import atomic_write_json  # noqa: PLC0415
-    from mixdq_jax.pipeline import load_pipeline  # noqa: PLC0415
-    from mixdq_jax.quant import quantize_pipeline  # noqa: PLC0415
     from mixdq_jax.testbed import evaluate  # noqa: PLC0415
 
     spec = spec_from_args(args)
@@ -42,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
         result = reference
         metrics = dict(result.metrics, ssim_vs_fp=1.0, psnr_vs_fp=math.inf)
     else:
-        qpipe = quantize_pipeline(pipe, spec, calib=args.calib)
-        result = evaluate.evaluate(qpipe, reference_images=reference.images, **kw)
+        qconfig = quantized_config(pipe, spec, args.calib)
+        result = evaluate.evaluate(pipe, reference_images=reference.images, qconfig=qconfig, **kw)
         metrics = dict(result.metrics)
     metrics["model"] = str(args.model)
     metrics["quantization"] = describe(spec)

@@ -43,8 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mixdq_jax.api import load_pipeline  # noqa: PLC0415
     from mixdq_jax.deploy import export_quantized_pipeline  # noqa: PLC0415
-    from mixdq_jax.pipeline import load_pipeline  # noqa: PLC0415
 
     if args.weight_bits is None and args.act_bits is None:
         raise ValueError("nothing to quantize: give --weight-bits and/or --act-bits")

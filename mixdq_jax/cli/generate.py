@@ -50,7 +50,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixdq_jax.pipeline import load_pipeline  # noqa: PLC0415  (keeps --help fast)
+    from mixdq_jax.api import load_pipeline, quantized_config  # noqa: PLC0415  (fast --help)
 
     prompts = read_prompts(args)
     spec = spec_from_args(args)
@@ -62,9 +62,8 @@ def run(args: argparse.Namespace) -> int:
         lora=args.lora,
         lora_scale=args.lora_scale,
         allow_pickle=args.allow_pickle,
-        quant=spec,
-        calib=args.calib,
     )
+    qconfig = quantized_config(pipe, spec, args.calib)
     native_h, native_w = native_size(pipe)
     height, width = args.height or native_h, args.width or native_w
     args.out.mkdir(parents=True, exist_ok=True)
@@ -104,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
                 width=width,
                 seed=seed,
                 output_type="pil",
+                qconfig=qconfig,
             )
             buf = io.BytesIO()
             image.save(buf, format="PNG")

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixdq_jax.pipeline import resolve_model  # noqa: PLC0415  (keeps --help fast)
+    from mixdq_jax.loader import resolve_model  # noqa: PLC0415  (keeps --help fast)
     from mixdq_jax.quant.registry import registry_from_unet_config  # noqa: PLC0415
 
     if args.unet_config is not None:

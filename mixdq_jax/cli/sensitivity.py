@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.chunk < 1:
         raise ValueError(f"--chunk must be >= 1, got {args.chunk}")
-    from mixdq_jax.pipeline import load_pipeline  # noqa: PLC0415  (keeps --help fast)
+    from mixdq_jax.api import load_pipeline  # noqa: PLC0415  (keeps --help fast)
     from mixdq_jax.quant.qconfig import QuantSpec  # noqa: PLC0415
     from mixdq_jax.sensitivity import (  # noqa: PLC0415
         OrthogonalityConfig,

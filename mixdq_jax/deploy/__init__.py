@@ -2,7 +2,7 @@
 int4/int2 weights + scales) and run through the int8 kernels of `pallas_kernels`.
 
 - `packed`: the per-layer plan and the packer (float params -> packed params tree);
-- `layers`: the Flax interceptor running planned layers on the integer path;
+- `layers`: the ``Deployed`` mode of the one interceptor: planned layers on the integer path;
 - `checkpoint`: in-memory freezing, ``mixdq export`` folders and loading them;
 - `memory`, `latency`: the measurements behind ``mixdq bench``.
 """
@@ -16,7 +16,7 @@ from mixdq_jax.deploy.checkpoint import (
     load_quantized_pipeline,
     load_quantized_unet,
 )
-from mixdq_jax.deploy.layers import deploy_context, deploy_unet_context, run_layer
+from mixdq_jax.deploy.layers import Deployed, run_layer
 from mixdq_jax.deploy.packed import (
     FORMAT_VERSION,
     DeployPlan,
@@ -29,11 +29,10 @@ from mixdq_jax.deploy.packed import (
 __all__ = [
     "FORMAT_VERSION",
     "DeployPlan",
+    "Deployed",
     "LayerPlan",
     "QuantCheckpointError",
-    "deploy_context",
     "deploy_pipeline",
-    "deploy_unet_context",
     "export_quantized_pipeline",
     "freeze",
     "is_quantized_folder",

@@ -26,16 +26,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixdq_jax.deploy.layers import deploy_unet_context
+from mixdq_jax.deploy.layers import Deployed
 from mixdq_jax.deploy.packed import (
     F32_LEAVES,
     FORMAT_VERSION,
     DeployPlan,
+    node_at,
     pack_unet_params,
     packed_shapes,
-    ranges_from_qconfig,
 )
 from mixdq_jax.io_utils import atomic_write_json
+from mixdq_jax.loader import load_components, resolve_model, scheduler_config
+from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, param_shapes
+from mixdq_jax.pipeline import Pipeline
+from mixdq_jax.quant.build import Calibration, qconfig_for
+from mixdq_jax.schedulers import make_scheduler
 from weights_convert.checkpoint import CheckpointError, read_json
 from weights_convert.safetensors_io import (
     SafetensorsError,
@@ -68,26 +73,17 @@ def bos_embedding(pipe: Any) -> jax.Array:
 
 
 def freeze(
-    pipe: Any,
+    pipe: Pipeline,
     spec: Any,
-    calib: str | os.PathLike | Mapping[str, Any] | None = None,
+    calib: Calibration | None = None,
     *,
     float_dtype: Any = None,
 ) -> tuple[DeployPlan, dict, dict]:
     """``(plan, packed UNet params, activation ranges)`` of ``spec`` for ``pipe``'s float UNet."""
-    from mixdq_jax.quant.quantize import qconfig_for  # noqa: PLC0415
-
-    ranges = None
-    if calib is not None and not isinstance(calib, Mapping):
-        from mixdq_jax.quant.calibrate import load_act_ranges  # noqa: PLC0415
-
-        ranges = load_act_ranges(calib)
-    elif calib is not None:
-        ranges = calib
-    qconfig = qconfig_for(pipe, spec, ranges)
+    qconfig = qconfig_for(pipe, spec, calib)
     params = pipe.params["unet"]
     plan = DeployPlan.from_qconfig(qconfig, params)
-    act = {n: r for n, r in ranges_from_qconfig(qconfig).items() if n in plan.layers}
+    act = {n: lq.a_range for n, lq in qconfig.layers.items() if n in plan.layers}
     x_bos = bos_embedding(pipe) if plan.needs_bos() else None
     # one compiled program for the whole tree: eager packing would compile every small op for
     # every layer shape
@@ -97,20 +93,16 @@ def freeze(
 
 
 def deploy_pipeline(
-    pipe: Any,
+    pipe: Pipeline,
     spec: Any,
-    calib: str | os.PathLike | Mapping[str, Any] | None = None,
+    calib: Calibration | None = None,
     *,
     backend: str = "auto",
     float_dtype: Any = None,
 ) -> Any:
     """A copy of the float ``pipe`` whose UNet runs the real low-bit path of ``spec``."""
     plan, packed, _ = freeze(pipe, spec, calib, float_dtype=float_dtype)
-    return with_packed_unet(pipe, plan, packed, backend=backend)
-
-
-def with_packed_unet(pipe: Any, plan: DeployPlan, packed: Any, *, backend: str = "auto") -> Any:
-    return pipe.with_params(unet=packed).with_quantization(deploy_unet_context(plan, backend), None)
+    return pipe.with_unet(packed, Deployed(plan=plan, backend=backend))
 
 
 # ------------------------------------------------------------------------------ on disk
@@ -205,8 +197,6 @@ def save_quantized_unet(
 
 
 def _bos_dim(packed: Mapping, plan: DeployPlan) -> int | None:
-    from mixdq_jax.deploy.packed import node_at  # noqa: PLC0415
-
     for name, lp in plan.layers.items():
         if lp.bos and lp.mode != "act_only":
             return int(node_at(packed, name)["bos_in"].shape[0])
@@ -283,8 +273,6 @@ def load_quantized_unet(
     ``verify``: check the sha256 of the weights file (size and tensor shapes are always
     checked).
     """
-    from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, param_shapes  # noqa: PLC0415
-
     unet_dir = Path(unet_dir)
     meta = read_quant_meta(unet_dir)
     weights = unet_dir / meta["weights_file"]
@@ -344,40 +332,26 @@ def load_quantized_pipeline(
     variant: str | None = None,
     scheduler: str | Mapping[str, Any] | None = None,
     allow_pickle: bool = False,
-    lora: Any = None,
-    lora_scale: float = 1.0,
-    quant: Any = None,
-    calib: Any = None,
     backend: str = "auto",
     verify: bool = True,
-) -> Any:
+) -> Pipeline:
     """Load a folder written by ``mixdq export``: float text encoders / VAE, packed UNet on
-    the real low-bit path. Same keywords as `load_pipeline`; ``lora`` and ``quant`` are refused
-    (the quantization is frozen in the folder), ``calib`` and ``lora_scale`` are unused."""
-    del lora_scale, calib
-    from mixdq_jax import pipeline as pl  # noqa: PLC0415
-    from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig  # noqa: PLC0415
-
-    if lora is not None:
-        raise ValueError("a LoRA cannot be fused into a quantized checkpoint; export with it")
-    if quant is not None:
-        raise ValueError("this model folder is already quantized; do not pass a quant spec")
-    folder = pl.resolve_model(path)
+    the real low-bit path (the ``Deployed`` mode)."""
+    folder = resolve_model(path)
     unet_plan, unet_params, meta = load_quantized_unet(folder / "unet", dtype=dtype, verify=verify)
-    base = pl.load_components(
+    base = load_components(
         folder, dtype=dtype, variant=variant, allow_pickle=allow_pickle, unet=False
     )
     unet_cfg = UNetConfig.from_dict(read_json(folder / "unet" / "config.json", what="unet config"))
     dtype = jnp.dtype(dtype)
-    return pl.Pipeline(
+    return Pipeline(
         kind=base.kind,
         unet=UNet2DConditionModel(config=unet_cfg, dtype=dtype, param_dtype=dtype),
         vae=base.vae,
         text=base.text,
-        scheduler=pl.make_scheduler(pl.scheduler_config(folder, scheduler)),
+        scheduler=make_scheduler(scheduler_config(folder, scheduler)),
         params={"unet": unet_params, **base.params},
         force_zeros_for_empty_prompt=base.force_zeros_for_empty_prompt,
-        unet_context=deploy_unet_context(unet_plan, backend),
-        qconfig=None,
+        unet_mode=Deployed(plan=unet_plan, backend=backend),
         source=str(folder),
     )

@@ -242,7 +242,7 @@ def unet_latency(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Median ms of one jitted UNet forward (batch 1, ``latent`` x ``latent``) per config."""
-    from mixdq_jax.deploy.layers import deploy_context  # noqa: PLC0415
+    from mixdq_jax.deploy.layers import Deployed  # noqa: PLC0415
     from mixdq_jax.deploy.memory import plan_for_spec, tree_nbytes  # noqa: PLC0415
     from mixdq_jax.deploy.packed import packed_shapes  # noqa: PLC0415
     from mixdq_jax.models.unet import (  # noqa: PLC0415
@@ -251,6 +251,7 @@ def unet_latency(
         example_inputs,
         param_shapes,
     )
+    from mixdq_jax.quant.intercept import intercept  # noqa: PLC0415
     from mixdq_jax.quant.qconfig import QuantSpec  # noqa: PLC0415
 
     if unet_config is None:
@@ -299,7 +300,7 @@ def unet_latency(
         def forward(p, kw, plan=plan):
             if plan is None:
                 return model.apply({"params": p}, **kw)
-            with deploy_context(plan, backend=backend):
+            with intercept(Deployed(plan=plan, backend=backend)):
                 return model.apply({"params": p}, **kw)
 
         result["param_bytes"][name] = tree_nbytes(params)

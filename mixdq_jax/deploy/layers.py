@@ -1,7 +1,7 @@
 """Run the UNet on packed params: every planned Dense/Conv goes through the integer path.
 
-Like `mixdq_jax.quant.apply`, a Flax ``nn.intercept_methods`` interceptor replaces the calls of
-planned layers, so the model code is reused unchanged with the packed params tree
+:class:`Deployed` is a mode of the one interceptor (`mixdq_jax.quant.intercept`): it replaces
+the calls of planned layers, so the model code is reused unchanged with the packed params tree
 (`packed.pack_unet_params`). Per layer mode (`packed.LayerPlan.mode`):
 
 - ``int``: activation -> int8 codes (`pallas_kernels.quantize_activation`), int8 x int8 GEMM
@@ -22,8 +22,8 @@ which is exact for zeros.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from mixdq_jax.deploy.packed import DeployPlan, LayerPlan, dequantize_weight
+from mixdq_jax.quant.intercept import LayerCall, Mode, Records
 from pallas_kernels import (
     dequantize_activation,
     int8_conv2d,
@@ -182,54 +183,23 @@ def run_layer(module: nn.Module, lp: LayerPlan, p: dict, x: Array, backend: str 
     return y
 
 
-@contextlib.contextmanager
-def deploy_context(
-    plan: DeployPlan, *, backend: str = "auto", check_coverage: bool = True
-) -> Iterator[set[str]]:
-    """Run every planned Dense/Conv of a model applied inside the block on packed params.
+@dataclass(frozen=True, kw_only=True)
+class Deployed(Mode):
+    """The deployed integer path: every layer of ``plan`` runs on its packed params (the
+    ``qconfig`` argument is unused: the configuration is frozen into the params)."""
 
-    Enter it inside the jitted function (as `fake_quant_context`). Yields the set of layer
-    names seen; on exit, ``check_coverage`` raises if a planned layer was never called (a
-    naming mismatch, or the context entered outside a cached ``jit``).
-    """
-    seen: set[str] = set()
+    plan: DeployPlan
+    backend: str = "auto"
 
-    def interceptor(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name != "__call__" or not isinstance(module, nn.Dense | nn.Conv):
-            return next_fun(*args, **kwargs)
-        name = ".".join(module.path)
-        lp = plan.layers.get(name)
-        if lp is None or module.is_initializing():
-            return next_fun(*args, **kwargs)
-        if len(args) != 1 or kwargs:
-            raise TypeError(f"layer {name!r}: expected a single positional input")
-        seen.add(name)
-        p = dict(module.variables["params"])
+    def layers(self, qconfig: Any) -> Collection[str]:
+        return self.plan.layers
+
+    def handle(self, call: LayerCall, qconfig: Any, records: Records) -> Array:
+        lp = self.plan.layers[call.name]
+        p = call.params
         if "kernel" in p and lp.mode != "act_only":
             raise ValueError(
-                f"layer {name!r} holds a float kernel: the params are not packed for this plan "
-                "(use mixdq_jax.deploy.pack_unet_params)"
+                f"layer {call.name!r} holds a float kernel: the params are not packed for this "
+                "plan (use mixdq_jax.deploy.pack_unet_params)"
             )
-        return run_layer(module, lp, p, args[0], backend)
-
-    with nn.intercept_methods(interceptor):
-        yield seen
-    if check_coverage:
-        missed = sorted(set(plan.layers) - seen)
-        if missed:
-            shown = ", ".join(repr(n) for n in missed[:20])
-            raise ValueError(
-                f"deploy_context: planned layer(s) never called: {shown}"
-                f"{' ...' if len(missed) > 20 else ''}. Check the module names, or enter the "
-                "context inside the jitted function."
-            )
-
-
-def deploy_unet_context(plan: DeployPlan, backend: str = "auto") -> Any:
-    """A ``Pipeline.unet_context`` (called with the pipeline's qconfig, ignored here)."""
-
-    def make(_qconfig: Any) -> contextlib.AbstractContextManager:
-        return deploy_context(plan, backend=backend)
-
-    return make
+        return run_layer(call.module, lp, p, call.x, self.backend)

@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixdq_jax.deploy.layers import deploy_context
+from mixdq_jax.deploy.layers import Deployed
 from mixdq_jax.deploy.packed import DeployPlan, packed_shapes
 from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, example_inputs, param_shapes
+from mixdq_jax.quant.intercept import intercept
 from mixdq_jax.quant.qconfig import FLOAT_BITS, QuantSpec
-from mixdq_jax.quant.quantize import layer_splits
-from mixdq_jax.quant.registry import build_registry
+from mixdq_jax.quant.registry import build_registry, layer_splits
 
 
 def tree_nbytes(tree: Any) -> int:
@@ -54,6 +54,24 @@ def plan_for_spec(
     return plan, act
 
 
+def stored_param_bytes(
+    config: UNetConfig, spec: QuantSpec | None, *, float_dtype: Any = jnp.float16
+) -> int:
+    """Bytes of the UNet params as ``mixdq export`` stores them for ``spec`` (packed weights,
+    scales, zero points, column sums, BOS rows, every other param in ``float_dtype``); the
+    float UNet for ``spec=None``. Traced with shapes only: nothing is materialised."""
+    float_dtype = jnp.dtype(float_dtype)
+    model = UNet2DConditionModel(config=config, dtype=float_dtype, param_dtype=float_dtype)
+    float_params = param_shapes(model)
+    if spec is None:
+        return tree_nbytes(float_params)
+    plan, act = plan_for_spec(config, spec, float_params)
+    bos_dim = config.per_block("cross_attention_dim")[0]
+    return tree_nbytes(
+        packed_shapes(float_params, plan, act, float_dtype=float_dtype, bos_dim=bos_dim)
+    )
+
+
 def abstract_forward_inputs(config: UNetConfig, latent: int, dtype: Any) -> dict[str, Any]:
     inputs = example_inputs(config, batch=1, height=latent, width=latent)
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), inputs)
@@ -65,7 +83,7 @@ def compiled_memory(model: UNet2DConditionModel, plan: DeployPlan | None, params
     def forward(p, kw):
         if plan is None:
             return model.apply({"params": p}, **kw)
-        with deploy_context(plan):
+        with intercept(Deployed(plan=plan)):
             return model.apply({"params": p}, **kw)
 
     stats = jax.jit(forward).lower(params, inputs).compile().memory_analysis()

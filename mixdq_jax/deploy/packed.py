@@ -38,11 +38,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixdq_jax.quant.qconfig import QConfig
+from mixdq_jax.quant.qconfig import QConfig, input_parts
 from pallas_kernels import (
     activation_qparams,
     grid,
     pack_weights,
+    unpack_weights,
     values_per_byte,
     weight_column_sums,
 )
@@ -79,10 +80,7 @@ class LayerPlan:
 
     def parts(self) -> list[tuple[int, int]]:
         """Input-channel ranges quantized separately (two for a shortcut-split conv)."""
-        cin = self.weight_shape[-2]
-        if self.split is None:
-            return [(0, cin)]
-        return [(0, self.split), (self.split, cin)]
+        return input_parts(self.split, self.weight_shape[-2])
 
     def part_k(self, part: tuple[int, int]) -> int:
         """GEMM reduction length of one part (KH*KW*Cin_part for a conv)."""
@@ -156,17 +154,6 @@ class DeployPlan:
         return any(lp.bos and lp.mode != "act_only" for lp in self.layers.values())
 
 
-def ranges_from_qconfig(qconfig: QConfig) -> dict[str, Array]:
-    """``{layer: [lo, hi]}`` (``[[lo1, hi1], [lo2, hi2]]`` for split layers) of a QConfig."""
-    out = {}
-    for name, lq in qconfig.layers.items():
-        first = jnp.stack([lq.a_lo, lq.a_hi])
-        if lq.split is not None:
-            first = jnp.stack([first, jnp.stack([lq.a2_lo, lq.a2_hi])])
-        out[name] = first
-    return out
-
-
 # ------------------------------------------------------------------------------ tree access
 def _path_of(tree: Mapping, name: str) -> tuple[str, ...]:
     """Keys leading to a module's node; module names themselves contain dots."""
@@ -225,8 +212,6 @@ def dequantize_weight(q: Mapping[str, Array], lp: LayerPlan, part: tuple[int, in
 def unpacked_codes(w: Array, lp: LayerPlan) -> Array:
     """int8 codes as a 2-D ``(K, N)`` matrix or the stored 4-D HWIO array."""
     if lp.storage_bits in (2, 4):
-        from pallas_kernels import unpack_weights  # noqa: PLC0415
-
         return unpack_weights(w, lp.storage_bits)
     return w
 

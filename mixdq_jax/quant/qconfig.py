@@ -53,21 +53,25 @@ def is_bos_layer(name: str) -> bool:
     return name.endswith(BOS_SUFFIXES)
 
 
+def input_parts(split: int | None, channels: int) -> list[tuple[int, int]]:
+    """Input-channel ranges quantized separately: one, or two for a shortcut-split layer
+    (diffusers concatenates ``[upsampled hidden, skip]`` before an up block's shortcut)."""
+    return [(0, channels)] if split is None else [(0, split), (split, channels)]
+
+
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True, kw_only=True)
 class LayerQConfig:
-    """One layer's quantization data. Leaves are arrays (scalars, or ``(n,)`` when stacked).
+    """One layer's quantization data. Leaves are arrays (with a leading ``(n,)`` axis when
+    stacked).
 
-    ``a_lo``/``a_hi`` is the input range (for a split layer: of channels ``[:split]``,
-    with ``a2_lo``/``a2_hi`` for ``[split:]``); for a BOS layer it excludes token 0.
+    ``a_range``: the calibrated input range, ``[parts, 2]`` rows of ``(lo, hi)``, one per input
+    part (:func:`input_parts`: two for a ``split`` layer); for a BOS layer it excludes token 0.
     """
 
     w_bits: Array
     a_bits: Array
-    a_lo: Array
-    a_hi: Array
-    a2_lo: Array | None = None
-    a2_hi: Array | None = None
+    a_range: Array
     split: int | None = field(default=None, metadata=dict(static=True))
     bos: bool = field(default=False, metadata=dict(static=True))
 
@@ -176,28 +180,27 @@ def _resolve_bits(
     return out
 
 
-def _range(name: str, value: Any, want_split: bool) -> tuple[tuple[float, float], ...]:
-    """Normalise a calibrated range to ``((lo, hi),)`` or ``((lo1, hi1), (lo2, hi2))``."""
+def _range(name: str, value: Any, parts: int) -> np.ndarray:
+    """A calibrated range as ``[parts, 2]`` float32; ``(2,)`` or ``[k, 2]`` is accepted, and a
+    split range is merged when the layer is not split."""
     arr = np.asarray(value, dtype=np.float64)
-    if arr.shape not in ((2,), (2, 2)):
-        raise ValueError(f"act range for {name!r}: expected shape (2,) or (2, 2), got {arr.shape}")
+    if arr.shape != (2,) and not (arr.ndim == 2 and arr.shape[1] == 2 and arr.shape[0] in (1, 2)):
+        raise ValueError(
+            f"act range for {name!r}: expected shape (2,), (1, 2) or (2, 2), got {arr.shape}"
+        )
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"act range for {name!r}: non-finite values {arr.tolist()}")
     rows = arr.reshape(-1, 2)
     if np.any(rows[:, 0] > rows[:, 1]):
         raise ValueError(f"act range for {name!r}: lo > hi in {arr.tolist()}")
-    if want_split:
+    if parts == 2:
         if rows.shape[0] != 2:
             raise ValueError(
                 f"act range for split layer {name!r}: need one range per input half, shape "
                 f"(2, 2); got {arr.shape} (calibrate with shortcut splitting on)"
             )
-        return tuple((float(lo), float(hi)) for lo, hi in rows)
-    return ((float(rows[:, 0].min()), float(rows[:, 1].max())),)
-
-
-def _f32(x: float) -> Array:
-    return jnp.asarray(x, jnp.float32)
+        return rows.astype(np.float32)
+    return np.asarray([[rows[:, 0].min(), rows[:, 1].max()]], np.float32)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,8 +262,8 @@ class QuantSpec:
 
         ``layers``: the model's quantizable layer names, or a mapping name -> input-channel
         split point (``None`` for no split; from the model's layer registry).
-        ``act_ranges``: name -> ``[lo, hi]`` (or ``[[lo1, hi1], [lo2, hi2]]`` for a split
-        layer), as returned by calibration; needed for every layer with activation bits < 16.
+        ``act_ranges``: name -> ``[parts, 2]`` ranges as calibration records them (``[lo, hi]``
+        is accepted for an unsplit layer); needed for every layer with activation bits < 16.
         Extra names in ``act_ranges`` are ignored (calibrate once, build many subsets).
         """
         if isinstance(layers, Mapping):
@@ -291,17 +294,15 @@ class QuantSpec:
         out: dict[str, LayerQConfig] = {}
         for n in names:
             split = splits[n] if self.shortcut_split else None
+            parts = 1 if split is None else 2
             if n in act_ranges:
-                rng = _range(n, act_ranges[n], want_split=split is not None)
+                rng = _range(n, act_ranges[n], parts)
             else:  # float activations: the range is never used
-                rng = ((0.0, 0.0),) * (2 if split is not None else 1)
+                rng = np.zeros((parts, 2), np.float32)
             out[n] = LayerQConfig(
                 w_bits=jnp.asarray(w[n], jnp.int32),
                 a_bits=jnp.asarray(a[n], jnp.int32),
-                a_lo=_f32(rng[0][0]),
-                a_hi=_f32(rng[0][1]),
-                a2_lo=_f32(rng[1][0]) if split is not None else None,
-                a2_hi=_f32(rng[1][1]) if split is not None else None,
+                a_range=jnp.asarray(rng),
                 split=split,
                 bos=self.bos_aware and is_bos_layer(n),
             )

@@ -1,21 +1,25 @@
 """The quantizable layers of a UNet: every Dense and Conv, with shapes, sizes and group.
 
-Built by tracing the model once with ``jax.eval_shape`` under a Flax method interceptor, so it
-needs no weights and works for the full-size SDXL UNet in a second. Names are the diffusers
-PyTorch module names; the group follows MixDQ: *content* layers (cross-attention ``attn2`` and
-feed-forward ``ff``) are judged by image SSIM, *quality* layers (everything else) by SQNR.
+Built by tracing the model's ``init`` once with ``jax.eval_shape`` in the shape-recording mode
+of the one interceptor, so it needs no weights and works for the full-size SDXL UNet in a
+second. Names are the diffusers PyTorch module names; the group follows MixDQ: *content*
+layers (cross-attention ``attn2`` and feed-forward ``ff``) are judged by image SSIM,
+*quality* layers (everything else) by SQNR.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 
 from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, example_inputs
+from mixdq_jax.quant.intercept import intercept
+from mixdq_jax.quant.modes import RecordShapes
 
 CONTENT_PARTS = ("attn2", "ff")
 
@@ -72,17 +76,11 @@ def build_registry(
     inputs = example_inputs(config, batch=1, height=height, width=width, seq_len=seq_len)
     seen: dict[str, tuple[str, tuple[int, ...]]] = {}
 
-    def record(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name == "__call__" and isinstance(module, nn.Dense | nn.Conv):
-            name = ".".join(module.path)
-            kind = "linear" if isinstance(module, nn.Dense) else "conv"
-            seen.setdefault(name, (kind, tuple(args[0].shape[1:])))
-        return next_fun(*args, **kwargs)
-
     def init():
-        with nn.intercept_methods(record):
-            return model.init(jax.random.key(0), **inputs)
+        with intercept(RecordShapes()) as records:
+            variables = model.init(jax.random.key(0), **inputs)
+        seen.update(records.data)
+        return variables
 
     params = jax.eval_shape(init)["params"]
     splits = _shortcut_splits(config)
@@ -118,6 +116,17 @@ def _lookup(params: Any, name: str) -> Any:
         else:
             raise KeyError(f"layer {name!r} has no parameters in the model")
     return node
+
+
+@functools.cache
+def unet_layers(config: UNetConfig) -> tuple[LayerInfo, ...]:
+    """The quantizable layers of a UNet config at its own sample size (cached per config)."""
+    return tuple(build_registry(config))
+
+
+def layer_splits(layers: Sequence[LayerInfo]) -> dict[str, int | None]:
+    """``{name: split point or None}``, the form ``QuantSpec.to_qconfig`` takes."""
+    return {layer.name: layer.split_channels for layer in layers}
 
 
 def registry_from_unet_config(path_or_dict: Any, **kwargs: Any) -> list[LayerInfo]:

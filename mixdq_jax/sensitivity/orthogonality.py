@@ -33,18 +33,21 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mixdq_jax.official_format import SENSITIVITY_BITS
+from mixdq_jax.pipeline import Pipeline
+from mixdq_jax.quant.forward import forward
+from mixdq_jax.quant.modes import CollectFeatures
 from mixdq_jax.quant.qconfig import QUANT_BITS
-from mixdq_jax.quant.quantize import unet_layers
-from mixdq_jax.sensitivity.sweep import KINDS, CalibData, Scores, load_calibration, write_scores
+from mixdq_jax.quant.registry import unet_layers
+from mixdq_jax.sensitivity.calibration import CalibData, load_calibration
+from mixdq_jax.sensitivity.config import KINDS, Scores
+from mixdq_jax.sensitivity.sweep import write_scores
 
 METRIC = "orthogonality"
 _DEGENERATE = 1e-5  # ||centred Gram|| below this fraction of ||Gram||: no sample variation
@@ -147,51 +150,28 @@ def sample_steps(num_steps: int, k: int) -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------- features
-def _gram_forward(pipe: Any, names: frozenset[str]):
-    def forward(params, sample, t, cond):
-        grams: dict[str, jax.Array] = {}
+def _gram_program(pipe: Pipeline, names: frozenset[str]):
+    """A jitted UNet forward that returns ``{layer: Gram of its float output}``."""
+    mode = CollectFeatures(names=names, feature=gram)
 
-        def record(next_fun, args, kwargs, context):
-            out = next_fun(*args, **kwargs)
-            module = context.module
-            if (
-                context.method_name == "__call__"
-                and isinstance(module, (nn.Dense, nn.Conv))
-                and not module.is_initializing()
-            ):
-                name = ".".join(module.path)
-                if name in names:
-                    g = gram(out)
-                    grams[name] = grams[name] + g if name in grams else g
-            return out
+    def grams(params, sample, t, cond):
+        return forward(pipe.unet, params, None, sample, t, cond, mode=mode)[1]
 
-        with nn.intercept_methods(record):
-            pipe.unet.apply(
-                {"params": params},
-                sample,
-                t,
-                cond["context"],
-                added_cond_kwargs=cond["added"],
-                timestep_cond=cond["timestep_cond"],
-            )
-        return grams
-
-    return jax.jit(forward)
+    return jax.jit(grams)
 
 
 def layer_grams(
-    pipe: Any, run_dir: str | os.PathLike, step: int, *, max_rows: int | None = None
+    pipe: Pipeline, run_dir: str | os.PathLike, step: int, *, max_rows: int | None = None
 ) -> dict[str, np.ndarray]:
     """``{layer: Gram [N, N]}`` of every quantizable layer's float output at ``step``."""
     return _grams(pipe, load_calibration(run_dir, pipe), step, max_rows)
 
 
-def _grams(pipe: Any, calib: CalibData, step: int, max_rows: int | None) -> dict[str, np.ndarray]:
-    names = [layer.name for layer in unet_layers(pipe)]
-    key = ("orthogonality_grams",)
-    fn = pipe._cache.get(key)
-    if fn is None:
-        fn = pipe._cache[key] = _gram_forward(pipe, frozenset(names))
+def _grams(
+    pipe: Pipeline, calib: CalibData, step: int, max_rows: int | None, program: Any = None
+) -> dict[str, np.ndarray]:
+    names = [layer.name for layer in unet_layers(pipe.unet.config)]
+    fn = program if program is not None else _gram_program(pipe, frozenset(names))
     inputs = np.concatenate([b.inputs[step] for b in calib.batches])
     context = np.concatenate([b.context for b in calib.batches])
     pooled = None
@@ -204,9 +184,6 @@ def _grams(pipe: Any, calib: CalibData, step: int, max_rows: int | None) -> dict
     plan = pipe.scheduler.set_timesteps(calib.steps)
     t = jnp.asarray(plan.timesteps)[step]
     grams = fn(pipe.params["unet"], jnp.asarray(inputs), t, cond)
-    missing = sorted(set(names) - set(grams))
-    if missing:
-        raise ValueError(f"orthogonality: layers never called: {missing[:20]}")
     return {n: np.asarray(grams[n]) for n in names}
 
 
@@ -229,10 +206,11 @@ def orthogonality(
         raise ValueError(f"orthogonality: kinds must be among {KINDS}, got {list(kinds)}")
     calib = load_calibration(run_dir, pipe)
     steps = sample_steps(calib.steps, config.num_timesteps)
-    names = tuple(layer.name for layer in unet_layers(pipe))
+    names = tuple(layer.name for layer in unet_layers(pipe.unet.config))
+    program = _gram_program(pipe, frozenset(names))
     orms, thetas, degenerate = [], [], set()
     for step in steps:
-        grams = _grams(pipe, calib, step, config.max_rows)
+        grams = _grams(pipe, calib, step, config.max_rows, program)
         orm, deg = orm_matrix(np.stack([grams[n] for n in names]), centered=config.centered)
         orms.append(orm)
         thetas.append(importance(orm, deg, beta=config.beta))
@@ -242,7 +220,7 @@ def orthogonality(
         n: tuple(float(th * b) for b in config.bits) for n, th in zip(names, theta, strict=True)
     }
     for kind in kinds:
-        write_scores(Path(run_dir) / "sensitivity", kind, METRIC, scores, config.bits)
+        write_scores(run_dir, kind, METRIC, scores, config.bits)
     return Orthogonality(
         names=names,
         steps=steps,

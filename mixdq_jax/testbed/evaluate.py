@@ -21,7 +21,7 @@ from mixdq_jax.testbed import data, judge, testbed_path
 
 def load_testbed(*, steps: int = 1, **kwargs: Any):
     """The testbed pipeline: Euler-A trailing (as SDXL-turbo) or, for ``steps > 1``, LCM."""
-    from mixdq_jax.pipeline import load_pipeline  # noqa: PLC0415
+    from mixdq_jax.api import load_pipeline  # noqa: PLC0415
 
     scheduler = kwargs.pop("scheduler", None) or (None if steps == 1 else "LCMScheduler")
     return load_pipeline(testbed_path(), scheduler=scheduler, **kwargs)
@@ -34,15 +34,18 @@ class Evaluation:
     scenes: data.Scenes
 
 
-def generate(pipe, captions, *, steps: int, seed: int = 0, batch: int = 32) -> np.ndarray:
-    """Images for ``captions``; caption ``i`` uses seed ``seed + i`` whatever the batching."""
+def generate(
+    pipe, captions, *, steps: int, seed: int = 0, batch: int = 32, qconfig: Any = None
+) -> np.ndarray:
+    """Images for ``captions``; caption ``i`` uses seed ``seed + i`` whatever the batching.
+    ``qconfig``: run the UNet fake-quantized with it (``None``: as the pipeline is)."""
     images = []
     for start in range(0, len(captions), batch):
         chunk = list(captions[start:start + batch])
         latents = np.stack([_latents(pipe, seed + start + j) for j in range(len(chunk))])
         images.append(np.asarray(pipe(chunk, num_inference_steps=steps, guidance_scale=0.0,
                                       height=data.SIZE, width=data.SIZE, latents=latents,
-                                      seed=seed + start)))  # fmt: skip
+                                      seed=seed + start, qconfig=qconfig)))  # fmt: skip
     return np.concatenate(images)
 
 
@@ -51,7 +54,7 @@ def _latents(pipe, seed: int) -> np.ndarray:
 
     from mixdq_jax.pipeline import seed_keys  # noqa: PLC0415
 
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    factor = pipe.vae_scale_factor
     shape = (pipe.unet.config.in_channels, data.SIZE // factor, data.SIZE // factor)
     return np.asarray(jax.random.normal(seed_keys(seed)[0], shape))
 
@@ -67,10 +70,11 @@ def evaluate(
     reference_images: np.ndarray | None = None,
     judge_path: str | os.PathLike = judge.JUDGE_PATH,
     batch: int = 32,
+    qconfig: Any = None,
 ) -> Evaluation:
-    """Generate ``num`` images for ``split`` captions and score them."""
+    """Generate ``num`` images for ``split`` captions (under ``qconfig``) and score them."""
     scenes = data.sample_scenes(num, seed=scene_seed, split=split)
-    images = generate(pipe, scenes.captions, steps=steps, seed=seed, batch=batch)
+    images = generate(pipe, scenes.captions, steps=steps, seed=seed, batch=batch, qconfig=qconfig)
     params = judge.load_judge(judge_path)
     feats, preds = judge.read(params, images)
     real_feats, _ = judge.read(params, data.render(scenes))

@@ -10,9 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixdq_jax.pipeline import load_pipeline
-from mixdq_jax.quant import QuantSpec, fake_quant_context, update_ranges
-from mixdq_jax.quant.quantize import qconfig_for
+from mixdq_jax.api import load_pipeline, qconfig_for
+from mixdq_jax.quant import Observe, QuantSpec, forward, update_ranges
 from tests.tiny_models import build_sdxl
 
 PROMPTS = ["a red circle", "a blue square on a green background", "two yellow triangles"]
@@ -43,11 +42,7 @@ def ranges(pipe):
 
     @jax.jit
     def observe(params, x, t, cond):
-        with fake_quant_context(qconfig, mode="observe") as rec:
-            pipe.unet.apply(
-                {"params": params}, x, t, cond["context"], added_cond_kwargs=cond["added"]
-            )
-        return rec.stats
+        return forward(pipe.unet, params, qconfig, x, t, cond, mode=Observe())[1]
 
     running = None
     for seed, t in ((0, 999.0), (1, 500.0)):
@@ -57,14 +52,15 @@ def ranges(pipe):
     return {k: np.asarray(v) for k, v in running.items()}
 
 
-def denoised(pipe, base, prompts, seed):
-    """One-step latents of ``pipe``'s UNet for ``prompts``, from ``base``'s text encoding, so
-    two pipelines that differ only in their UNet are compared on the same inputs."""
+def denoised(pipe, base, prompts, seed, qconfig=None):
+    """One-step latents of ``pipe``'s UNet (under ``qconfig``) for ``prompts``, from ``base``'s
+    text encoding, so two pipelines that differ only in their UNet are compared on the same
+    inputs."""
     context, pooled = base.prompt_embeddings(list(prompts), None, 0.0)
     latents = jax.random.normal(jax.random.key(seed), (len(prompts), 4, SIZE // 2, SIZE // 2))
     return pipe.denoise(
         latents, context, pooled, num_inference_steps=1, guidance_scale=0.0, height=SIZE,
-        width=SIZE, noise_key=jax.random.key(seed + 1), qconfig=pipe.qconfig,
+        width=SIZE, noise_key=jax.random.key(seed + 1), qconfig=qconfig,
     )  # fmt: skip
 
 

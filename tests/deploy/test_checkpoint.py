@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixdq_jax import pipeline as pipeline_module
+from mixdq_jax import api
 from mixdq_jax.cli import export as export_cli
 from mixdq_jax.deploy import (
     QuantCheckpointError,
@@ -23,8 +23,9 @@ from mixdq_jax.deploy import (
     load_quantized_pipeline,
     load_quantized_unet,
 )
+from mixdq_jax.deploy.layers import Deployed
 from mixdq_jax.quant import QuantSpec
-from mixdq_jax.quant.quantize import unet_layers
+from mixdq_jax.quant.registry import unet_layers
 from tests.deploy.conftest import PROMPTS, denoised
 from weights_convert.safetensors_io import load_safetensors, save_safetensors
 
@@ -35,7 +36,7 @@ def _latents(pipe, base):
 
 @pytest.fixture(scope="module")
 def spec(pipe):
-    names = [layer.name for layer in unet_layers(pipe)]
+    names = [layer.name for layer in unet_layers(pipe.unet.config)]
     rng = np.random.default_rng(2)
     return QuantSpec(
         weight_bits={n: int(rng.choice([2, 4, 8])) for n in names},
@@ -61,8 +62,8 @@ def test_reloaded_checkpoint_runs_identically(pipe, ranges, spec, exported, pipe
     loaded = load_quantized_pipeline(out)
     memory = deploy_pipeline(pipe, spec, ranges)
     np.testing.assert_array_equal(_latents(loaded, pipe), _latents(memory, pipe))
-    via_load_pipeline = pipeline_module.load_pipeline(out)
-    assert via_load_pipeline.qconfig is None and via_load_pipeline.unet_context is not None
+    via_load_pipeline = api.load_pipeline(out)
+    assert isinstance(via_load_pipeline.unet_mode, Deployed)
 
 
 def _copy(exported, tmp_path):
@@ -130,7 +131,7 @@ def test_version_and_format_checks(exported, tmp_path):
     with pytest.raises(QuantCheckpointError, match="format version 99"):
         load_quantized_unet(unet)
     with pytest.raises(ValueError, match="already quantized"):
-        load_quantized_pipeline(exported[0], quant=QuantSpec(weight_bits=8))
+        api.quantized_config(api.load_pipeline(exported[0]), QuantSpec(weight_bits=8))
 
 
 def test_cli_export(pipe_dir, ranges, tmp_path, capsys):

@@ -13,12 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixdq_jax.deploy import DeployPlan, deploy_context, pack_unet_params, run_layer
-from mixdq_jax.deploy.packed import node_at, ranges_from_qconfig
+from mixdq_jax.deploy import Deployed, DeployPlan, pack_unet_params, run_layer
+from mixdq_jax.deploy.packed import node_at
 from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, example_inputs
-from mixdq_jax.quant import QuantSpec, fake_quant_context, update_ranges
-from mixdq_jax.quant.quantize import layer_splits
-from mixdq_jax.quant.registry import build_registry
+from mixdq_jax.quant import FakeQuant, Observe, QuantSpec, intercept, update_ranges
+from mixdq_jax.quant.registry import build_registry, layer_splits
 from tests.tiny_models import sdxl_unet_config
 
 REL_TOL = 2e-5  # |real - fake| <= REL_TOL * (1 + max |fake|), per layer
@@ -53,9 +52,9 @@ def setup():
 
     @jax.jit
     def observe(p, kw):
-        with fake_quant_context(qconfig, mode="observe") as rec:
+        with intercept(Observe(), qconfig) as rec:
             _apply(p, kw)
-        return rec.stats
+        return rec.data
 
     ranges = {k: np.asarray(v) for k, v in update_ranges(None, observe(params, inputs)).items()}
     return params, inputs, x_bos, splits, ranges
@@ -65,7 +64,7 @@ def _freeze(setup, spec):
     params, _, x_bos, splits, ranges = setup
     qconfig = spec.to_qconfig(splits, ranges)
     plan = DeployPlan.from_qconfig(qconfig, params)
-    act = {n: r for n, r in ranges_from_qconfig(qconfig).items() if n in plan.layers}
+    act = {n: lq.a_range for n, lq in qconfig.layers.items() if n in plan.layers}
     pack = jax.jit(lambda p, r, xb: pack_unet_params(p, plan, r, xb))
     return qconfig, plan, pack(params, act, x_bos)
 
@@ -89,7 +88,7 @@ def _layer_errors(setup, qconfig, plan, packed):
                 seen[name] = jnp.max(jnp.abs(real - out)) / (1.0 + jnp.max(jnp.abs(out)))
             return out
 
-        with nn.intercept_methods(capture), fake_quant_context(qconfig):
+        with nn.intercept_methods(capture), intercept(FakeQuant(), qconfig):
             _apply(params, inputs)
         return seen
 
@@ -183,13 +182,13 @@ def test_context_errors(setup):
     _, plan, packed = _freeze(setup, QuantSpec(weight_bits=8, act_bits=16))
 
     def run(p):
-        with deploy_context(plan):
+        with intercept(Deployed(plan=plan)):
             return _apply(p, inputs)
 
     with pytest.raises(ValueError, match="not packed"):
         jax.eval_shape(run, params)
     extra = DeployPlan(layers={**plan.layers, "no.such.layer": next(iter(plan.layers.values()))})
     with pytest.raises(ValueError, match="never called"):
-        with deploy_context(extra):
+        with intercept(Deployed(plan=extra)):
             pass
     assert jax.eval_shape(run, packed).shape == inputs["sample"].shape

@@ -17,15 +17,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mixdq_jax.api import qconfig_for
 from mixdq_jax.deploy import deploy_pipeline
-from mixdq_jax.quant import QuantSpec, quantize_pipeline
-from mixdq_jax.quant.quantize import unet_layers
+from mixdq_jax.quant import QuantSpec
+from mixdq_jax.quant.registry import unet_layers
 from tests.deploy.conftest import PROMPTS, denoised
 
 
-def _images(pipe, base, seed=3):
-    """Images of ``pipe``'s UNet: shared text encoding and VAE decoding from ``base``."""
-    return np.asarray(base.decode(denoised(pipe, base, PROMPTS, seed)))
+def _images(pipe, base, seed=3, qconfig=None):
+    """Images of ``pipe``'s UNet (under ``qconfig``): shared text encoding and VAE decoding
+    from ``base``."""
+    return np.asarray(base.decode(denoised(pipe, base, PROMPTS, seed, qconfig)))
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +36,10 @@ def float_images(pipe):
 
 
 def test_weight_only_mixed_bits_agree_to_float_rounding(pipe):
-    names = [layer.name for layer in unet_layers(pipe)]
+    names = [layer.name for layer in unet_layers(pipe.unet.config)]
     rng = np.random.default_rng(1)
     spec = QuantSpec(weight_bits={n: int(rng.choice([2, 3, 4, 8])) for n in names}, act_bits=16)
-    fake = _images(quantize_pipeline(pipe, spec), pipe)
+    fake = _images(pipe, pipe, qconfig=qconfig_for(pipe, spec))
     real = _images(deploy_pipeline(pipe, spec), pipe)
     diff = float(np.abs(fake - real).max())
     print(f"weight-only mixed W2/3/4/8 A16: max |fake - real| = {diff:.2e}")
@@ -46,7 +48,7 @@ def test_weight_only_mixed_bits_agree_to_float_rounding(pipe):
 
 def test_w8a8_real_path_tracks_fake_quant(pipe, ranges, float_images):
     spec = QuantSpec(weight_bits=8, act_bits=8)
-    fake = _images(quantize_pipeline(pipe, spec, calib=ranges), pipe)
+    fake = _images(pipe, pipe, qconfig=qconfig_for(pipe, spec, ranges))
     real = _images(deploy_pipeline(pipe, spec, ranges), pipe)
     fake_err = np.abs(fake - float_images)
     real_err = np.abs(real - float_images)
@@ -78,10 +80,9 @@ def test_w8a8_divergence_starts_at_a_rounding_boundary(pipe, ranges):
     a layer input that differs beyond float rounding before any code has flipped.
     """
     from mixdq_jax.deploy.checkpoint import freeze
-    from mixdq_jax.deploy.layers import deploy_context
+    from mixdq_jax.deploy.layers import Deployed
     from mixdq_jax.deploy.packed import node_at
-    from mixdq_jax.quant import fake_quant_context
-    from mixdq_jax.quant.quantize import qconfig_for
+    from mixdq_jax.quant import FakeQuant, intercept
     from tests.deploy.conftest import capture_layer_io, unet_inputs
 
     spec = QuantSpec(weight_bits=8, act_bits=8)
@@ -90,9 +91,10 @@ def test_w8a8_divergence_starts_at_a_rounding_boundary(pipe, ranges):
     x, t, cond = unet_inputs(pipe, PROMPTS, seed=5)
     names = set(plan.layers)
     fake = capture_layer_io(pipe, pipe.params["unet"], x, t, cond, names,
-                            inner=lambda: fake_quant_context(qconfig))  # fmt: skip
+                            inner=lambda: intercept(FakeQuant(), qconfig))  # fmt: skip
+    deployed = Deployed(plan=plan, backend="xla")
     real = capture_layer_io(pipe, packed, x, t, cond, names,
-                            inner=lambda: deploy_context(plan, backend="xla"))  # fmt: skip
+                            inner=lambda: intercept(deployed))  # fmt: skip
     assert list(fake) == list(real) and set(fake) == names
     flipped = []
     for name, (_, xf, _) in fake.items():

@@ -8,11 +8,12 @@ import jax
 import numpy as np
 import pytest
 
+from mixdq_jax.api import load_pipeline, qconfig_for
+from mixdq_jax.calibrate import CalibConfig, calibrate
 from mixdq_jax.cli import main
-from mixdq_jax.pipeline import load_pipeline
-from mixdq_jax.quant import QuantSpec, quantize_pipeline
-from mixdq_jax.quant.calibrate import CalibConfig, calibrate, load_act_ranges
-from mixdq_jax.quant.quantize import qconfig_for, unet_layers
+from mixdq_jax.quant import QuantSpec
+from mixdq_jax.quant.registry import unet_layers
+from mixdq_jax.rundir import RunDir
 from tests.tiny_models import build_sdxl
 
 PROMPTS = ["a red circle", "a blue square on a green background", "two yellow triangles"]
@@ -38,17 +39,17 @@ def run_dir(pipe, tmp_path_factory):
 
 def test_float_spec_reproduces_float_pipeline(pipe):
     ref = pipe(PROMPTS[:2], height=32, width=32, seed=1)
-    q = quantize_pipeline(pipe, QuantSpec(weight_bits=16, act_bits=16))
-    np.testing.assert_array_equal(q(PROMPTS[:2], height=32, width=32, seed=1), ref)
+    q = qconfig_for(pipe, QuantSpec(weight_bits=16, act_bits=16))
+    np.testing.assert_array_equal(pipe(PROMPTS[:2], height=32, width=32, seed=1, qconfig=q), ref)
 
 
 def test_three_configurations_compile_once(pipe, run_dir):
-    ranges = load_act_ranges(run_dir)
-    names = [layer.name for layer in unet_layers(pipe)]
+    ranges = RunDir(run_dir).act_ranges()
+    names = [layer.name for layer in unet_layers(pipe.unet.config)]
     rng = np.random.default_rng(0)
     context, pooled = pipe.prompt_embeddings(PROMPTS[:1], None, 0.0)
     latents = jax.random.normal(jax.random.key(0), (1, 4, 16, 16))
-    quant = quantize_pipeline(pipe, QuantSpec(weight_bits=8, act_bits=8), calib=ranges)
+    quant = pipe.with_params()  # a fresh compile cache: count this test's compiles only
     outs = []
     for _ in range(3):
         spec = QuantSpec(
@@ -71,7 +72,7 @@ def test_three_configurations_compile_once(pipe, run_dir):
                 )
             )
         )
-    compiled = quant._cache[("denoise", 1, False)]
+    compiled = quant._cache[("denoise", 1, False, "FakeQuant")]
     assert compiled._cache_size() == 1
     assert np.abs(outs[0] - outs[1]).max() > 1e-4  # the configurations really differ
 
@@ -80,18 +81,19 @@ def test_quantization_error_grows_as_bits_drop(pipe, run_dir):
     ref = pipe(PROMPTS, height=32, width=32, seed=2)
     errs = []
     for w, a in [(8, 8), (4, 8), (2, 4)]:
-        q = quantize_pipeline(pipe, QuantSpec(weight_bits=w, act_bits=a), calib=run_dir)
-        errs.append(float(np.mean((q(PROMPTS, height=32, width=32, seed=2) - ref) ** 2)))
+        q = qconfig_for(pipe, QuantSpec(weight_bits=w, act_bits=a), calib=run_dir)
+        out = pipe(PROMPTS, height=32, width=32, seed=2, qconfig=q)
+        errs.append(float(np.mean((out - ref) ** 2)))
     assert 0 < errs[0] < errs[1] < errs[2]
 
 
 def test_calibration_resumes_with_identical_ranges(pipe, run_dir, tmp_path):
     config = CalibConfig(prompts=tuple(PROMPTS), height=32, width=32, batch_size=2)
-    first = load_act_ranges(run_dir)
+    first = RunDir(run_dir).act_ranges()
     (run_dir / "calib" / "batch_00001.npz").unlink()  # as if killed before the last batch
     (run_dir / "calib" / "act_ranges.npz").unlink()
     again = calibrate(pipe, config, run_dir)
-    assert set(first) == set(again) == {layer.name for layer in unet_layers(pipe)}
+    assert set(first) == set(again) == {layer.name for layer in unet_layers(pipe.unet.config)}
     for name in first:
         np.testing.assert_array_equal(first[name], again[name])
     split = [n for n in first if n.endswith("conv_shortcut") and n.startswith("up_blocks")]
@@ -103,7 +105,7 @@ def test_calibration_resumes_with_identical_ranges(pipe, run_dir, tmp_path):
 
 def test_missing_calibration_is_a_clear_error(pipe):
     with pytest.raises(ValueError, match="no calibrated activation range"):
-        quantize_pipeline(pipe, QuantSpec(weight_bits=8, act_bits=8))
+        qconfig_for(pipe, QuantSpec(weight_bits=8, act_bits=8))
 
 
 def test_cli_generate_quantized_and_resume(pipe_dir, run_dir, tmp_path, capsys):

@@ -14,12 +14,13 @@ import jax
 import numpy as np
 import pytest
 
+from mixdq_jax.api import load_pipeline, qconfig_for
+from mixdq_jax.calibrate import CalibConfig, calibrate, run_batch
 from mixdq_jax.cli import sensitivity as cli_sensitivity
 from mixdq_jax.official_format import read_sensitivity
-from mixdq_jax.pipeline import load_pipeline
-from mixdq_jax.quant import QuantSpec, quantize_pipeline, stack_qconfigs
-from mixdq_jax.quant.calibrate import CalibConfig, calibrate, load_references, run_batch
-from mixdq_jax.quant.quantize import unet_layers
+from mixdq_jax.quant import QuantSpec, stack_qconfigs
+from mixdq_jax.quant.registry import unet_layers
+from mixdq_jax.rundir import RunDir
 from mixdq_jax.sensitivity import (
     Evaluator,
     OrthogonalityConfig,
@@ -54,7 +55,7 @@ SHARDED_SCRIPT = textwrap.dedent(
     """
     import sys
     import jax
-    from mixdq_jax.pipeline import load_pipeline
+    from mixdq_jax.api import load_pipeline
     from mixdq_jax.sensitivity import SweepConfig, sweep
     assert jax.device_count() == 8, jax.devices()
     pipe = load_pipeline(sys.argv[1])
@@ -152,14 +153,14 @@ def test_single_layer_configs_are_stacked_with_bits(pipe, run_dir):
 
 def test_sweep_equals_plain_per_layer_loop(pipe, run_dir, calib_config, swept):
     """Each chunked, vmapped value == the plain calibration loop run with the config that
-    ``quantize_pipeline`` builds for that one layer (observe mode keeps activations float)."""
-    refs = load_references(run_dir)
+    ``qconfig_for`` builds for that one layer (observe mode keeps activations float)."""
+    refs = RunDir(run_dir).references()
     ref = refs["unet_outputs"][0].astype(np.float64)
     for name in SEL:
         for i, bits in enumerate((2, 4, 8)):
             spec = QuantSpec(weight_bits={name: bits}, default_weight_bits=16)
-            qconfig = quantize_pipeline(pipe, spec, calib=run_dir).qconfig
-            plain = run_batch(pipe, PROMPTS, calib_config, 0, qconfig=qconfig)
+            qconfig = qconfig_for(pipe, spec, calib=run_dir)
+            plain, _ = run_batch(pipe, PROMPTS, calib_config, 0, qconfig=qconfig)
             np.testing.assert_array_equal(plain["unet_inputs"], refs["unet_inputs"])
             err = np.sum((plain["unet_outputs"][0] - ref) ** 2, axis=(1, 2, 3))
             sqnr = np.mean(10 * np.log10(np.sum(ref**2, axis=(1, 2, 3)) / err))
@@ -181,14 +182,14 @@ def test_resume_after_kill_gives_identical_results(pipe, run_dir, swept, monkeyp
         Evaluator, "evaluate", lambda self, *a: calls.append(a[:2]) or original(self, *a)
     )
     config = SweepConfig(kinds=("weight",), metrics=("sqnr", "ssim"), layers=SEL, chunk=CHUNK)
-    again = sweep(pipe, run_dir, config, progress=False)
+    evaluator = Evaluator(pipe, load_calibration(run_dir, pipe))
+    again = sweep(pipe, run_dir, config, evaluator=evaluator, progress=False)
     assert calls == [("sqnr", "weight"), ("ssim", "weight")]  # only the deleted chunks
     assert again == swept  # bit-identical
-    evaluator = next(v for k, v in pipe._cache.items() if k[0] == "sensitivity_evaluator")
     assert len(evaluator.functions) == 2  # one program per (metric, kind) ...
     assert all(fn._cache_size() == 1 for fn in evaluator.functions.values())  # ... compiled once
     calls.clear()
-    assert sweep(pipe, run_dir, config, progress=False) == swept
+    assert sweep(pipe, run_dir, config, evaluator=evaluator, progress=False) == swept
     assert not calls  # complete: nothing evaluated
     for metric in ("sqnr", "ssim"):
         assert read_sensitivity(folder / f"weight_{metric}.yaml") == swept["weight", metric]
@@ -211,7 +212,7 @@ def test_linear_cka_matches_numpy_feature_form():
 def test_orthogonality_scores_finite_and_deterministic(pipe, run_dir):
     first = orthogonality(pipe, run_dir, OrthogonalityConfig())
     second = orthogonality(pipe, run_dir, OrthogonalityConfig(), kinds=("weight",))
-    names = [layer.name for layer in unet_layers(pipe)]
+    names = [layer.name for layer in unet_layers(pipe.unet.config)]
     assert list(first.names) == names and first.steps == (0,)
     assert np.all(np.isfinite(first.importance)) and np.all(first.importance > 0)
     np.testing.assert_array_equal(first.importance, second.importance)
@@ -238,7 +239,7 @@ def _cli(argv):
 def test_cli(pipe, pipe_dir, run_dir, swept, tmp_path, monkeypatch, capsys):
     with pytest.raises(FileNotFoundError, match="mixdq calibrate"):
         _cli(["sensitivity", "--model", str(pipe_dir), "--run", str(tmp_path)])
-    monkeypatch.setattr("mixdq_jax.pipeline.load_pipeline", lambda *a, **k: pipe)
+    monkeypatch.setattr("mixdq_jax.api.load_pipeline", lambda *a, **k: pipe)
     layers = tmp_path / "layers.yaml"
     layers.write_text("".join(f"- model.{n}\n" for n in SEL))
     argv = ["sensitivity", "--model", str(pipe_dir), "--run", str(run_dir), "--kind", "weight"]
@@ -259,7 +260,7 @@ def test_sharded_sweep_on_8_devices(pipe, sharded_job, swept_act):
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out
     act = read_sensitivity(run / "sensitivity" / "act_sqnr.yaml")
-    assert set(act) == {layer.name for layer in unet_layers(pipe)}
+    assert set(act) == {layer.name for layer in unet_layers(pipe.unet.config)}
     for name in SEL:
         _assert_same_db(act[name], swept_act[name], rtol=5e-3, atol=1e-9)
     better = [s[2] > s[1] > s[0] for s in act.values()]

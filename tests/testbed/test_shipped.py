@@ -27,7 +27,7 @@ def test_folder_is_small():
 def test_ours_matches_diffusers():
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
-    from mixdq_jax.pipeline import load_pipeline
+    from mixdq_jax.api import load_pipeline
 
     folder = TESTBED_PATH
     latents = np.random.default_rng(0).standard_normal((2, 4, 16, 16)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""The Flax interceptor: one compilation for every config, vmap over configs, BOS-aware
+"""The interceptor and its modes: one compilation for every config, vmap over configs, BOS-aware
 to_k/to_v, shortcut splitting, observation; and QuantSpec validation / official YAML."""
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import pytest
 from mixdq_jax.official_format import read_bits
 from mixdq_jax.quant import (
     OFFICIAL_PROTECTED_ACT_LAYERS,
+    FakeQuant,
+    Observe,
     QuantSpec,
-    fake_quant_context,
+    intercept,
     stack_qconfigs,
     update_ranges,
     write_official_yaml,
@@ -36,6 +38,7 @@ LAYERS = {
     "conv_out": None,
 }
 OFFICIAL = Path("/work/shared/reference/mixdq-official/final_config")
+MODES = {"quant": FakeQuant(), "observe": Observe()}
 
 
 class CrossAttn(nn.Module):
@@ -111,15 +114,15 @@ def toy():
 
     @jax.jit
     def observe(params, qconfig, img, ctx):
-        with fake_quant_context(qconfig, mode="observe") as rec:
+        with intercept(Observe(), qconfig) as rec:
             out = model.apply(params, img, ctx)
-        return out, rec.stats
+        return out, rec.data
 
     traces = []
 
     def forward(params, qconfig, img, ctx):
         traces.append(1)  # Python side effect: runs once per trace
-        with fake_quant_context(qconfig):
+        with intercept(FakeQuant(), qconfig):
             return model.apply(params, img, ctx)
 
     _, ranges = observe(params, float_q, img, ctx)
@@ -176,7 +179,7 @@ def test_all_float_config_equals_float_model_exactly(toy):
     ref = jax.jit(toy["model"].apply)(toy["params"], toy["img"], toy["ctx"])
     _bits_equal(toy["jit_forward"](toy["params"], q, toy["img"], toy["ctx"]), ref)
     assert toy["jit_forward"]._cache_size() == 1
-    with fake_quant_context(q) as rec:  # eager: the unconfigured Dense is not intercepted
+    with intercept(FakeQuant(), q) as rec:  # eager: the unconfigured Dense is not intercepted
         jax.eval_shape(toy["model"].apply, toy["params"], toy["img"], toy["ctx"])
     assert rec.seen == set(LAYERS)
 
@@ -192,8 +195,8 @@ def test_observe_records_ranges(toy):
     with nn.intercept_methods(capture):
         toy["model"].apply(toy["params"], toy["img"], toy["ctx"])
 
-    def mm(x):
-        return [min(x.min(), 0.0), max(x.max(), 0.0)]
+    def mm(x):  # one input part: ranges are [parts, 2]
+        return [[min(x.min(), 0.0), max(x.max(), 0.0)]]
 
     r = {k: np.asarray(v) for k, v in toy["ranges"].items()}
     assert set(r) == set(LAYERS)
@@ -201,9 +204,9 @@ def test_observe_records_ranges(toy):
     np.testing.assert_array_equal(r[f"{ATTN}.to_q"], mm(inputs[f"{ATTN}.to_q"]))
     for n in (f"{ATTN}.to_k", f"{ATTN}.to_v"):  # BOS token excluded
         np.testing.assert_array_equal(r[n], mm(inputs[n][:, 1:, :]))
-        assert r[n][1] < 800.0
+        assert r[n][0, 1] < 800.0
     x = inputs[SHORTCUT]
-    np.testing.assert_array_equal(r[SHORTCUT], [mm(x[..., :C]), mm(x[..., C:])])
+    np.testing.assert_array_equal(r[SHORTCUT], mm(x[..., :C]) + mm(x[..., C:]))
 
 
 def test_update_ranges():
@@ -229,9 +232,9 @@ def kv():
     layers = [f"{ATTN}.to_k", f"{ATTN}.to_v"]
 
     def apply(params, q, ctx, mode):
-        with fake_quant_context(q, mode=mode) as rec:
+        with intercept(MODES[mode], q) as rec:
             out = model.apply(params, ctx)
-        return out, rec.stats
+        return out, rec.data
 
     f = jax.jit(apply, static_argnames="mode")  # one compile per mode and config structure
 
@@ -260,7 +263,7 @@ def test_bos_rows_match_numpy_reference(kv):
     ctx = kv["ctx"]
     for name, o in zip(kv["layers"], out, strict=True):
         p = kv["params"]["params"][name]
-        lo, hi = np.asarray(ranges[name])
+        (lo, hi), = np.asarray(ranges[name])  # [parts=1, 2]
         xq = np_asym(ctx[:, 1:], 8, lo, hi).astype(np.float64)
         wq = np_asym(np.asarray(p["kernel"]), 4, *np_channel_range(np.asarray(p["kernel"])))
         ref = xq @ wq.astype(np.float64) + np.asarray(p["bias"])
@@ -293,9 +296,9 @@ def shortcut():
     params = {"params": {SHORTCUT: {**params["params"][SHORTCUT], "kernel": kernel}}}
 
     def apply(params, q, x, mode):
-        with fake_quant_context(q, mode=mode) as rec:
+        with intercept(MODES[mode], q) as rec:
             out = model.apply(params, x)
-        return out, rec.stats
+        return out, rec.data
 
     f = jax.jit(apply, static_argnames="mode")
 
@@ -364,19 +367,19 @@ def test_unknown_model_layer_and_stale_cache_are_reported(kv):
     model, params, ctx = KV(), kv["params"], kv["ctx"]
     q = QuantSpec().to_qconfig([*kv["layers"], "down_blocks.9.typo"])
     with pytest.raises(ValueError, match="down_blocks.9.typo"):
-        with fake_quant_context(q):
+        with intercept(FakeQuant(), q):
             jax.eval_shape(model.apply, params, ctx)
 
     g = jax.jit(model.apply)  # context entered OUTSIDE jit: the mistake to catch
     q1 = QuantSpec(weight_bits=8).to_qconfig(kv["layers"])
     q2 = QuantSpec(weight_bits=4).to_qconfig(kv["layers"])
-    with fake_quant_context(q1):
+    with intercept(FakeQuant(), q1):
         g(params, ctx)
     with pytest.raises(ValueError, match="never called"):
-        with fake_quant_context(q2):
+        with intercept(FakeQuant(), q2):
             g(params, ctx)
     with pytest.raises(ValueError, match="mode"):
-        with fake_quant_context(q1, mode="calibrate"):
+        with intercept("calibrate", q1):
             pass
 
 
@@ -443,7 +446,7 @@ def test_with_bits_sensitivity_sweep(kv):
     model, params, ctx = KV(), kv["params"], kv["ctx"]
 
     def forward(q):
-        with fake_quant_context(q):
+        with intercept(FakeQuant(), q):
             return model.apply(params, ctx)
 
     batched = jax.jit(jax.vmap(forward))(stack_qconfigs(configs))

@@ -1,0 +1,182 @@
+"""The library's layer modes (see `intercept`): float, fake quantization, range observation,
+shape recording and feature collection. The deployed integer path is
+`mixdq_jax.deploy.layers.Deployed`.
+
+Fake quantization: for a layer in the ``QConfig`` the input activation is fake-quantized per
+tensor (per input part for a shortcut-split layer) and the kernel per output channel, and the
+layer's own Flax code runs on them, so float settings reproduce the float model bit for bit.
+BOS-aware layers (MixDQ sec. 3.1: the text embedding's BOS token is the same for every prompt)
+take their token-0 output row from the float layer.
+
+Observation (calibration) runs activations in float, weights as configured, and records each
+layer's input range per input part as a ``[parts, 2]`` array of ``(lo, hi)`` containing 0,
+token 0 excluded for BOS-aware layers; accumulate batches with :func:`update_ranges`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mixdq_jax.quant.intercept import LayerCall, Mode, Records, union_ranges
+from mixdq_jax.quant.qconfig import LayerQConfig, QConfig, input_parts
+from mixdq_jax.quant.quantizers import quantize_activation, quantize_weight
+
+Array = jax.Array
+
+
+@dataclass(frozen=True, kw_only=True)
+class Float(Mode):
+    """No interception at all: the model as written."""
+
+    def handle(self, call: LayerCall, qconfig: Any, records: Records) -> Array:
+        return call.original()
+
+
+def _minmax(x: Array) -> Array:
+    xf = x.astype(jnp.float32)
+    return jnp.stack([jnp.minimum(jnp.min(xf), 0.0), jnp.maximum(jnp.max(xf), 0.0)])
+
+
+def _check(call: LayerCall, kernel: Array, lq: LayerQConfig) -> None:
+    if lq.split is not None and not 0 < lq.split < kernel.shape[-2]:
+        raise ValueError(
+            f"layer {call.name!r}: split {lq.split} outside its {kernel.shape[-2]} input channels"
+        )
+    if lq.bos and call.x.ndim < 3:
+        raise ValueError(
+            f"layer {call.name!r}: BOS-aware layer expects (..., tokens, channels) input, got "
+            f"shape {call.x.shape}"
+        )
+
+
+def _quantized_kernel(kernel: Array, lq: LayerQConfig, fmt: str) -> Array:
+    """Per output channel, each input part (axis -2 for Dense and Conv) on its own."""
+    parts = input_parts(lq.split, kernel.shape[-2])
+    qs = [quantize_weight(kernel[..., a:b, :], lq.w_bits, fmt=fmt) for a, b in parts]
+    return qs[0] if len(qs) == 1 else jnp.concatenate(qs, axis=-2)
+
+
+def _quantized_input(x: Array, lq: LayerQConfig, fmt: str) -> Array:
+    parts = input_parts(lq.split, x.shape[-1])
+    qs = [
+        quantize_activation(x[..., a:b], lq.a_bits, lq.a_range[j, 0], lq.a_range[j, 1], fmt=fmt)
+        for j, (a, b) in enumerate(parts)
+    ]
+    return qs[0] if len(qs) == 1 else jnp.concatenate(qs, axis=-1)
+
+
+def _observed_range(x: Array, lq: LayerQConfig) -> Array:
+    if lq.bos:
+        x = x[..., 1:, :]
+    return jnp.stack([_minmax(x[..., a:b]) for a, b in input_parts(lq.split, x.shape[-1])])
+
+
+def _fake_quant_call(call: LayerCall, qconfig: QConfig, records: Records, observe: bool) -> Array:
+    lq = qconfig.layers[call.name]
+    params = call.params
+    kernel = params["kernel"]
+    _check(call, kernel, lq)
+    x = call.x
+    wq = _quantized_kernel(kernel, lq, qconfig.weight_format)
+    if observe:
+        records.add(call.name, _observed_range(x, lq), union_ranges)
+        xq = x
+    else:
+        xq = _quantized_input(x, lq, qconfig.act_format)
+    out = call.apply({**params, "kernel": wq}, xq)
+    if lq.bos:
+        row0 = call.apply(params, x)[..., :1, :]
+        out = jnp.concatenate([row0, out[..., 1:, :]], axis=-2)
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class FakeQuant(Mode):
+    """Fake-quantize every layer of the ``QConfig`` (bits, ranges and formats from it)."""
+
+    def layers(self, qconfig: QConfig) -> Collection[str]:
+        return qconfig.layers
+
+    def handle(self, call: LayerCall, qconfig: QConfig, records: Records) -> Array:
+        return _fake_quant_call(call, qconfig, records, observe=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Observe(Mode):
+    """Record every configured layer's input range (``[parts, 2]``); weights as configured,
+    activations float."""
+
+    collects = True
+
+    def layers(self, qconfig: QConfig) -> Collection[str]:
+        return qconfig.layers
+
+    def handle(self, call: LayerCall, qconfig: QConfig, records: Records) -> Array:
+        return _fake_quant_call(call, qconfig, records, observe=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecordShapes(Mode):
+    """Record ``(kind, input shape without the batch axis)`` of every Dense/Conv, also while
+    the model initialises (the layer registry traces ``init`` under ``jax.eval_shape``)."""
+
+    collects = True
+    on_init = True
+
+    def handle(self, call: LayerCall, qconfig: Any, records: Records) -> Array:
+        records.add(call.name, (call.kind, tuple(call.x.shape[1:])), lambda old, new: old)
+        return call.original()
+
+
+@dataclass(frozen=True, kw_only=True)
+class CollectFeatures(Mode):
+    """Record ``feature(output)`` of every named layer (summed when a layer runs twice);
+    the layers run in float."""
+
+    names: frozenset[str]
+    feature: Callable[[Array], Array]
+
+    collects = True
+
+    def layers(self, qconfig: Any) -> Collection[str]:
+        return self.names
+
+    def handle(self, call: LayerCall, qconfig: Any, records: Records) -> Array:
+        out = call.original()
+        records.add(call.name, self.feature(out), jnp.add)
+        return out
+
+
+def default_mode(qconfig: Any) -> Mode:
+    """Fake quantization when a configuration is given, float otherwise."""
+    return Float() if qconfig is None else FakeQuant()
+
+
+def update_ranges(
+    running: Mapping[str, Array] | None,
+    batch: Mapping[str, Array],
+    *,
+    method: str = "minmax",
+    momentum: float = 0.95,
+) -> dict[str, Array]:
+    """Accumulate observed ranges over calibration batches (pure; jit-able).
+
+    ``"minmax"``: running min of ``lo`` and max of ``hi``. ``"ema"``: the official
+    ``running_stat`` rule, ``r = momentum * r + (1 - momentum) * batch`` (the first batch
+    initialises ``r``). ``running=None`` starts from ``batch``.
+    """
+    if method not in ("minmax", "ema"):
+        raise ValueError(f"method must be 'minmax' or 'ema', got {method!r}")
+    if running is None:
+        return dict(batch)
+    if set(running) != set(batch):
+        diff = sorted(set(running) ^ set(batch))
+        raise ValueError(f"update_ranges: layer sets differ: {diff[:20]}")
+    if method == "minmax":
+        return {name: union_ranges(running[name], new) for name, new in batch.items()}
+    return {name: momentum * running[name] + (1.0 - momentum) * new for name, new in batch.items()}

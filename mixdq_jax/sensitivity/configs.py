@@ -1,0 +1,76 @@
+"""The configurations a sweep evaluates: the all-float base and stacked single-layer
+variants of it (bit-widths are data: one stacked ``QConfig`` per chunk)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import jax
+import numpy as np
+
+from mixdq_jax.pipeline import Pipeline
+from mixdq_jax.quant.build import qconfig_for
+from mixdq_jax.quant.qconfig import FLOAT_BITS, QConfig, QuantSpec
+from mixdq_jax.sensitivity.config import KINDS
+
+
+def base_qconfig(
+    pipe: Pipeline,
+    spec: QuantSpec,
+    ranges: Mapping[str, Any],
+    layers: Sequence[str] | None = None,
+) -> QConfig:
+    """The all-float configuration (with the calibrated ranges) that sweeps start from, of
+    every layer or of ``layers`` only (a layer absent from a config runs untouched)."""
+    spec = replace(
+        spec,
+        weight_bits=FLOAT_BITS,
+        act_bits=FLOAT_BITS,
+        default_weight_bits=None,
+        default_act_bits=None,
+        protected_weights=frozenset(),
+        protected_acts=frozenset(),
+    )
+    qc = qconfig_for(pipe, spec, ranges)
+    if layers is not None:
+        qc = replace(qc, layers={n: qc.layers[n] for n in layers})
+    return qc
+
+
+def single_layer_qconfigs(base: QConfig, kind: str, tasks: Sequence[tuple[str, int]]) -> QConfig:
+    """``stack_qconfigs([base.with_bits(...{layer: bits}) for layer, bits in tasks])``, built
+    with numpy in one pass (a chunk holds thousands of leaves; one device transfer later)."""
+    n = len(tasks)
+    stacked = jax.tree.map(lambda x: np.repeat(np.asarray(x)[None], n, axis=0), base)
+    attr = "w_bits" if kind == "weight" else "a_bits"
+    for j, (name, bits) in enumerate(tasks):
+        getattr(stacked.layers[name], attr)[j] = bits
+    return stacked
+
+
+def bits_attr(kind: str) -> str:
+    """The ``LayerQConfig`` leaf a sweep of ``kind`` varies."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return "w_bits" if kind == "weight" else "a_bits"
+
+
+def is_swept_leaf(path: tuple, attr: str) -> bool:
+    """Whether a pytree path (``tree_map_with_path``) ends at the swept leaf ``attr``."""
+    return getattr(path[-1], "name", None) == attr
+
+
+def split_swept(qconfigs: QConfig, kind: str) -> QConfig:
+    """A stacked single-layer configuration with the configuration axis kept only on the swept
+    kind's bit-widths (the other leaves are equal across configurations: their first row).
+
+    Why: under ``vmap`` a batched weight bit-width batches that layer's kernel, so an activation
+    sweep would carry one copy of every kernel per configuration; with only ``a_bits`` batched
+    the kernels stay shared and each layer runs as one large op over all configurations.
+    """
+    attr = bits_attr(kind)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: x if is_swept_leaf(p, attr) else x[0], qconfigs
+    )
