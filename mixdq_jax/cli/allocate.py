@@ -148,7 +148,9 @@ def run(args: argparse.Namespace) -> int:
     files.check_out(args.out, options)
     sensitivity_dir, sizes_path = args.sensitivity, args.sizes
     if args.run is not None:
-        sensitivity_dir = args.run / "sensitivity"
+        from mixdq_jax.rundir import RunDir  # noqa: PLC0415
+
+        sensitivity_dir = RunDir(args.run).sensitivity_dir
         if sizes_path is None:
             sizes_path = files.run_sizes(args.run, args.kind)
     elif sizes_path is None:

@@ -83,7 +83,10 @@ def run(args: argparse.Namespace) -> int:
             num_processes=args.num_processes,
             process_id=args.process_id,
         )
-    if not (args.run / "calib" / "act_ranges.npz").is_file():
+    from mixdq_jax.rundir import RunDir  # noqa: PLC0415
+
+    run = RunDir(args.run)
+    if not run.act_ranges_path.is_file():
         raise FileNotFoundError(
             f"--run {args.run}: not a calibrated run directory (no calib/act_ranges.npz); run "
             f"`mixdq calibrate --model {args.model} --run {args.run}` first"
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
     kinds = ("weight", "act") if args.kind == "both" else (args.kind,)
     pipe = load_pipeline(args.model, scheduler=args.scheduler)
-    out = args.run / "sensitivity"
+    out = run.sensitivity_dir
     if args.metric == "orthogonality":
         config = OrthogonalityConfig(
             bits=args.bits, num_timesteps=args.num_timesteps, beta=args.beta

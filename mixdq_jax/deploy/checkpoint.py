@@ -80,6 +80,11 @@ def freeze(
     float_dtype: Any = None,
 ) -> tuple[DeployPlan, dict, dict]:
     """``(plan, packed UNet params, activation ranges)`` of ``spec`` for ``pipe``'s float UNet."""
+    if pipe.unet_mode is not None:
+        raise ValueError(
+            f"{pipe.source}: this model's UNet is already quantized (packed); freeze or export "
+            "from the float model"
+        )
     qconfig = qconfig_for(pipe, spec, calib)
     params = pipe.params["unet"]
     plan = DeployPlan.from_qconfig(qconfig, params)

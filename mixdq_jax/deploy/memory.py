@@ -45,7 +45,7 @@ def plan_for_spec(
     ranges change values, never shapes, so they are irrelevant to memory."""
     splits = layer_splits(build_registry(config))
     ranges = {
-        n: np.array([[-1.0, 1.0]] * (2 if s is not None else 1), np.float32).squeeze()
+        n: np.array([[-1.0, 1.0]] * (2 if s is not None else 1), np.float32)
         for n, s in splits.items()
     }
     qconfig = spec.to_qconfig(splits, ranges)

@@ -132,6 +132,10 @@ def test_version_and_format_checks(exported, tmp_path):
         load_quantized_unet(unet)
     with pytest.raises(ValueError, match="already quantized"):
         api.quantized_config(api.load_pipeline(exported[0]), QuantSpec(weight_bits=8))
+    with pytest.raises(ValueError, match="already quantized"):
+        export_quantized_pipeline(
+            api.load_pipeline(exported[0]), QuantSpec(weight_bits=8), tmp_path / "again"
+        )
 
 
 def test_cli_export(pipe_dir, ranges, tmp_path, capsys):
