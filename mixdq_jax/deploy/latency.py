@@ -251,7 +251,8 @@ def unet_latency(
         example_inputs,
         param_shapes,
     )
-    from mixdq_jax.quant.intercept import intercept  # noqa: PLC0415
+    from mixdq_jax.quant import Float, forward  # noqa: PLC0415
+    from mixdq_jax.quant.forward import unet_arguments  # noqa: PLC0415
     from mixdq_jax.quant.qconfig import QuantSpec  # noqa: PLC0415
 
     if unet_config is None:
@@ -297,14 +298,13 @@ def unet_latency(
             )
             params = _random_like(shapes, seed)
 
-        def forward(p, kw, plan=plan):
-            if plan is None:
-                return model.apply({"params": p}, **kw)
-            with intercept(Deployed(plan=plan, backend=backend)):
-                return model.apply({"params": p}, **kw)
+        mode = Float() if plan is None else Deployed(plan=plan, backend=backend)
+
+        def run(p, kw, mode=mode):
+            return forward(model, p, None, *unet_arguments(kw), mode=mode)
 
         result["param_bytes"][name] = tree_nbytes(params)
-        result["ms"][name] = round(_median_ms(jax.jit(forward), (params, inputs), repeats), 2)
+        result["ms"][name] = round(_median_ms(jax.jit(run), (params, inputs), repeats), 2)
         del params
     fp = result["ms"].get("fp")
     if fp:

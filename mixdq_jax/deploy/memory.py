@@ -23,7 +23,8 @@ import numpy as np
 from mixdq_jax.deploy.layers import Deployed
 from mixdq_jax.deploy.packed import DeployPlan, packed_shapes
 from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, example_inputs, param_shapes
-from mixdq_jax.quant.intercept import intercept
+from mixdq_jax.quant.forward import forward, unet_arguments
+from mixdq_jax.quant.modes import Float
 from mixdq_jax.quant.qconfig import FLOAT_BITS, QuantSpec
 from mixdq_jax.quant.registry import build_registry, layer_splits
 
@@ -80,13 +81,12 @@ def abstract_forward_inputs(config: UNetConfig, latent: int, dtype: Any) -> dict
 def compiled_memory(model: UNet2DConditionModel, plan: DeployPlan | None, params, inputs):
     """``memory_analysis`` of one jitted forward on abstract ``params`` / ``inputs``."""
 
-    def forward(p, kw):
-        if plan is None:
-            return model.apply({"params": p}, **kw)
-        with intercept(Deployed(plan=plan)):
-            return model.apply({"params": p}, **kw)
+    mode = Float() if plan is None else Deployed(plan=plan)
 
-    stats = jax.jit(forward).lower(params, inputs).compile().memory_analysis()
+    def run(p, kw):
+        return forward(model, p, None, *unet_arguments(kw), mode=mode)
+
+    stats = jax.jit(run).lower(params, inputs).compile().memory_analysis()
     if stats is None:
         return {"peak_bytes": None}
     total = (

@@ -58,3 +58,14 @@ def forward(
     with intercept(mode, qconfig) as records:
         out = apply()
     return (out, records.data) if mode.collects else out
+
+
+def unet_arguments(inputs: Mapping[str, Any]) -> tuple[Array, Array, dict[str, Any]]:
+    """``(sample, t, cond)`` for :func:`forward` from UNet keyword arguments (the form of
+    `mixdq_jax.models.unet.example_inputs`)."""
+    cond = {
+        "context": inputs["encoder_hidden_states"],
+        "added": inputs.get("added_cond_kwargs"),
+        "timestep_cond": inputs.get("timestep_cond"),
+    }
+    return inputs["sample"], inputs["timesteps"], cond

@@ -24,6 +24,7 @@ from mixdq_jax.deploy import (
     load_quantized_unet,
 )
 from mixdq_jax.deploy.layers import Deployed
+from mixdq_jax.deploy.memory import stored_param_bytes
 from mixdq_jax.quant import QuantSpec
 from mixdq_jax.quant.registry import unet_layers
 from tests.deploy.conftest import PROMPTS, denoised
@@ -59,6 +60,9 @@ def test_reloaded_checkpoint_runs_identically(pipe, ranges, spec, exported, pipe
     assert not any(k.endswith("/kernel") and "conv_in" in k for k in stored)  # no float copy
     float_bytes = sum(a.nbytes for a in jax.tree.leaves(pipe.params["unet"]))
     assert meta["param_bytes"] < 0.45 * float_bytes  # vs the f32 UNet (f32 norms/biases kept)
+    # the size the study reports, traced from shapes only, is the exported arrays' size
+    traced = stored_param_bytes(pipe.unet.config, spec, float_dtype=jnp.float32)
+    assert traced == meta["param_bytes"]
     loaded = load_quantized_pipeline(out)
     memory = deploy_pipeline(pipe, spec, ranges)
     np.testing.assert_array_equal(_latents(loaded, pipe), _latents(memory, pipe))

@@ -136,3 +136,13 @@ def test_plan_json_round_trip():
     plan = DeployPlan(layers={"a.b": lp})
     assert DeployPlan.from_dict(plan.as_dict()) == plan
     assert lp.mode == "weight_only" and lp.parts() == [(0, 4), (4, 8)]
+
+
+def test_unet_latency_runs_every_configuration_on_the_tiny_unet():
+    from mixdq_jax.deploy.latency import unet_latency
+
+    result = unet_latency(TINY_UNET, latent=8, repeats=1, backend="xla")
+    assert set(result["ms"]) == {"fp", "w8a8", "w4a8"}
+    assert all(v > 0 for v in result["ms"].values())
+    b = result["param_bytes"]
+    assert b["w4a8"] < b["w8a8"] < b["fp"]
