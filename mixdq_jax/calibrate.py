@@ -74,7 +74,7 @@ def run_batch(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Sample one batch step by step: ``(references, ranges)``: the inputs/outputs, images,
     conditioning and step-noise key, and (when observing) the batch's activation ranges."""
-    cfg = pipe._do_cfg(config.guidance_scale)
+    cfg = pipe.uses_cfg(config.guidance_scale)
     plan = pipe.scheduler.set_timesteps(config.num_inference_steps)
     context, pooled = pipe.prompt_embeddings(list(prompts), None, config.guidance_scale)
     cond = pipe.conditioning(context, pooled, config.guidance_scale, config.height, config.width)

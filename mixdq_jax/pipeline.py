@@ -98,7 +98,7 @@ class Pipeline:
     ) -> jax.Array:
         """Run the whole sampling loop (one jitted call). ``latents`` are unscaled N(0, 1)."""
         plan = self.scheduler.set_timesteps(num_inference_steps)
-        cfg = self._do_cfg(guidance_scale)
+        cfg = self.uses_cfg(guidance_scale)
         mode = self.mode_for(qconfig)
         key = ("denoise", num_inference_steps, cfg, type(mode).__name__)
         fn = self._cache.get(key)
@@ -126,7 +126,8 @@ class Pipeline:
             )
         return self.unet_mode
 
-    def _do_cfg(self, guidance_scale: float) -> bool:
+    def uses_cfg(self, guidance_scale: float) -> bool:
+        """Classifier-free guidance doubles the UNet batch (not for guidance-embedded LCM)."""
         return guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None
 
     def conditioning(
@@ -202,10 +203,11 @@ class Pipeline:
         """Latents -> images [B, H, W, 3] in [0, 1] (float32)."""
         fn = self._cache.get("decode")
         if fn is None:
-            fn = self._cache["decode"] = jax.jit(self._decode)
+            fn = self._cache["decode"] = jax.jit(self.decode_with)
         return fn(self.params["vae"], latents)
 
-    def _decode(self, params, latents):
+    def decode_with(self, params: Any, latents: jax.Array) -> jax.Array:
+        """:meth:`decode` as a pure function of the VAE params (to jit or vmap inside others)."""
         cfg = self.vae.config
         z = latents.astype(jnp.float32) / cfg.scaling_factor
         if cfg.shift_factor is not None:
@@ -283,7 +285,7 @@ class Pipeline:
     ) -> tuple[jax.Array, jax.Array | None]:
         """Conditioning for the UNet; with CFG the negative half comes first, as diffusers."""
         context, pooled = self.encode_prompt(self.tokenize(prompts))
-        if not self._do_cfg(guidance_scale):
+        if not self.uses_cfg(guidance_scale):
             return context, pooled
         if negative_prompt is None and self.kind == "sdxl" and self.force_zeros_for_empty_prompt:
             neg_context = jnp.zeros_like(context)

@@ -64,7 +64,7 @@ def load_calibration(run_dir: str | os.PathLike | RunDir, pipe: Pipeline) -> Cal
             f"{len(known)}); was it calibrated with another model?"
         )
     refs = run.references()
-    cfg_on = pipe._do_cfg(guidance)
+    cfg_on = pipe.uses_cfg(guidance)
     n, bs = len(cfg["prompts"]), int(cfg["batch_size"])
     sizes = [min(bs, n - s) for s in range(0, n, bs)]
     batches, row, lat = [], 0, 0

@@ -69,7 +69,7 @@ class Evaluator:
         self.size = self.mesh.devices.size
         self._rep = NamedSharding(self.mesh, PartitionSpec())
         self.plan = jax.tree.map(jnp.asarray, pipe.scheduler.set_timesteps(calib.steps))
-        self.do_cfg = pipe._do_cfg(calib.guidance)
+        self.do_cfg = pipe.uses_cfg(calib.guidance)
         self.params = _put({"unet": pipe.params["unet"], "vae": pipe.params["vae"]}, self._rep)
         self._data: dict[int, dict[str, Any]] = {}
         self.functions: dict[tuple, Callable] = {}  # (metric, kind, treedef) -> program
@@ -150,7 +150,7 @@ class Evaluator:
             )[0]
 
         x = jax.lax.fori_loop(0, plan.num_inference_steps, body, latents * plan.init_noise_sigma)
-        images = self.pipe._decode(params["vae"], x)
+        images = self.pipe.decode_with(params["vae"], x)
         return ssim_global(images, ref_images, data_range=1.0)
 
     def _batch_data(self, b: CalibBatch) -> dict[str, Any]:
