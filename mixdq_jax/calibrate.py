@@ -59,6 +59,10 @@ class CalibConfig:
             raise ValueError("CalibConfig: batch_size and num_inference_steps must be >= 1")
 
 
+def _dtype_name(pipe: Pipeline) -> str:
+    return jnp.dtype(pipe.unet.dtype or jnp.float32).name
+
+
 def float_qconfig(pipe: Pipeline) -> QConfig:
     """Every layer of the pipeline's UNet at float bits: what calibration observes."""
     return QuantSpec().to_qconfig(layer_splits(unet_layers(pipe.unet.config)))
@@ -117,7 +121,7 @@ def calibrate(
 ) -> dict[str, np.ndarray]:
     """Calibrate ``pipe`` (float UNet) into ``run_dir``; returns the accumulated ranges."""
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    meta = {"config": asdict(config), "source": pipe.source}
+    meta = {"config": asdict(config), "source": pipe.source, "dtype": _dtype_name(pipe)}
     meta["config"]["prompts"] = list(config.prompts)
     run.start_calibration(meta)
     qconfig = float_qconfig(pipe)  # observe every layer with float weights and activations

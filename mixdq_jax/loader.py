@@ -9,14 +9,17 @@ the float components of a quantized folder.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from mixdq_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, param_shapes
@@ -60,10 +63,16 @@ def _load_params(
     sources: Mapping[str, str],
     dtype: Any,
 ) -> dict:
-    return jax.tree_util.tree_map(
-        jnp.asarray,
-        torch_to_flax(state, target, sources=sources, what=f"{folder.name}/{name}", dtype=dtype),
-    )
+    """One component's params, converted and put on the device one tensor at a time (the
+    state is memory-mapped: no second host copy of the model), with a progress bar."""
+    progress = partial(
+        tqdm, desc=f"loading {name}", unit="tensor", total=len(jax.tree.leaves(target)),
+        file=sys.stderr, leave=False, disable=None,
+    )  # fmt: skip
+    return torch_to_flax(
+        state, target, sources=sources, what=f"{folder.name}/{name}", dtype=dtype,
+        to_leaf=jnp.asarray, progress=progress,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,7 +8,8 @@ used, and every shape must match, or the error names the key and the file it cam
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -56,18 +57,25 @@ def torch_to_flax(
     sources: Mapping[str, str] | None = None,
     what: str = "model",
     dtype: np.dtype | None = None,
+    to_leaf: Callable[[np.ndarray], Any] | None = None,
+    progress: Callable[[Iterable], Iterable] | None = None,
 ) -> dict:
     """Build a Flax ``params`` tree shaped like ``target`` from a PyTorch-named state dict.
 
     ``target`` is a params tree of arrays or ``jax.ShapeDtypeStruct`` (from ``jax.eval_shape``).
-    ``sources`` maps each key to the file it was read from, for error messages.
+    ``sources`` maps each key to the file it was read from, for error messages. ``to_leaf``
+    turns each converted numpy tensor into the stored leaf as soon as it is made (e.g.
+    ``jnp.asarray``: one tensor at a time goes to the device and its host copy is dropped,
+    instead of a whole host tree next to a whole device tree); ``progress`` wraps the loop
+    over tensors (a progress bar).
     """
     sources = sources or {}
     flat = traverse_util.flatten_dict(target)
-    out: dict[tuple[str, ...], np.ndarray] = {}
+    out: dict[tuple[str, ...], Any] = {}
     used: set[str] = set()
     missing: list[str] = []
-    for path, leaf in flat.items():
+    items = flat.items() if progress is None else progress(flat.items())
+    for path, leaf in items:
         key, layout = _torch_key(path, len(leaf.shape))
         if key not in state:
             missing.append(f"{key} (Flax param {'/'.join(path)})")
@@ -79,7 +87,8 @@ def torch_to_flax(
                 f"{what}: tensor {key!r} in {where} has shape {tuple(np.asarray(state[key]).shape)}"
                 f", expected {_torch_shape(leaf.shape, layout)}"
             )
-        out[path] = value.astype(dtype or leaf.dtype)
+        value = value.astype(dtype or leaf.dtype)
+        out[path] = value if to_leaf is None else to_leaf(value)
         used.add(key)
     if missing:
         files = sorted(set(sources.values())) or ["<state dict>"]

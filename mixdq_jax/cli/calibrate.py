@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mixdq_jax.cli.quant_args import add_dtype_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="calibrate activation ranges on prompts")
@@ -32,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="range accumulation over batches (ema: the official running_stat)",
     )
     p.add_argument("--scheduler", default=None)
+    add_dtype_arg(p)
     p.set_defaults(func=run)
 
 
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from mixdq_jax.api import load_pipeline  # noqa: PLC0415
     from mixdq_jax.calibrate import CalibConfig, calibrate  # noqa: PLC0415
 
-    pipe = load_pipeline(args.model, scheduler=args.scheduler)
+    pipe = load_pipeline(args.model, scheduler=args.scheduler, dtype=args.dtype)
     h, w = native_size(pipe)
     config = CalibConfig(
         prompts=tuple(calib_prompts(args.model, args.prompts_file, args.num_prompts)),

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from mixdq_jax.cli.quant_args import add_quant_args, describe, spec_from_args
+from mixdq_jax.cli.quant_args import add_dtype_arg, add_quant_args, describe, spec_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=1, help="1: Euler-A trailing; more: LCM")
     p.add_argument("--num", type=int, default=256, help="number of captions")
     p.add_argument("--seed", type=int, default=0)
+    add_dtype_arg(p)
     p.add_argument("--out", type=Path, default=None, help="write metrics.json and grid.png here")
     add_quant_args(p)
     p.set_defaults(func=run)
@@ -34,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from mixdq_jax.testbed import evaluate  # noqa: PLC0415
 
     spec = spec_from_args(args)
-    pipe = load_pipeline(args.model, scheduler=None if args.steps == 1 else "LCMScheduler")
+    scheduler = None if args.steps == 1 else "LCMScheduler"
+    pipe = load_pipeline(args.model, scheduler=scheduler, dtype=args.dtype)
     kw = dict(split=args.split, steps=args.steps, num=args.num, seed=args.seed)
     reference = evaluate.evaluate(pipe, **kw)
     if spec is None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mixdq_jax.cli.calibrate import native_size
-from mixdq_jax.cli.quant_args import add_quant_args, describe, spec_from_args
+from mixdq_jax.cli.quant_args import add_dtype_arg, add_quant_args, describe, spec_from_args
 from mixdq_jax.io_utils import atomic_write_bytes, atomic_write_json
 
 
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora", type=Path, default=None, help="LoRA safetensors fused into the UNet")
     p.add_argument("--lora-scale", type=float, default=1.0)
     p.add_argument("--variant", default=None, help="weight variant, e.g. fp16")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_dtype_arg(p)
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin (pickle) weights")
     p.add_argument("--out", type=Path, required=True, help="output folder for PNGs")
     add_quant_args(p)

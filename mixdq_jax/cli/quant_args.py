@@ -7,6 +7,16 @@ from pathlib import Path
 
 from mixdq_jax.quant.qconfig import FLOAT_BITS, QUANT_BITS, QuantSpec
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    """``--dtype``: the dtype the model's weights are loaded and run in."""
+    p.add_argument(
+        "--dtype", default="float32", choices=DTYPES,
+        help="dtype the model is loaded and run in (float16/bfloat16 halve the memory)",
+    )  # fmt: skip
+
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization (fake quant of the UNet; default: float)")

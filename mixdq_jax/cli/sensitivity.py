@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mixdq_jax.cli.quant_args import add_dtype_arg
+
 METRIC_CHOICES = ("mixdq", "sqnr", "ssim", "both", "orthogonality")
 
 
@@ -47,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="sweep only these layers: a YAML list of names (default: every layer)",
     )
     p.add_argument("--scheduler", default=None, help="the scheduler used for calibration")
+    add_dtype_arg(p)
     p.add_argument(
         "--format",
         dest="quant_format",
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     kinds = ("weight", "act") if args.kind == "both" else (args.kind,)
-    pipe = load_pipeline(args.model, scheduler=args.scheduler)
+    pipe = load_pipeline(args.model, scheduler=args.scheduler, dtype=args.dtype)
     out = run.sensitivity_dir
     if args.metric == "orthogonality":
         config = OrthogonalityConfig(

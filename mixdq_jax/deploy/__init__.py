@@ -22,6 +22,7 @@ from mixdq_jax.deploy.packed import (
     DeployPlan,
     LayerPlan,
     pack_unet_params,
+    pack_unet_params_by_layer,
     packed_shapes,
     quantize_weight_codes,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "load_quantized_pipeline",
     "load_quantized_unet",
     "pack_unet_params",
+    "pack_unet_params_by_layer",
     "packed_shapes",
     "quantize_weight_codes",
     "run_layer",

@@ -32,7 +32,7 @@ from mixdq_jax.deploy.packed import (
     FORMAT_VERSION,
     DeployPlan,
     node_at,
-    pack_unet_params,
+    pack_unet_params_by_layer,
     packed_shapes,
 )
 from mixdq_jax.io_utils import atomic_write_json
@@ -90,10 +90,7 @@ def freeze(
     plan = DeployPlan.from_qconfig(qconfig, params)
     act = {n: lq.a_range for n, lq in qconfig.layers.items() if n in plan.layers}
     x_bos = bos_embedding(pipe) if plan.needs_bos() else None
-    # one compiled program for the whole tree: eager packing would compile every small op for
-    # every layer shape
-    pack = jax.jit(lambda p, r, xb: pack_unet_params(p, plan, r, xb, float_dtype=float_dtype))
-    packed = pack(params, act, x_bos)
+    packed = pack_unet_params_by_layer(params, plan, act, x_bos, float_dtype=float_dtype)
     return plan, packed, {n: np.asarray(r) for n, r in act.items()}
 
 

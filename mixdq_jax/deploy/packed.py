@@ -31,7 +31,7 @@ costs an activation row-sum correction in the epilogue (see `layers`), the symme
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import jax
@@ -216,6 +216,22 @@ def unpacked_codes(w: Array, lp: LayerPlan) -> Array:
     return w
 
 
+def check_layer_inputs(lp: LayerPlan, act_range: Any, x_bos: Any) -> None:
+    """What packing ``lp`` needs besides its weights: a range per input part for quantized
+    activations, the BOS embedding for a BOS-aware layer; a ValueError naming the layer."""
+    if lp.a_bits < FLOAT_BITS:
+        if act_range is None:
+            raise ValueError(f"layer {lp.name!r}: quantized activations need a calibrated range")
+        rows = int(np.prod(np.shape(act_range))) // 2
+        if rows != len(lp.parts()):
+            raise ValueError(
+                f"layer {lp.name!r}: {rows} activation range(s) for {len(lp.parts())} input "
+                "part(s)"
+            )
+    if lp.bos and lp.mode != "act_only" and x_bos is None:
+        raise ValueError(f"layer {lp.name!r} is BOS-aware: pass the BOS token embedding (x_bos)")
+
+
 def pack_layer(
     node: Mapping[str, Array],
     lp: LayerPlan,
@@ -224,6 +240,7 @@ def pack_layer(
     float_dtype: Any,
 ) -> dict[str, Any]:
     """The packed node of one layer from its float ``{"kernel", "bias"}`` node."""
+    check_layer_inputs(lp, act_range, x_bos)
     kernel = node["kernel"]
     bias = node.get("bias")
     out: dict[str, Any] = {}
@@ -233,14 +250,7 @@ def pack_layer(
         out["kernel"] = kernel.astype(float_dtype)
     ranges = None
     if lp.a_bits < FLOAT_BITS:
-        if act_range is None:
-            raise ValueError(f"layer {lp.name!r}: quantized activations need a calibrated range")
         ranges = jnp.asarray(act_range, jnp.float32).reshape(-1, 2)
-        if ranges.shape[0] != len(lp.parts()):
-            raise ValueError(
-                f"layer {lp.name!r}: {ranges.shape[0]} activation range(s) for "
-                f"{len(lp.parts())} input part(s)"
-            )
     for j, part in enumerate(lp.parts()):
         q: dict[str, Array] = {}
         if lp.w_bits < FLOAT_BITS:
@@ -262,10 +272,6 @@ def pack_layer(
             q["a_scale"], q["a_zp"] = a_scale, a_zp
         out[f"q{j}"] = q
     if lp.bos and lp.mode != "act_only":
-        if x_bos is None:
-            raise ValueError(
-                f"layer {lp.name!r} is BOS-aware: pass the BOS token embedding (x_bos)"
-            )
         xb = jnp.asarray(x_bos, jnp.float32)
         row = jnp.dot(xb, kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
         if bias is not None:
@@ -299,6 +305,60 @@ def pack_unet_params(
         fd = float_dtype if float_dtype is not None else node["kernel"].dtype
         packed = pack_layer(node, lp, act_ranges.get(name), x_bos, fd)
         out = _replace_node(out, path, packed)
+    return out
+
+
+def pack_unet_params_by_layer(
+    params: Mapping,
+    plan: DeployPlan,
+    act_ranges: Mapping[str, Any] | None = None,
+    x_bos: Array | None = None,
+    *,
+    float_dtype: Any = None,
+) -> dict:
+    """:func:`pack_unet_params`, one compiled program per distinct layer shape instead of one
+    for the whole tree: the temporaries of one layer are alive at a time (at SDXL size the
+    whole-tree program needed memory for every layer's codes at once). Same result."""
+    act_ranges = act_ranges or {}
+    planned = {_path_of(params, name): name for name in plan.layers}
+    rest = _without(params, planned)
+    cast = jax.jit(lambda t: jax.tree.map(lambda a: _cast_float(a, float_dtype), t))
+    out = cast(rest) if float_dtype is not None else dict(rest)
+    for path, name in planned.items():
+        lp = plan.layers[name]
+        node = node_at(params, name)
+        act, fd = act_ranges.get(name), float_dtype or node["kernel"].dtype
+        check_layer_inputs(lp, act, x_bos)  # with the layer's name; the program is nameless
+        packed = _pack_layer_jit(dict(node), replace(lp, name=""), act, x_bos, jnp.dtype(fd))
+        out = _insert_node(out, path, packed)
+    return out
+
+
+_pack_layer_jit = jax.jit(pack_layer, static_argnums=(1, 4))
+
+
+def _without(tree: Mapping, paths: Mapping[tuple[str, ...], str]) -> dict:
+    """``tree`` without the nodes at ``paths`` (emptied parents dropped)."""
+    out = {}
+    for key, value in tree.items():
+        inner = {p[1:]: n for p, n in paths.items() if p[0] == key}
+        if (key,) in paths:
+            continue
+        if inner and isinstance(value, Mapping):
+            sub = _without(value, inner)
+            if sub:
+                out[key] = sub
+        else:
+            out[key] = value
+    return out
+
+
+def _insert_node(tree: Mapping, path: tuple[str, ...], value: Any) -> dict:
+    out = dict(tree)
+    if len(path) == 1:
+        out[path[0]] = value
+    else:
+        out[path[0]] = _insert_node(tree.get(path[0], {}), path[1:], value)
     return out
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from mixdq_jax.quant.intercept import LayerCall, Mode, Records, union_ranges
 from mixdq_jax.quant.qconfig import LayerQConfig, QConfig, input_parts
 from mixdq_jax.quant.quantizers import quantize_activation, quantize_weight
+from pallas_kernels import grid
 
 Array = jax.Array
 
@@ -54,11 +55,34 @@ def _check(call: LayerCall, kernel: Array, lq: LayerQConfig) -> None:
         )
 
 
-def _quantized_kernel(kernel: Array, lq: LayerQConfig, fmt: str) -> Array:
-    """Per output channel, each input part (axis -2 for Dense and Conv) on its own."""
-    parts = input_parts(lq.split, kernel.shape[-2])
-    qs = [quantize_weight(kernel[..., a:b, :], lq.w_bits, fmt=fmt) for a, b in parts]
-    return qs[0] if len(qs) == 1 else jnp.concatenate(qs, axis=-2)
+def _quantized_kernel(kernel: Array, x: Array, lq: LayerQConfig, fmt: str) -> Array:
+    """Per output channel, each input part (axis -2 for Dense and Conv) on its own.
+
+    Memory, not just math: the bits are traced, so "keep float" is decided at run time, and
+    the dequantized weights would depend only on the weights and bits: XLA may compute every
+    layer's copy before the first layer runs (a second model in memory; at SDXL size the
+    process is killed). So the bits are tied to this layer's input (:func:`_tied_to`): each
+    copy is made when its layer runs and dies with it. Float bits skip the work with a
+    ``lax.cond`` (under ``vmap`` over batched bits a select: still one layer at a time).
+    (``lax.optimization_barrier`` does not order this on XLA:CPU; measured.)
+    """
+    bits = _tied_to(lq.w_bits, x)
+
+    def quantize(k: Array) -> Array:
+        parts = input_parts(lq.split, k.shape[-2])
+        qs = [quantize_weight(k[..., a:b, :], bits, fmt=fmt) for a, b in parts]
+        return qs[0] if len(qs) == 1 else jnp.concatenate(qs, axis=-2)
+
+    return jax.lax.cond(grid.is_float(bits), lambda k: k, quantize, kernel)
+
+
+def _tied_to(bits: Array, x: Array) -> Array:
+    """``bits`` plus an int32 zero computed from ``x`` (the sign bit of its first element,
+    shifted down, then min with 0): the same value, but a real data dependency that XLA
+    cannot fold away, so work on the bits waits for ``x``."""
+    first = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.int32)
+    zero = jnp.minimum(jax.lax.shift_right_logical(first, jnp.int32(31)), 0)
+    return jnp.asarray(bits).astype(jnp.int32) + zero
 
 
 def _quantized_input(x: Array, lq: LayerQConfig, fmt: str) -> Array:
@@ -82,7 +106,7 @@ def _fake_quant_call(call: LayerCall, qconfig: QConfig, records: Records, observ
     kernel = params["kernel"]
     _check(call, kernel, lq)
     x = call.x
-    wq = _quantized_kernel(kernel, lq, qconfig.weight_format)
+    wq = _quantized_kernel(kernel, x, lq, qconfig.weight_format)
     if observe:
         records.add(call.name, _observed_range(x, lq), union_ranges)
         xq = x

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from mixdq_jax.pipeline import Pipeline
@@ -56,6 +57,12 @@ def load_calibration(run_dir: str | os.PathLike | RunDir, pipe: Pipeline) -> Cal
             f"{run.path}: calibrated with timesteps {stored_t.tolist()} but this pipeline's "
             f"scheduler gives {np.asarray(plan.timesteps).tolist()}; load the model with the "
             "scheduler used for calibration (--scheduler)"
+        )
+    dtype = jnp.dtype(pipe.unet.dtype or jnp.float32).name
+    if meta.get("dtype", dtype) != dtype:
+        raise ValueError(
+            f"{run.path}: calibrated with the model in {meta['dtype']}, this pipeline runs in "
+            f"{dtype}; load it with dtype={meta['dtype']!r} (--dtype {meta['dtype']})"
         )
     known = {layer.name for layer in unet_layers(pipe.unet.config)}
     if set(ranges) != known:

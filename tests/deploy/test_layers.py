@@ -13,7 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixdq_jax.deploy import Deployed, DeployPlan, pack_unet_params, run_layer
+from mixdq_jax.deploy import (
+    Deployed,
+    DeployPlan,
+    pack_unet_params,
+    pack_unet_params_by_layer,
+    run_layer,
+)
 from mixdq_jax.deploy.packed import node_at
 from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, example_inputs
 from mixdq_jax.quant import FakeQuant, Observe, QuantSpec, intercept, update_ranges
@@ -192,3 +198,27 @@ def test_context_errors(setup):
         with intercept(Deployed(plan=extra)):
             pass
     assert jax.eval_shape(run, packed).shape == inputs["sample"].shape
+
+
+def test_layer_by_layer_packing_equals_the_whole_tree_program(setup):
+    """Export packs one layer at a time (bounded memory); the tree must be the same."""
+    params, _, x_bos, splits, ranges = setup
+    rng = np.random.default_rng(3)
+    names = list(splits)
+    spec = QuantSpec(
+        weight_bits={n: int(rng.choice([2, 3, 4, 8, 16])) for n in names},
+        act_bits={n: int(rng.choice([8, 16])) for n in names},
+    )
+    qconfig, plan, whole = _freeze(setup, spec)
+    act = {n: lq.a_range for n, lq in qconfig.layers.items() if n in plan.layers}
+    for float_dtype in (None, jnp.float16):
+        want = whole if float_dtype is None else jax.jit(
+            lambda p, r, xb, fd=float_dtype: pack_unet_params(p, plan, r, xb, float_dtype=fd)
+        )(params, act, x_bos)
+        got = pack_unet_params_by_layer(params, plan, act, x_bos, float_dtype=float_dtype)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="calibrated range"):
+        pack_unet_params_by_layer(params, plan, {}, x_bos)

@@ -8,7 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, example_inputs
+from mixdq_jax.models.unet import (
+    UNet2DConditionModel,
+    UNetConfig,
+    example_inputs,
+    param_shapes,
+)
 from mixdq_jax.quant import (
     FakeQuant,
     Float,
@@ -20,6 +25,7 @@ from mixdq_jax.quant import (
     unet_layers,
     update_ranges,
 )
+from mixdq_jax.quant.forward import unet_arguments
 from tests.tiny_models import sdxl_unet_config
 
 CONFIG = UNetConfig.from_dict(sdxl_unet_config())
@@ -135,3 +141,39 @@ def test_mode_must_be_a_mode(unet):
     with pytest.raises(ValueError, match="Mode"):
         forward(unet["model"], unet["params"], None, unet["x"], unet["t"], unet["cond"],
                 mode="observe")  # fmt: skip
+
+
+def _temp_bytes(model, config, qconfig, mode=None) -> int:
+    params = param_shapes(model)
+    inputs = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), example_inputs(config, batch=1)
+    )
+
+    def run(p, kw, q):
+        out = forward(model, p, q, *unet_arguments(kw), mode=mode)
+        return out[0] if isinstance(out, tuple) else out
+
+    stats = jax.jit(run).lower(params, inputs, qconfig).compile().memory_analysis()
+    return int(stats.temp_size_in_bytes)
+
+
+def test_fake_quant_keeps_only_a_few_layers_weights_alive():
+    """Root cause of the full-size OOM: with traced bits every layer's dequantized copy could
+    be computed up front (a second model in memory). Compiled temporaries of the fake-quant
+    forward may exceed the float forward's by a few layers' weights, not by the model."""
+    config = UNetConfig.from_dict(
+        sdxl_unet_config(block_out_channels=(64, 128), cross_attention_dim=128)
+    )
+    model = UNet2DConditionModel(config=config)
+    layers = unet_layers(config)
+    splits = layer_splits(layers)
+    ranges = {n: np.array([[-1.0, 1.0]] * (1 if s is None else 2)) for n, s in splits.items()}
+    sizes = [4 * int(np.prod(layer.weight_shape)) for layer in layers]
+    float_temp = _temp_bytes(model, config, None)
+    budget = float_temp + 4 * max(sizes)
+    assert sum(sizes) > 4 * budget  # the test can tell "a few layers" from "the model"
+    for w, a in ((16, 16), (8, 8), (4, 16)):
+        qc = QuantSpec(weight_bits=w, act_bits=a).to_qconfig(splits, ranges)
+        assert _temp_bytes(model, config, qc) < budget, (w, a)
+    observe = _temp_bytes(model, config, QuantSpec().to_qconfig(splits, ranges), Observe())
+    assert observe < budget

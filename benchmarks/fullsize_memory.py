@@ -1,0 +1,173 @@
+"""Peak memory and wall time of every `mixdq` command on a full-size SDXL-turbo (random weights).
+
+Builds (once, cached) a diffusers-layout SDXL-turbo folder with random weights in fp16 from the
+real component configs and CLIP tokenizer files in ``../shared/reference/sdxl-turbo`` (about
+6.5 GB; torch, diffusers and transformers build it in a child process), then runs each command
+as its own process under ``/usr/bin/time -v`` and records the maximum resident set size and the
+wall time. Results go to ``--out``/results.json after every command (a rerun skips finished
+ones), so a kill loses at most the running command.
+
+    python benchmarks/fullsize_memory.py --work /tmp/sdxl --dtype float32
+    python benchmarks/fullsize_memory.py --work /tmp/sdxl --dtype float16 --only generate_float
+
+Commands: float generate, calibrate (2 prompts), fake-quant generate (W8A8 and the official
+W3.66 / A7.77 configs), a bounded weight and activation sensitivity sweep (``--sweep-layers``
+layers x 3 bit-widths at chunk 1), export (W8A8) and generate from the export. One 512x512
+image, 1 step, everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = REPO.parent / "shared" / "reference"
+SDXL = REFERENCE / "sdxl-turbo"
+OFFICIAL = REFERENCE / "mixdq-official" / "final_config"
+MIXDQ = [sys.executable, "-c", "import sys; from mixdq_jax.cli import main; sys.exit(main())"]
+
+BUILD = r'''
+import json, shutil, sys
+from pathlib import Path
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+ref, out = Path(sys.argv[1]), Path(sys.argv[2])
+torch.manual_seed(0)
+def save(model, name):
+    model.to(torch.float16).save_pretrained(out / name, safe_serialization=True)
+cfg = json.loads((ref / "unet_config.json").read_text())
+save(UNet2DConditionModel.from_config(cfg), "unet")
+save(AutoencoderKL.from_config(json.loads((ref / "vae_config.json").read_text())), "vae")
+for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+    save(cls(CLIPTextConfig(**json.loads((ref / f"{name}_config.json").read_text()))), name)
+for name in ("tokenizer", "tokenizer_2"):
+    shutil.copytree(ref / name, out / name)
+(out / "scheduler").mkdir()
+shutil.copy(ref / "scheduler_config.json", out / "scheduler" / "scheduler_config.json")
+index = {
+    "_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "EulerAncestralDiscreteScheduler"],
+}
+(out / "model_index.json").write_text(json.dumps(index, indent=1))
+'''
+
+
+def build_model(work: Path) -> Path:
+    """The cached random-weight SDXL-turbo folder (built into a temp folder, then renamed)."""
+    folder = work / "sdxl-turbo-random"
+    if (folder / "model_index.json").is_file():
+        return folder
+    tmp = work / "sdxl-turbo-random.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    print(f"building {folder} (random fp16 weights, ~6.5 GB)", flush=True)
+    subprocess.run([sys.executable, "-c", BUILD, str(SDXL), str(tmp)], check=True)
+    tmp.rename(folder)
+    return folder
+
+
+def commands(model: Path, work: Path, dtype: str, sweep_layers: int) -> dict[str, list[str]]:
+    run = work / f"run_{dtype}"
+    d = ["--dtype", dtype]
+    gen = [*MIXDQ, "generate", "--prompt", "a cat on a red sofa", "--height", "512",
+           "--width", "512", *d]  # fmt: skip
+    layers = work / f"sweep_layers_{sweep_layers}.yaml"
+    official = [
+        "--weight-bits", str(OFFICIAL / "weight" / "weight_3.66.yaml"),
+        "--act-bits", str(OFFICIAL / "act" / "act_7.77.yaml"), "--symmetric-weights",
+    ]  # fmt: skip
+    sweep = [*MIXDQ, "sensitivity", "--model", str(model), "--run", str(run), "--metric", "sqnr",
+             "--chunk", "1", "--layers", str(layers), *d]  # fmt: skip
+    export = work / f"export_{dtype}"
+    return {
+        "generate_float": [*gen, "--model", str(model), "--out", str(work / f"gen_float_{dtype}")],
+        "calibrate_2_prompts": [*MIXDQ, "calibrate", "--model", str(model), "--run", str(run),
+                                "--num-prompts", "2", "--batch-size", "2", *d],
+        "generate_w8a8": [*gen, "--model", str(model), "--weight-bits", "8", "--act-bits", "8",
+                          "--calib", str(run), "--out", str(work / f"gen_w8a8_{dtype}")],
+        "generate_official_w3.66_a7.77": [*gen, "--model", str(model), *official, "--calib",
+                                          str(run), "--out", str(work / f"gen_off_{dtype}")],
+        f"sensitivity_weight_sqnr_{sweep_layers}_layers_chunk1": [*sweep, "--kind", "weight"],
+        f"sensitivity_act_sqnr_{sweep_layers}_layers_chunk1": [*sweep, "--kind", "act"],
+        "export_w8a8": [*MIXDQ, "export", "--model", str(model), "--weight-bits", "8",
+                        "--act-bits", "8", "--calib", str(run), "--out", str(export), *d],
+        "generate_from_export": [*gen, "--model", str(export), "--out",
+                                 str(work / f"gen_export_{dtype}")],
+    }  # fmt: skip
+
+
+def write_sweep_layers(work: Path, n: int) -> None:
+    """The first ``n`` layers of the SDXL registry with a content and a quality layer."""
+    sys.path.insert(0, str(REPO))
+    from mixdq_jax.quant.registry import registry_from_unet_config  # noqa: PLC0415
+
+    layers = registry_from_unet_config(SDXL / "unet_config.json")
+    content = [la.name for la in layers if la.group == "content"][: n // 2]
+    quality = [la.name for la in layers if la.group == "quality"][: n - len(content)]
+    path = work / f"sweep_layers_{n}.yaml"
+    path.write_text("".join(f"- model.{name}\n" for name in content + quality))
+
+
+def measure(cmd: list[str], log: Path) -> dict:
+    """Run under ``/usr/bin/time -v``: exit code, wall seconds, max RSS (GB)."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(
+            ["/usr/bin/time", "-v", *cmd], stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+    wall = time.perf_counter() - t0
+    text = log.read_text(errors="replace")
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    return {
+        "exit_code": proc.returncode,
+        "wall_s": round(wall, 1),
+        "max_rss_gb": round(int(rss.group(1)) / 1024**2, 2) if rss else None,
+        "log": str(log),
+        "command": "mixdq " + " ".join(cmd[3:]),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, required=True, help="model folder, runs and results")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--sweep-layers", type=int, default=2)
+    ap.add_argument("--only", nargs="*", default=None, help="run only these entries")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    model = build_model(args.work)
+    write_sweep_layers(args.work, args.sweep_layers)
+    results_path = args.work / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    done = results.setdefault(args.dtype, {})
+    for name, cmd in commands(model, args.work, args.dtype, args.sweep_layers).items():
+        if args.only is not None and name not in args.only:
+            continue
+        if name in done and done[name]["exit_code"] == 0:
+            continue
+        print(f"[{args.dtype}] {name} ...", flush=True)
+        done[name] = measure(cmd, args.work / f"{name}_{args.dtype}.log")
+        print(f"[{args.dtype}] {name}: {done[name]}", flush=True)
+        tmp = results_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(results_path)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
