@@ -115,7 +115,7 @@ def int8_conv2d(
     `tiles` and `interpret` are those of the Pallas GEMM (`int8_matmul` / `w4a8_matmul`).
     """
     backend = resolve_backend(backend)
-    tiles = resolve_tiles(tiles, GemmTiles)
+    resolve_tiles(tiles, GemmTiles)  # validated here; None stays None (GEMM: tuned or default)
     if w.ndim == 4:
         if weight_bits != 8:
             raise ValueError("packed weights must be given as the 2-D GEMM matrix")

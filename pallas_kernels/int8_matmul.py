@@ -23,12 +23,15 @@ the kernel, ragged M/N masked, ragged K zero-padded) are in `gemm`, shared with 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.backend import resolve_backend, resolve_interpret
-from pallas_kernels.config import GemmTiles, resolve_tiles
+from pallas_kernels.config import GemmTiles
 from pallas_kernels.gemm import check_out_dtype, quantized_gemm
+from pallas_kernels.tuning import gemm_tiles
 
 
 def weight_column_sums(w_q: jax.Array) -> jax.Array:
@@ -69,13 +72,16 @@ def int8_matmul(
 
     `colsum` defaults to `weight_column_sums(w_q)` (pass it precomputed to save a weight pass).
     `tiles` sets the Pallas kernel's Triton tiles (`GemmTiles`; None = its defaults, block_m
-    min(128, next_pow2(M))); they are not tuned on a GPU here and do not change the result.
+    min(128, next_pow2(M)), or on a GPU the tuned tiles of `tuning` when present); they do not
+    change the result.
     """
     backend = resolve_backend(backend)
-    tiles = resolve_tiles(tiles, GemmTiles)
+    interpret = resolve_interpret(interpret)
     if w_q.dtype != jnp.int8 or w_q.ndim != 2:
         raise TypeError(f"w_q must be a 2-D int8 (K, N) array, got {w_q.dtype}{w_q.shape}")
     k, n = w_q.shape
+    m = math.prod(x_q.shape[:-1])
+    tiles = gemm_tiles(tiles, m, k, n, wbits=8, backend=backend, interpret=interpret)
     if backend == "reference":
         return int8_matmul_reference(
             x_q, w_q, a_scale=a_scale, a_zero_point=a_zero_point, w_scale=w_scale, bias=bias,
@@ -85,5 +91,5 @@ def int8_matmul(
     return quantized_gemm(
         x_q, w_q, wbits=8, k=k, n=n, colsum=colsum, a_scale=a_scale, a_zero_point=a_zero_point,
         w_scale=w_scale, bias=bias, out_dtype=out_dtype, backend=backend, tiles=tiles,
-        interpret=resolve_interpret(interpret),
+        interpret=interpret,
     )

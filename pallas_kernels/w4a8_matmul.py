@@ -12,14 +12,17 @@ the paper, which has no INT4 kernels either (MixDQ appendix C).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.backend import resolve_backend, resolve_interpret
-from pallas_kernels.config import GemmTiles, resolve_tiles
+from pallas_kernels.config import GemmTiles
 from pallas_kernels.gemm import quantized_gemm
 from pallas_kernels.int8_matmul import int8_matmul_reference, weight_column_sums
 from pallas_kernels.packing import unpack_weights, values_per_byte
+from pallas_kernels.tuning import gemm_tiles
 
 
 def packed_column_sums(w_packed: jax.Array, bits: int = 4) -> jax.Array:
@@ -56,10 +59,10 @@ def w4a8_matmul(
     """Same contract as `int8_matmul`, with (K * bits / 8, N) packed weights (bits 4 or 2).
 
     `tiles.block_k` counts packed rows per K step; each step issues ``8 // bits`` dots of depth
-    block_k.
+    block_k. With ``tiles=None`` on a GPU, the tuned tiles of `tuning` apply when present.
     """
     backend = resolve_backend(backend)
-    tiles = resolve_tiles(tiles, GemmTiles)
+    interpret = resolve_interpret(interpret)
     r = values_per_byte(bits)
     if w_packed.dtype != jnp.int8 or w_packed.ndim != 2:
         raise TypeError(
@@ -67,6 +70,8 @@ def w4a8_matmul(
             f"{w_packed.shape}"
         )
     k, n = w_packed.shape[0] * r, w_packed.shape[1]
+    m = math.prod(x_q.shape[:-1])
+    tiles = gemm_tiles(tiles, m, k, n, wbits=bits, backend=backend, interpret=interpret)
     if backend == "reference":
         return w4a8_matmul_reference(
             x_q, w_packed, bits=bits, a_scale=a_scale, a_zero_point=a_zero_point,
@@ -76,5 +81,5 @@ def w4a8_matmul(
     return quantized_gemm(
         x_q, w_packed, wbits=bits, k=k, n=n, colsum=colsum, a_scale=a_scale,
         a_zero_point=a_zero_point, w_scale=w_scale, bias=bias, out_dtype=out_dtype,
-        backend=backend, tiles=tiles, interpret=resolve_interpret(interpret),
+        backend=backend, tiles=tiles, interpret=interpret,
     )
