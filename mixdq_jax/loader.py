@@ -37,7 +37,7 @@ from weights_convert.checkpoint import (
 )
 from weights_convert.clip_keys import normalize_clip_keys
 from weights_convert.lora import fuse_lora
-from weights_convert.safetensors_io import load_safetensors
+from weights_convert.safetensors_io import load_safetensors, release_pages
 
 PIPELINES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionPipeline": "sd"}
 _TEXT_CLASSES = {
@@ -71,7 +71,7 @@ def _load_params(
     )  # fmt: skip
     return torch_to_flax(
         state, target, sources=sources, what=f"{folder.name}/{name}", dtype=dtype,
-        to_leaf=jnp.asarray, progress=progress,
+        to_leaf=jnp.asarray, release=release_pages, progress=progress,
     )  # fmt: skip
 
 

@@ -58,6 +58,7 @@ def torch_to_flax(
     what: str = "model",
     dtype: np.dtype | None = None,
     to_leaf: Callable[[np.ndarray], Any] | None = None,
+    release: Callable[[np.ndarray], None] | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> dict:
     """Build a Flax ``params`` tree shaped like ``target`` from a PyTorch-named state dict.
@@ -67,7 +68,8 @@ def torch_to_flax(
     turns each converted numpy tensor into the stored leaf as soon as it is made (e.g.
     ``jnp.asarray``: one tensor at a time goes to the device and its host copy is dropped,
     instead of a whole host tree next to a whole device tree); ``progress`` wraps the loop
-    over tensors (a progress bar).
+    over tensors (a progress bar); ``release`` is called with each source tensor once it is
+    converted (dropping a memory-mapped checkpoint's pages).
     """
     sources = sources or {}
     flat = traverse_util.flatten_dict(target)
@@ -89,6 +91,8 @@ def torch_to_flax(
             )
         value = value.astype(dtype or leaf.dtype)
         out[path] = value if to_leaf is None else to_leaf(value)
+        if release is not None:
+            release(state[key])
         used.add(key)
     if missing:
         files = sorted(set(sources.values())) or ["<state dict>"]

@@ -10,6 +10,7 @@ naming the file and the tensor.
 from __future__ import annotations
 
 import json
+import mmap as mmap_module
 import os
 import struct
 from collections.abc import Mapping
@@ -114,6 +115,28 @@ def load_safetensors(path: str | os.PathLike, *, mmap: bool = True) -> dict[str,
         arr = buf[start + lo : start + hi].view(dtype).reshape(entry["shape"])
         out[key] = arr
     return out
+
+
+def release_pages(arr: np.ndarray) -> None:
+    """Drop the resident pages behind a memory-mapped tensor (``madvise(MADV_DONTNEED)``).
+
+    The mapping is read-only and file-backed, so the pages are simply read again if the array
+    is used later; until then they no longer count towards the process's memory. Loading a
+    model converts each tensor and releases it, so the mapped checkpoint never sits in memory
+    next to the converted parameters. A no-op for arrays that are not memory-mapped.
+    """
+    base = arr
+    while base is not None and not isinstance(base, np.memmap):
+        base = base.base
+    raw = getattr(base, "_mmap", None)
+    if raw is None or not hasattr(raw, "madvise") or not hasattr(mmap_module, "MADV_DONTNEED"):
+        return
+    begin = arr.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+    page = mmap_module.PAGESIZE
+    lo = (begin + page - 1) // page * page  # whole pages inside this tensor only
+    hi = (begin + arr.nbytes) // page * page
+    if hi > lo:
+        raw.madvise(mmap_module.MADV_DONTNEED, lo, hi - lo)
 
 
 def save_safetensors(
