@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mixdq_jax.cli.quant_args import add_dtype_arg
+from mixdq_jax.cli.quant_args import add_dtype_arg, resolve_dtype
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from mixdq_jax.api import load_pipeline  # noqa: PLC0415
     from mixdq_jax.calibrate import CalibConfig, calibrate  # noqa: PLC0415
 
-    pipe = load_pipeline(args.model, scheduler=args.scheduler, dtype=args.dtype)
+    pipe = load_pipeline(args.model, scheduler=args.scheduler, dtype=resolve_dtype(args.dtype))
     h, w = native_size(pipe)
     config = CalibConfig(
         prompts=tuple(calib_prompts(args.model, args.prompts_file, args.num_prompts)),

@@ -7,7 +7,13 @@ import json
 import math
 from pathlib import Path
 
-from mixdq_jax.cli.quant_args import add_dtype_arg, add_quant_args, describe, spec_from_args
+from mixdq_jax.cli.quant_args import (
+    add_dtype_arg,
+    add_quant_args,
+    describe,
+    resolve_dtype,
+    spec_from_args,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     spec = spec_from_args(args)
     scheduler = None if args.steps == 1 else "LCMScheduler"
-    pipe = load_pipeline(args.model, scheduler=scheduler, dtype=args.dtype)
+    pipe = load_pipeline(args.model, scheduler=scheduler, dtype=resolve_dtype(args.dtype))
     kw = dict(split=args.split, steps=args.steps, num=args.num, seed=args.seed)
     reference = evaluate.evaluate(pipe, **kw)
     if spec is None:

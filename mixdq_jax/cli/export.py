@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mixdq_jax.cli.quant_args import add_quant_args, describe, spec_from_args
+from mixdq_jax.cli.quant_args import (
+    add_dtype_arg,
+    add_quant_args,
+    describe,
+    resolve_dtype,
+    spec_from_args,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,12 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="float diffusers folder, cached repo id, or testbed (default)",
     )
     p.add_argument("--out", type=Path, required=True, help="output pipeline folder")
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="dtype the float model is loaded in before quantizing",
-    )
+    add_dtype_arg(p)
     p.add_argument(
         "--float-dtype",
         default="float16",
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("the given bits keep every layer float: nothing to export")
     pipe = load_pipeline(
         args.model,
-        dtype=args.dtype,
+        dtype=resolve_dtype(args.dtype),
         variant=args.variant,
         lora=args.lora,
         lora_scale=args.lora_scale,

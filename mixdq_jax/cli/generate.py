@@ -10,7 +10,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mixdq_jax.cli.calibrate import native_size
-from mixdq_jax.cli.quant_args import add_dtype_arg, add_quant_args, describe, spec_from_args
+from mixdq_jax.cli.quant_args import (
+    add_dtype_arg,
+    add_quant_args,
+    describe,
+    resolve_dtype,
+    spec_from_args,
+)
 from mixdq_jax.io_utils import atomic_write_bytes, atomic_write_json
 
 
@@ -56,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     pipe = load_pipeline(
         args.model,
-        dtype=args.dtype,
+        dtype=resolve_dtype(args.dtype),
         variant=args.variant,
         scheduler=args.scheduler,
         lora=args.lora,
@@ -78,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         "negative_prompt": args.negative_prompt,
         "lora": str(args.lora),
         "lora_scale": args.lora_scale,
-        "dtype": args.dtype,
+        "dtype": resolve_dtype(args.dtype),
         "quant": describe(spec),
         "weight_bits": args.weight_bits,
         "act_bits": args.act_bits,

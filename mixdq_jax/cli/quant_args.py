@@ -7,15 +7,25 @@ from pathlib import Path
 
 from mixdq_jax.quant.qconfig import FLOAT_BITS, QUANT_BITS, QuantSpec
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_dtype_arg(p: argparse.ArgumentParser) -> None:
     """``--dtype``: the dtype the model's weights are loaded and run in."""
     p.add_argument(
-        "--dtype", default="float32", choices=DTYPES,
-        help="dtype the model is loaded and run in (float16/bfloat16 halve the memory)",
+        "--dtype", default="auto", choices=DTYPES,
+        help="dtype the model is loaded and run in; auto (default): float16 on a GPU, float32 "
+        "on CPU, where XLA computes float16 in float32 (measured in BENCHMARKS.md)",
     )  # fmt: skip
+
+
+def resolve_dtype(value: str) -> str:
+    """``--dtype auto`` as the concrete dtype for this machine's default JAX backend."""
+    if value != "auto":
+        return value
+    import jax  # noqa: PLC0415  (only when a command runs: keeps --help fast)
+
+    return "float16" if jax.default_backend() == "gpu" else "float32"
 
 
 def add_quant_args(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mixdq_jax.cli.quant_args import add_dtype_arg
+from mixdq_jax.cli.quant_args import add_dtype_arg, resolve_dtype
 
 METRIC_CHOICES = ("mixdq", "sqnr", "ssim", "both", "orthogonality")
 
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     kinds = ("weight", "act") if args.kind == "both" else (args.kind,)
-    pipe = load_pipeline(args.model, scheduler=args.scheduler, dtype=args.dtype)
+    pipe = load_pipeline(args.model, scheduler=args.scheduler, dtype=resolve_dtype(args.dtype))
     out = run.sensitivity_dir
     if args.metric == "orthogonality":
         config = OrthogonalityConfig(
