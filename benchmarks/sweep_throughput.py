@@ -141,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             sub = base_qconfig(pipe, QuantSpec(), calib.ranges, [name])
             attr = "w_bits" if args.kind == "weight" else "a_bits"
             const = sub.with_bits(**{attr: {name: bits}})
-            const = jax.tree.map(lambda x: np.asarray(x).item(), const)  # Python scalars
+            # Python scalars (ranges: numpy constants), closed over by the traced function
+            const = jax.tree.map(
+                lambda x: np.asarray(x).item() if np.size(x) == 1 else np.asarray(x), const
+            )
 
             def static_fn(prm, inputs, outputs, e, qc=const):
                 return evaluator._sqnr_one(prm, qc, inputs, outputs, e)
