@@ -223,8 +223,8 @@ class Pipeline:
         negative_prompt: str | Sequence[str] | None = None,
         num_inference_steps: int = 1,
         guidance_scale: float = 0.0,
-        height: int = 512,
-        width: int = 512,
+        height: int | None = None,
+        width: int | None = None,
         latents: Any = None,
         seed: int = 0,
         output_type: str = "np",
@@ -238,6 +238,9 @@ class Pipeline:
         float ``[B, H, W, 3]`` in [0, 1] for ``output_type="np"`` or a list of PIL images for
         ``"pil"``.
         """
+        native_h, native_w = self.image_size  # diffusers' default: sample_size x VAE factor
+        height = native_h if height is None else height
+        width = native_w if width is None else width
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("prompt: at least one prompt is needed")

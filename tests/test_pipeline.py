@@ -225,3 +225,11 @@ def test_unknown_scheduler_class(sdxl_dir, tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="HeunDiscreteScheduler"):
         load_pipeline(folder)
+
+
+def test_default_size_is_the_models_native_size_as_in_diffusers(sdxl_dir, sdxl_pipe):
+    """Without height/width, diffusers draws at ``unet.sample_size * vae_scale_factor``."""
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    size = ref.unet.config.sample_size * ref.vae_scale_factor
+    ours = sdxl_pipe(PROMPTS[:1], num_inference_steps=1, guidance_scale=0.0)
+    assert ours.shape == (1, size, size, 3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Sub-command modules; each defines ``register(subparsers)`` that adds its parser and sets
@@ -40,9 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except BrokenPipeError:  # the reader went away (`mixdq layers | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (ValueError, KeyError, OSError) as err:  # OSError: missing files, permissions
         print(f"mixdq {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"mixdq {args.command}: interrupted; results already written are kept (calibrate, "
+            "sensitivity, generate and demo resume when run again)",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":
