@@ -19,11 +19,10 @@ from typing import Any
 import jax.numpy as jnp
 
 from mixdq_jax.deploy.checkpoint import is_quantized_folder, load_quantized_pipeline
-from mixdq_jax.loader import load_components, resolve_model, scheduler_config
+from mixdq_jax.loader import assemble, load_components, resolve_model
 from mixdq_jax.pipeline import Pipeline
 from mixdq_jax.quant.build import Calibration, act_ranges, qconfig_for
 from mixdq_jax.quant.qconfig import QConfig, QuantSpec
-from mixdq_jax.schedulers import make_scheduler
 
 
 def load_pipeline(
@@ -59,16 +58,7 @@ def load_pipeline(
         folder, dtype=dtype, variant=variant, allow_pickle=allow_pickle, lora=lora,
         lora_scale=lora_scale,
     )  # fmt: skip
-    return Pipeline(
-        kind=parts.kind,
-        unet=parts.unet,
-        vae=parts.vae,
-        text=parts.text,
-        scheduler=make_scheduler(scheduler_config(folder, scheduler)),
-        params=parts.params,
-        force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
-        source=str(folder),
-    )
+    return assemble(folder, parts, scheduler)
 
 
 def quantized_config(

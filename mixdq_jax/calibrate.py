@@ -82,7 +82,7 @@ def run_batch(
     plan = pipe.scheduler.set_timesteps(config.num_inference_steps)
     context, pooled = pipe.prompt_embeddings(list(prompts), None, config.guidance_scale)
     cond = pipe.conditioning(context, pooled, config.guidance_scale, config.height, config.width)
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    factor = pipe.vae_scale_factor
     shape = (
         len(prompts),
         pipe.unet.config.in_channels,

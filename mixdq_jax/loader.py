@@ -24,7 +24,8 @@ from tqdm import tqdm
 from mixdq_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, param_shapes
 from mixdq_jax.models.vae import AutoencoderKL, VAEConfig, legacy_vae_keys
-from mixdq_jax.pipeline import TextStack
+from mixdq_jax.pipeline import Pipeline, TextStack
+from mixdq_jax.schedulers import make_scheduler
 from mixdq_jax.testbed import testbed_path
 from mixdq_jax.tokenizer import CLIPTokenizer
 from weights_convert import torch_to_flax
@@ -190,3 +191,30 @@ def resolve_model(model: str | os.PathLike) -> Path:
     if str(model) == "testbed":
         return testbed_path()
     return resolve_model_path(model)
+
+
+def assemble(
+    folder: Path,
+    parts: Components,
+    scheduler: str | Mapping[str, Any] | None = None,
+    *,
+    unet: UNet2DConditionModel | None = None,
+    unet_params: Any = None,
+    unet_mode: Any = None,
+) -> Pipeline:
+    """The :class:`Pipeline` of loaded components and the folder's (or a replaced) scheduler.
+    ``unet``/``unet_params``/``unet_mode`` supply a UNet loaded elsewhere (a packed one)."""
+    params = dict(parts.params)
+    if unet_params is not None:
+        params["unet"] = unet_params
+    return Pipeline(
+        kind=parts.kind,
+        unet=parts.unet if unet is None else unet,
+        vae=parts.vae,
+        text=parts.text,
+        scheduler=make_scheduler(scheduler_config(folder, scheduler)),
+        params=params,
+        force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
+        unet_mode=unet_mode,
+        source=str(folder),
+    )

@@ -36,11 +36,10 @@ from mixdq_jax.deploy.packed import (
     packed_shapes,
 )
 from mixdq_jax.io_utils import atomic_write_json
-from mixdq_jax.loader import load_components, resolve_model, scheduler_config
+from mixdq_jax.loader import assemble, load_components, resolve_model
 from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, param_shapes
 from mixdq_jax.pipeline import Pipeline
 from mixdq_jax.quant.build import Calibration, qconfig_for
-from mixdq_jax.schedulers import make_scheduler
 from weights_convert.checkpoint import CheckpointError, read_json
 from weights_convert.safetensors_io import (
     SafetensorsError,
@@ -346,14 +345,9 @@ def load_quantized_pipeline(
     )
     unet_cfg = UNetConfig.from_dict(read_json(folder / "unet" / "config.json", what="unet config"))
     dtype = jnp.dtype(dtype)
-    return Pipeline(
-        kind=base.kind,
+    return assemble(
+        folder, base, scheduler,
         unet=UNet2DConditionModel(config=unet_cfg, dtype=dtype, param_dtype=dtype),
-        vae=base.vae,
-        text=base.text,
-        scheduler=make_scheduler(scheduler_config(folder, scheduler)),
-        params={"unet": unet_params, **base.params},
-        force_zeros_for_empty_prompt=base.force_zeros_for_empty_prompt,
+        unet_params=unet_params,
         unet_mode=Deployed(plan=unet_plan, backend=backend),
-        source=str(folder),
-    )
+    )  # fmt: skip

@@ -177,8 +177,12 @@ def node_at(tree: Mapping, name: str) -> Mapping:
 
 
 def _replace_node(tree: Mapping, path: tuple[str, ...], value: Any) -> dict:
+    """A copy of ``tree`` with ``value`` at ``path`` (missing parents are created)."""
     out = dict(tree)
-    out[path[0]] = value if len(path) == 1 else _replace_node(tree[path[0]], path[1:], value)
+    if len(path) == 1:
+        out[path[0]] = value
+    else:
+        out[path[0]] = _replace_node(tree.get(path[0], {}), path[1:], value)
     return out
 
 
@@ -330,7 +334,7 @@ def pack_unet_params_by_layer(
         act, fd = act_ranges.get(name), float_dtype or node["kernel"].dtype
         check_layer_inputs(lp, act, x_bos)  # with the layer's name; the program is nameless
         packed = _pack_layer_jit(dict(node), replace(lp, name=""), act, x_bos, jnp.dtype(fd))
-        out = _insert_node(out, path, packed)
+        out = _replace_node(out, path, packed)
     return out
 
 
@@ -350,15 +354,6 @@ def _without(tree: Mapping, paths: Mapping[tuple[str, ...], str]) -> dict:
                 out[key] = sub
         else:
             out[key] = value
-    return out
-
-
-def _insert_node(tree: Mapping, path: tuple[str, ...], value: Any) -> dict:
-    out = dict(tree)
-    if len(path) == 1:
-        out[path[0]] = value
-    else:
-        out[path[0]] = _insert_node(tree.get(path[0], {}), path[1:], value)
     return out
 
 

@@ -17,6 +17,7 @@ mode expects was called, which catches that mistake and any layer-name mismatch.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
@@ -69,7 +70,7 @@ def union_ranges(old: Array, new: Array) -> Array:
     )
 
 
-class Mode:
+class Mode(abc.ABC):
     """What happens at a quantizable layer. Subclass as a frozen keyword-only dataclass.
 
     ``collects``: the mode records data per layer (``forward`` then returns it).
@@ -84,8 +85,9 @@ class Mode:
         also the layers that must be called (coverage check)."""
         return None
 
+    @abc.abstractmethod
     def handle(self, call: LayerCall, qconfig: Any, records: Records) -> Array:
-        raise NotImplementedError
+        """The layer's output (``call.original()`` for the model as written)."""
 
 
 @contextlib.contextmanager

@@ -150,9 +150,9 @@ def run_study(config: StudyConfig) -> Path:
     _stage("3/5 allocation")
     plan: dict[str, tuple[Setting, Method, Bits | None, Bits]] = {}
     for setting in config.settings:
+        mixdq_act = allocate.act_bits("mixdq", setting.act_bits, layers, protected)
         for method in config.methods:
             a_bits = allocate.act_bits(method.acts, setting.act_bits, layers, protected)
-            mixdq_act = allocate.act_bits("mixdq", setting.act_bits, layers, protected)
             w_bits = _weight_bits(method, setting, run, rows, sens, layers, mixdq_act)
             plan[f"{setting.name}_{method.name}"] = (setting, method, w_bits, a_bits)
 
