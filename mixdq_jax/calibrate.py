@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from mixdq_jax.pipeline import Pipeline, seed_keys
 from mixdq_jax.quant.modes import Observe, update_ranges
-from mixdq_jax.quant.qconfig import QConfig, QuantSpec
+from mixdq_jax.quant.qconfig import FLOAT_BITS, QUANT_BITS, QConfig, QuantSpec
 from mixdq_jax.quant.registry import layer_splits, unet_layers
 from mixdq_jax.rundir import KEY_NOISE, RunDir
 
@@ -38,7 +38,13 @@ def default_prompts(n: int = 32) -> list[str]:
 
 @dataclass(frozen=True, kw_only=True)
 class CalibConfig:
-    """How to calibrate. Ranges: ``"minmax"`` (running) or ``"ema"`` (official running_stat)."""
+    """How to calibrate. Ranges: ``"minmax"`` (running) or ``"ema"`` (official running_stat).
+
+    ``observe_weight_bits`` < 16 observes the activation ranges on the model with weights at
+    that bit-width (``symmetric_weights``: symmetric grid), as the official code does (W8);
+    the references (UNet inputs, outputs, images) always come from the float model, so
+    each batch then runs twice.
+    """
 
     prompts: tuple[str, ...]
     num_inference_steps: int = 1
@@ -49,6 +55,8 @@ class CalibConfig:
     batch_size: int = 8
     method: str = "minmax"
     momentum: float = 0.95
+    observe_weight_bits: int = FLOAT_BITS
+    symmetric_weights: bool = False
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -57,6 +65,20 @@ class CalibConfig:
             raise ValueError(f"CalibConfig: method must be 'minmax' or 'ema', not {self.method!r}")
         if self.batch_size < 1 or self.num_inference_steps < 1:
             raise ValueError("CalibConfig: batch_size and num_inference_steps must be >= 1")
+        if self.observe_weight_bits not in (*QUANT_BITS, FLOAT_BITS):
+            raise ValueError(
+                f"CalibConfig: observe_weight_bits {self.observe_weight_bits} not in "
+                f"{[*QUANT_BITS, FLOAT_BITS]}"
+            )
+
+    def settings(self) -> dict:
+        """The settings a resumed run must match (the newer fields only when set, so runs
+        calibrated before they existed still resume)."""
+        out = asdict(self)
+        out["prompts"] = list(self.prompts)
+        if self.observe_weight_bits == FLOAT_BITS and not self.symmetric_weights:
+            del out["observe_weight_bits"], out["symmetric_weights"]
+        return out
 
 
 def _dtype_name(pipe: Pipeline) -> str:
@@ -66,6 +88,15 @@ def _dtype_name(pipe: Pipeline) -> str:
 def float_qconfig(pipe: Pipeline) -> QConfig:
     """Every layer of the pipeline's UNet at float bits: what calibration observes."""
     return QuantSpec().to_qconfig(layer_splits(unet_layers(pipe.unet.config)))
+
+
+def observed_qconfig(pipe: Pipeline, config: CalibConfig) -> QConfig:
+    """The configuration whose activations calibration observes: float activations, weights
+    at ``config.observe_weight_bits``."""
+    spec = QuantSpec(
+        weight_bits=config.observe_weight_bits, symmetric_weights=config.symmetric_weights
+    )
+    return spec.to_qconfig(layer_splits(unet_layers(pipe.unet.config)))
 
 
 def run_batch(
@@ -121,18 +152,19 @@ def calibrate(
 ) -> dict[str, np.ndarray]:
     """Calibrate ``pipe`` (float UNet) into ``run_dir``; returns the accumulated ranges."""
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    meta = {"config": asdict(config), "source": pipe.source, "dtype": _dtype_name(pipe)}
-    meta["config"]["prompts"] = list(config.prompts)
+    meta = {"config": config.settings(), "source": pipe.source, "dtype": _dtype_name(pipe)}
     run.start_calibration(meta)
-    qconfig = float_qconfig(pipe)  # observe every layer with float weights and activations
+    qconfig = float_qconfig(pipe)  # references: every layer with float weights and activations
+    observed = None if config.observe_weight_bits == FLOAT_BITS else observed_qconfig(pipe, config)
     prompts = list(config.prompts)
     starts = list(range(0, len(prompts), config.batch_size))
     for b, start in enumerate(tqdm(starts, desc="calibration", unit="batch")):
         if run.has_batch(b):
             continue
-        arrays, ranges = run_batch(
-            pipe, prompts[start : start + config.batch_size], config, b, qconfig
-        )
+        batch = prompts[start : start + config.batch_size]
+        arrays, ranges = run_batch(pipe, batch, config, b, qconfig, observe=observed is None)
+        if observed is not None:
+            _, ranges = run_batch(pipe, batch, config, b, observed)
         run.write_batch(b, arrays, ranges)
     ranges = None
     for b in range(len(starts)):

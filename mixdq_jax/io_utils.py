@@ -1,10 +1,17 @@
-"""Atomic file writes: a killed run never leaves a half-written result behind."""
+"""Atomic file writes and folder locks: a killed run never leaves a half-written result
+behind, and two commands never write one folder at once."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import shlex
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,3 +52,103 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+# ------------------------------------------------------------------------------ locks
+LOCK_FILE = ".mixdq.lock"
+_HELD: set[Path] = set()  # folders this process holds: a nested lock on one is a no-op
+
+
+class LockError(RuntimeError):
+    """Another process is writing the same run directory or output folder."""
+
+
+def _holder(fd: int) -> str:
+    """What a lock file says about its holder (pid, host, command, start), for the error."""
+    try:
+        info = json.loads(os.pread(fd, 65536, 0).decode("utf-8"))
+        who = f"pid {info['pid']} on {info['host']}, started {info['started']}"
+        return f"{who}: {info['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not yet written its details"
+
+
+def _lock_info() -> bytes:
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": shlex.join(sys.argv) if sys.argv else "python",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
+    return (json.dumps(info) + "\n").encode("utf-8")
+
+
+@contextmanager
+def exclusive_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[Path]:
+    """Hold ``folder/.mixdq.lock`` while a command writes ``folder`` (created if missing).
+
+    Two commands writing one run directory would interleave files; the second fails at once
+    with a :class:`LockError` naming the holder (pid, host, command) and the lock path. The
+    lock is ``flock`` on the open file, so the kernel drops it when the holder exits, however it
+    dies: a file left by a dead process does not block anyone. The file records the holder for
+    that message and is removed on release (as is ``folder`` if this call created it and it is
+    still empty). Re-entrant within one process. ``what`` names the folder in the message
+    (``"run directory"``, ``"output folder"``).
+    """
+    folder = Path(folder)
+    key = folder.resolve()
+    if key in _HELD:
+        yield folder
+        return
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    fd = _acquire(path, what, folder)
+    _HELD.add(key)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, _lock_info(), 0)
+        yield folder
+    finally:
+        _HELD.discard(key)
+        path.unlink(missing_ok=True)  # before unlocking: a waiter re-checks the inode
+        os.close(fd)  # releases the flock
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty: nothing was written
+
+
+def _acquire(path: Path, what: str, folder: Path) -> int:
+    """An open descriptor of ``path`` holding its flock, or a LockError naming the holder."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise LockError(
+                f"{what} {folder} is in use by another mixdq command ({holder}); wait for it "
+                f"to finish or stop it, or use another folder (lock file: {path})"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the holder we waited on may have removed the file: lock the current one
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+__all__ = [
+    "LOCK_FILE",
+    "LockError",
+    "atomic_open",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "exclusive_lock",
+]

@@ -28,6 +28,30 @@ from mixdq_jax.quant.modes import default_mode
 from mixdq_jax.tokenizer import CLIPTokenizer
 
 
+class NonFiniteError(ValueError):
+    """A pipeline stage produced NaN or inf; ``stage`` names it (``"text encoder"``,
+    ``"UNet"``, ``"VAE decoder"``) so the caller can say what to change."""
+
+    def __init__(self, message: str, *, stage: str) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+def check_finite(array: Any, stage: str, what: str) -> None:
+    """Raise :class:`NonFiniteError` if ``array`` (the output of ``stage``) holds NaN or inf.
+
+    One reduction and one scalar to the host: call it between jitted stages, never inside
+    one (a host sync in traced code would break jit and vmap)."""
+    finite = jnp.isfinite(jnp.asarray(array))
+    if bool(finite.all()):
+        return
+    bad = int(finite.size - finite.sum())
+    raise NonFiniteError(
+        f"the {stage} produced {bad} non-finite value(s) (NaN/inf) of {finite.size} in {what}",
+        stage=stage,
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class TextStack:
     """One CLIP text encoder with its tokenizer."""
@@ -229,6 +253,7 @@ class Pipeline:
         seed: int = 0,
         output_type: str = "np",
         qconfig: Any = None,
+        check: bool = False,
     ):
         """Generate images for a prompt or a batch of prompts, as diffusers' pipeline call.
 
@@ -236,7 +261,9 @@ class Pipeline:
         the seed still drives ancestral/LCM step noise. ``qconfig``: a quantization config
         (`mixdq_jax.api.qconfig_for`) to run the UNet fake-quantized; ``None``: float. Returns
         float ``[B, H, W, 3]`` in [0, 1] for ``output_type="np"`` or a list of PIL images for
-        ``"pil"``.
+        ``"pil"``. ``check``: raise :class:`NonFiniteError` naming the stage (text encoder,
+        UNet, VAE decoder) whose output holds NaN or inf, instead of returning a black or NaN
+        image (one scalar reduction per stage, between the jitted stages).
         """
         native_h, native_w = self.image_size  # diffusers' default: sample_size x VAE factor
         height = native_h if height is None else height
@@ -254,6 +281,10 @@ class Pipeline:
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         context, pooled = self.prompt_embeddings(prompts, negative_prompt, guidance_scale)
+        if check:
+            check_finite(context, "text encoder", "the prompt embeddings")
+            if pooled is not None:
+                check_finite(pooled, "text encoder", "the pooled prompt embeddings")
         key_latents, key_noise = seed_keys(seed)
         shape = (len(prompts), self.unet.config.in_channels, height // factor, width // factor)
         if latents is None:
@@ -273,9 +304,14 @@ class Pipeline:
             noise_key=key_noise,
             qconfig=qconfig,
         )
+        if check:
+            check_finite(out, "UNet", f"the latents after {num_inference_steps} sampling step(s)")
         if output_type == "latent":
             return np.asarray(out)
-        images = np.asarray(self.decode(out))
+        images = self.decode(out)
+        if check:
+            check_finite(images, "VAE decoder", "the decoded images")
+        images = np.asarray(images)
         if output_type == "pil":
             return to_pil(images)
         return images

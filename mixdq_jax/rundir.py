@@ -14,10 +14,16 @@ resumed stage finds exactly what finished::
     RUN/sensitivity/<kind>/<metric>_00000.npz   finished chunks (layers, bits, values)
     RUN/sensitivity/<kind>_<metric>.yaml        scores, official format (.json for other bits)
     RUN/sensitivity/<kind>_sizes.yaml           layer sizes of the run's model (allocation)
-    RUN/configs/<name>.yaml          bit-width configurations (official format)
-    RUN/configs/<name>.pareto.json   the candidates a configuration was picked from
+    RUN/configs/<name>.pareto.json   the study's Fig. 8 data (candidates and baselines)
     RUN/eval/<name>.json, .npy       metrics and images of an evaluated configuration
     RUN/report/                      the study's report
+    RUN/sensitivity-nobos/           sweeps of the BOS layers with BOS handling off
+    RUN/quantize/selection_float.npz float images of the held-out selection prompts
+    RUN/quantize/<target>_<method>/  one `mixdq quantize` recipe: settings.json,
+                                     {weight,act}_candidates.json (image MSE per candidate,
+                                     written as they go), {weight,act}_bits.json (the choice),
+                                     weight.yaml / act.yaml (official format), export.json,
+                                     report.json, report.md
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +41,76 @@ from typing import Any
 import numpy as np
 
 from mixdq_jax.io_utils import atomic_open, atomic_write_bytes, atomic_write_json
-from mixdq_jax.official_format import read_bits, write_bits
+from mixdq_jax.official_format import write_bits
 
 RANGE_PREFIX = "range/"
 KEY_NOISE = "key_noise"
 # per-batch arrays concatenated along these axes across batches (others: axis 0)
 _BATCH_AXIS = {"unet_inputs": 1, "unet_outputs": 1}
 _NOT_REFERENCES = ("timesteps", KEY_NOISE)
+
+
+class CorruptFileError(ValueError):
+    """A file of the run is truncated or damaged (disk full, a copy cut short)."""
+
+
+_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
+
+
+def _load_npz(path: Path, *names: str) -> dict[str, np.ndarray]:
+    """Arrays of an ``.npz`` (all, or ``names``), or a CorruptFileError naming the file."""
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in (names or data.files)}
+    except FileNotFoundError:
+        raise
+    except _READ_ERRORS as err:
+        raise CorruptFileError(
+            f"{path}: corrupt or truncated ({type(err).__name__}: {err}); rerun the stage "
+            "that wrote it (`mixdq calibrate` for calib/): it sets the file aside and "
+            "recomputes it"
+        ) from err
+
+
+def _load_json(path: Path) -> Any:
+    """A JSON file of the run, or a CorruptFileError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptFileError(
+            f"{path}: corrupt or truncated JSON ({err}); restore it, or delete its folder to "
+            "recompute that stage"
+        ) from err
+
+
+def _intact(path: Path) -> bool:
+    """Whether ``path`` reads back completely (every member, CRCs checked)."""
+    try:
+        with np.load(path) as data:
+            for k in data.files:
+                data[k]
+        return True
+    except _READ_ERRORS:
+        return False
+
+
+def set_aside(path: Path) -> Path:
+    """Move a corrupt file to ``<name>.corrupt`` (never deleted: it may hold something worth
+    a look) and warn; the stage then recomputes it."""
+    target = path.with_name(path.name + ".corrupt")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.corrupt.{n}")
+        n += 1
+    try:
+        os.replace(path, target)
+    except FileNotFoundError:  # another process moved it first
+        return target
+    warnings.warn(
+        f"{path} is corrupt or truncated: moved to {target.name} and recomputing it",
+        stacklevel=3,
+    )
+    return target
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -53,9 +124,11 @@ class RunDir:
     """The files of one run, rooted at ``path``."""
 
     path: Path
+    sweeps: str = "sensitivity"  # folder of the sensitivity sweeps (see `with_sensitivity`)
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, sweeps: str = "sensitivity") -> None:
         object.__setattr__(self, "path", Path(path))
+        object.__setattr__(self, "sweeps", sweeps)
 
     # ------------------------------------------------------------------ calibration
     @property
@@ -77,7 +150,7 @@ class RunDir:
         """Create ``calib/`` and its settings, or check a resumed run has the same ones."""
         self.calib_dir.mkdir(parents=True, exist_ok=True)
         if self.calib_meta_path.is_file():
-            old = json.loads(self.calib_meta_path.read_text())
+            old = _load_json(self.calib_meta_path)
             if old.get("config") != meta["config"]:
                 raise ValueError(
                     f"{self.calib_meta_path}: this run directory was calibrated with other "
@@ -92,10 +165,18 @@ class RunDir:
                 f"{self.path}: not a calibrated run directory (no calib/meta.json); run "
                 f"`mixdq calibrate --model MODEL --run {self.path}` first"
             )
-        return json.loads(self.calib_meta_path.read_text())
+        return _load_json(self.calib_meta_path)
 
     def has_batch(self, index: int) -> bool:
-        return self.batch_path(index).is_file()
+        """Whether batch ``index`` is done: its file exists and reads back completely (a
+        corrupt one is set aside as ``<name>.corrupt`` with a warning, so it is recomputed)."""
+        path = self.batch_path(index)
+        if not path.is_file():
+            return False
+        if _intact(path):
+            return True
+        set_aside(path)
+        return False
 
     def write_batch(
         self, index: int, arrays: Mapping[str, np.ndarray], ranges: Mapping[str, np.ndarray]
@@ -105,21 +186,28 @@ class RunDir:
         atomic_write_bytes(self.batch_path(index), _npz_bytes(payload))
 
     def batch_ranges(self, index: int) -> dict[str, np.ndarray]:
-        with np.load(self.batch_path(index)) as data:
-            n = len(RANGE_PREFIX)
-            return {k[n:]: data[k] for k in data.files if k.startswith(RANGE_PREFIX)}
+        n = len(RANGE_PREFIX)
+        data = _load_npz(self.batch_path(index))
+        return {k[n:]: v for k, v in data.items() if k.startswith(RANGE_PREFIX)}
 
     def batch_arrays(self, index: int, *names: str) -> dict[str, np.ndarray]:
         """Some arrays of one batch file (``timesteps``, ``key_noise``, ...)."""
         path = self.batch_path(index)
-        with np.load(path) as data:
-            missing = [n for n in names if n not in data.files]
+        try:
+            with np.load(path) as data:
+                files = set(data.files)
+        except FileNotFoundError:
+            raise
+        except _READ_ERRORS:
+            files = None
+        if files is not None:
+            missing = [n for n in names if n not in files]
             if missing:
                 raise ValueError(
                     f"{path}: no {', '.join(missing)} (written by an older mixdq-jax?); "
                     "calibrate again into a new --run directory"
                 )
-            return {n: data[n] for n in names}
+        return _load_npz(path, *names)
 
     def batch_indices(self) -> list[int]:
         return sorted(int(p.stem.split("_")[1]) for p in self.calib_dir.glob("batch_*.npz"))
@@ -134,8 +222,7 @@ class RunDir:
                 f"{self.act_ranges_path}: no calibration ranges; run "
                 f"`mixdq calibrate --run {self.path}` first"
             )
-        with np.load(self.act_ranges_path) as data:
-            return {k: data[k] for k in data.files}
+        return _load_npz(self.act_ranges_path)
 
     def references(self) -> dict[str, np.ndarray]:
         """Every batch's float references, concatenated along the batch axis."""
@@ -144,16 +231,15 @@ class RunDir:
             raise FileNotFoundError(f"{self.calib_dir}: no calibration batches")
         parts: dict[str, list[np.ndarray]] = {}
         for b in indices:
-            with np.load(self.batch_path(b)) as data:
-                for k in data.files:
-                    if not k.startswith(RANGE_PREFIX) and k not in _NOT_REFERENCES:
-                        parts.setdefault(k, []).append(data[k])
+            for k, v in _load_npz(self.batch_path(b)).items():
+                if not k.startswith(RANGE_PREFIX) and k not in _NOT_REFERENCES:
+                    parts.setdefault(k, []).append(v)
         return {k: np.concatenate(v, axis=_BATCH_AXIS.get(k, 0)) for k, v in parts.items()}
 
     # ------------------------------------------------------------------ sensitivity
     @property
     def sensitivity_dir(self) -> Path:
-        return self.path / "sensitivity"
+        return self.path / self.sweeps
 
     def sweep_dir(self, kind: str) -> Path:
         return self.sensitivity_dir / kind
@@ -164,7 +250,7 @@ class RunDir:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "meta.json"
         if path.is_file():
-            old = json.loads(path.read_text())
+            old = _load_json(path)
             if old != meta:
                 raise ValueError(
                     f"{path}: this run's sweep was started with other quantizer settings or "
@@ -182,14 +268,18 @@ class RunDir:
         return 1 + max((int(p.stem.split("_")[-1]) for p in paths), default=-1)
 
     def read_chunks(self, kind: str, metric: str) -> dict[tuple[str, int], float]:
-        """``{(layer, bits): value}`` of every finished chunk."""
+        """``{(layer, bits): value}`` of every finished chunk; a corrupt chunk is set aside
+        as ``<name>.corrupt`` with a warning, so its configurations run again."""
         done: dict[tuple[str, int], float] = {}
         for path in self.chunk_paths(kind, metric):
-            with np.load(path) as data:
-                for name, bits, value in zip(
-                    data["layers"], data["bits"], data["values"], strict=True
-                ):
-                    done[str(name), int(bits)] = float(value)
+            try:
+                data = _load_npz(path, "layers", "bits", "values")
+                rows = list(zip(data["layers"], data["bits"], data["values"], strict=True))
+            except (CorruptFileError, ValueError):
+                set_aside(path)
+                continue
+            for name, bits, value in rows:
+                done[str(name), int(bits)] = float(value)
         return done
 
     def write_chunk(
@@ -217,21 +307,9 @@ class RunDir:
         return self.sensitivity_dir / f"{kind}_{metric}.{'yaml' if official else 'json'}"
 
     # ------------------------------------------------------------------ configurations
-    def config_path(self, name: str) -> Path:
-        return self.path / "configs" / f"{name}.yaml"
-
     def pareto_path(self, name: str) -> Path:
         """The candidates behind the configuration ``name`` and their image scores."""
         return self.path / "configs" / f"{name}.pareto.json"
-
-    def cached_bits(self, name: str, make: Callable[[], Mapping[str, int]]) -> dict[str, int]:
-        """The configuration ``name``, computed by ``make`` and written the first time."""
-        path = self.config_path(name)
-        if path.is_file():
-            return read_bits(path)
-        bits = dict(make())
-        write_bits(path, bits)
-        return bits
 
     # ------------------------------------------------------------------ evaluation
     def eval_paths(self, name: str) -> tuple[Path, Path]:
@@ -255,3 +333,84 @@ class RunDir:
     @property
     def report_dir(self) -> Path:
         return self.path / "report"
+
+    # ------------------------------------------------------------------ recipe (`mixdq quantize`)
+    def with_sensitivity(self, name: str) -> RunDir:
+        """The same run with its sweeps in ``RUN/<name>/`` (e.g. a sweep of the BOS layers
+        with BOS handling off); calibration is shared."""
+        return RunDir(self.path, sweeps=name)
+
+    def recipe_dir(self, key: str) -> Path:
+        """``RUN/quantize/<target>_<method>/``: one recipe's settings, candidate scores,
+        chosen bits and report."""
+        return self.path / "quantize" / key
+
+    def start_recipe(self, key: str, settings: Mapping[str, Any]) -> None:
+        """Write a recipe's settings, or check a resumed one has the same."""
+        path = self.recipe_dir(key) / "settings.json"
+        if path.is_file():
+            old = _load_json(path)
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            if changed:
+                raise ValueError(
+                    f"{path}: this run's {key} recipe was started with other settings "
+                    f"({', '.join(changed)}); use the same options, another --run, or delete "
+                    f"{path.parent}"
+                )
+        else:
+            atomic_write_json(path, dict(settings))
+
+    def candidate_scores_path(self, key: str, kind: str) -> Path:
+        return self.recipe_dir(key) / f"{kind}_candidates.json"
+
+    def candidate_scores(self, key: str, kind: str) -> dict[str, Any]:
+        """``{"candidates": [...], "scores": {fingerprint: image MSE}}`` so far."""
+        path = self.candidate_scores_path(key, kind)
+        if not path.is_file():
+            return {"scores": {}}
+        try:
+            return _load_json(path)
+        except CorruptFileError:  # scores are cheap to redo: set the file aside, start over
+            set_aside(path)
+            return {"scores": {}}
+
+    def write_candidate_scores(self, key: str, kind: str, payload: Mapping[str, Any]) -> None:
+        atomic_write_json(self.candidate_scores_path(key, kind), dict(payload))
+
+    def chosen_bits_path(self, key: str, kind: str) -> Path:
+        return self.recipe_dir(key) / f"{kind}_bits.json"
+
+    def chosen_bits(self, key: str, kind: str) -> dict[str, int] | None:
+        """The bits a recipe stage chose (float layers at 16), or ``None`` before it ran."""
+        path = self.chosen_bits_path(key, kind)
+        if not path.is_file():
+            return None
+        return {n: int(b) for n, b in _load_json(path).items()}
+
+    def write_chosen_bits(self, key: str, kind: str, bits: Mapping[str, int]) -> None:
+        """Record the choice (JSON, every layer) and the official-format YAML (float layers
+        absent, as the official code reads them)."""
+        quantized = {n: int(b) for n, b in bits.items() if b < 16}
+        if quantized:
+            write_bits(self.recipe_dir(key) / f"{kind}.yaml", quantized, allowed=range(2, 9))
+        atomic_write_json(self.chosen_bits_path(key, kind), {n: int(b) for n, b in bits.items()})
+
+    def selection_reference_path(self) -> Path:
+        """Float images of the held-out selection prompts (shared by every recipe)."""
+        return self.path / "quantize" / "selection_float.npz"
+
+    def selection_reference(self, prompts: Sequence[str], make: Callable[[], np.ndarray]):
+        """The float images of ``prompts``, rendered once by ``make``."""
+        path = self.selection_reference_path()
+        if path.is_file() and not _intact(path):
+            set_aside(path)
+        if path.is_file():
+            data = _load_npz(path, "prompts", "images")
+            if list(data["prompts"]) == list(prompts):
+                return data["images"]
+        images = np.asarray(make())
+        atomic_write_bytes(path, _npz_bytes({"prompts": np.asarray(prompts), "images": images}))
+        return images
+
+    def recipe_report_paths(self, key: str) -> tuple[Path, Path]:
+        return self.recipe_dir(key) / "report.json", self.recipe_dir(key) / "report.md"

@@ -144,7 +144,7 @@ class CLIPTokenizer:
         folder = Path(folder)
         config = _read_json(folder / "tokenizer_config.json")
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            vocab = _read_json(folder / "vocab.json")
             merges = _read_merges(folder / "merges.txt")
         elif (folder / "tokenizer.json").is_file():
             vocab, merges, added_tokens = _read_tokenizer_json(folder / "tokenizer.json")
@@ -282,7 +282,13 @@ class CLIPTokenizer:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """A JSON file (``{}`` when absent), or a ValueError naming a damaged one."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:

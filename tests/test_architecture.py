@@ -30,6 +30,7 @@ RANKS = {
     "mixdq_jax.allocation": 4,
     "mixdq_jax.deploy": 4,
     "mixdq_jax.api": 5,
+    "mixdq_jax.recipe": 5,
     "mixdq_jax.testbed.evaluate": 5,
     "mixdq_jax.study": 6,
     "mixdq_jax.cli": 7,

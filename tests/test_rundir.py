@@ -52,16 +52,27 @@ def test_sweep_chunks_resume_and_settings_check(tmp_path):
     assert run.read_chunks("weight", "ssim") == {}
 
 
-def test_cached_configs_and_evaluations_run_once(tmp_path):
+def test_recipe_choices_and_candidate_scores_round_trip(tmp_path):
     run = RunDir(tmp_path)
-    calls = []
+    assert run.chosen_bits("W4A8_mixdq", "act") is None
+    run.write_chosen_bits("W4A8_mixdq", "act", {"conv_in": 16, "a": 4, "b": 8})
+    assert run.chosen_bits("W4A8_mixdq", "act") == {"conv_in": 16, "a": 4, "b": 8}
+    # the official-format file leaves the float layer out, as the official code reads it
+    yaml_text = (run.recipe_dir("W4A8_mixdq") / "act.yaml").read_text()
+    assert "model.a: 4" in yaml_text and "conv_in" not in yaml_text
+    run.write_candidate_scores("W4A8_mixdq", "weight", {"scores": {"f1": 0.5}})
+    assert run.candidate_scores("W4A8_mixdq", "weight")["scores"] == {"f1": 0.5}
+    run.start_recipe("k", {"seed": 0, "target": "W4A8"})
+    run.start_recipe("k", {"seed": 0, "target": "W4A8"})  # the same settings resume
+    with pytest.raises(ValueError, match="seed"):
+        run.start_recipe("k", {"seed": 1, "target": "W4A8"})
+    other = run.with_sensitivity("sensitivity-nobos")
+    assert other.sensitivity_dir == tmp_path / "sensitivity-nobos"
+    assert other.calib_dir == run.calib_dir
 
-    def make():
-        calls.append(1)
-        return {"conv_in": 4, "conv_out": 8}
 
-    assert run.cached_bits("W4", make) == run.cached_bits("W4", make) == make()
-    assert len(calls) == 2  # the cached call did not run make()
+def test_cached_evaluations_run_once(tmp_path):
+    run = RunDir(tmp_path)
 
     class Out:
         metrics = {"content_score": 0.9}

@@ -106,9 +106,14 @@ def _vae():
 
 
 def build_sdxl(
-    folder: Path, *, force_zeros: bool = True, legacy_tokenizer_files: bool = False
+    folder: Path,
+    *,
+    force_zeros: bool = True,
+    legacy_tokenizer_files: bool = False,
+    unet_overrides: dict | None = None,
 ) -> Path:
-    """A tiny StableDiffusionXLPipeline with SDXL's structure, saved to ``folder``."""
+    """A tiny StableDiffusionXLPipeline with SDXL's structure, saved to ``folder``
+    (``unet_overrides``: UNet config keys to replace, e.g. fewer layers)."""
     from diffusers import (
         EulerAncestralDiscreteScheduler,
         StableDiffusionXLPipeline,
@@ -121,7 +126,7 @@ def build_sdxl(
     write_clip_tokenizer(tmp / "tokenizer_2", pad_token="!")
     te1, te2 = _text_encoders(n, two=True, eos_token_id=2)
     torch.manual_seed(4)
-    unet = UNet2DConditionModel(**sdxl_unet_config()).eval()
+    unet = UNet2DConditionModel(**sdxl_unet_config(**(unet_overrides or {}))).eval()
     _perturb(unet, 5)
     sched = EulerAncestralDiscreteScheduler(
         beta_start=0.00085,

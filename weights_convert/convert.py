@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -82,14 +83,19 @@ def torch_to_flax(
         if key not in state:
             missing.append(f"{key} (Flax param {'/'.join(path)})")
             continue
-        value = _to_flax_layout(np.asarray(state[key]), layout)
+        source = np.asarray(state[key])
+        where = sources.get(key, "<state dict>")
+        value = _to_flax_layout(source, layout)
         if tuple(value.shape) != tuple(leaf.shape):
-            where = sources.get(key, "<state dict>")
             raise ConversionError(
-                f"{what}: tensor {key!r} in {where} has shape {tuple(np.asarray(state[key]).shape)}"
+                f"{what}: tensor {key!r} in {where} has shape {tuple(source.shape)}"
                 f", expected {_torch_shape(leaf.shape, layout)}"
             )
-        value = value.astype(dtype or leaf.dtype)
+        want = np.dtype(dtype or leaf.dtype)
+        check_weight_dtype(source, want, key=key, where=where, what=what)
+        with np.errstate(over="ignore", invalid="ignore"):  # reported by the check below
+            value = value.astype(want)
+        check_finite_weight(value, source, key=key, where=where, what=what)
         out[path] = value if to_leaf is None else to_leaf(value)
         if release is not None:
             release(state[key])
@@ -110,6 +116,49 @@ def torch_to_flax(
             + (" ..." if len(unexpected) > 10 else "")
         )
     return traverse_util.unflatten_dict(out)
+
+
+def check_weight_dtype(
+    value: np.ndarray, want: np.dtype, *, key: str, where: str, what: str
+) -> None:
+    """Refuse an integer or bool tensor where a float weight belongs: a cast would silently
+    turn codes or masks into weights."""
+    if not jnp.issubdtype(want, jnp.floating):  # bfloat16 and fp8 are not numpy inexact
+        return
+    if value.dtype == np.bool_ or np.issubdtype(value.dtype, np.integer):
+        raise ConversionError(
+            f"{what}: tensor {key!r} in {where} is {value.dtype}, but the model needs a float "
+            "weight there; the file is not this model's float checkpoint (a quantized or "
+            "corrupt file?)"
+        )
+
+
+def check_finite_weight(
+    value: np.ndarray, source: np.ndarray, *, key: str, where: str, what: str
+) -> None:
+    """Refuse NaN/inf in a converted float weight (``source``: the tensor as stored, to tell
+    a damaged file from a value that overflows the load dtype).
+
+    One pass per tensor as it streams (a float64 sum: NaN and inf survive it, finite values
+    cannot overflow it), so the check costs about one read of the weights."""
+    if not value.size or not jnp.issubdtype(value.dtype, jnp.floating):
+        return
+    if np.isfinite(np.sum(value, dtype=np.float64)):
+        return
+    stored = np.isfinite(np.asarray(source, np.float32))
+    if stored.all():
+        bad = int(value.size - np.count_nonzero(np.isfinite(value.astype(np.float32))))
+        raise ConversionError(
+            f"{what}: tensor {key!r} in {where} has {bad} value(s) too large for "
+            f"{value.dtype} (inf after the cast); load the model in float32 (--dtype float32)"
+        )
+    bad = int(stored.size - np.count_nonzero(stored))
+    first = [int(i) for i in np.argwhere(~stored)[0]]
+    raise ConversionError(
+        f"{what}: tensor {key!r} in {where} has {bad} non-finite value(s) (NaN/inf) of "
+        f"{stored.size}, the first at index {first}; the checkpoint is damaged or was saved "
+        "from a diverged model: re-download or re-convert it"
+    )
 
 
 def _torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:

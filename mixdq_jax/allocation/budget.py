@@ -81,9 +81,8 @@ def most_sensitive(
 
     Applied per group with that group's metric (SSIM for content, SQNR for quality), so the
     two incomparable scales never compete. On the official SDXL-turbo activation data,
-    ``fraction=0.01`` at 4 bits picks 5 content + 4 quality layers; the 4 quality ones equal
-    the official protected convolutions, while only 1 of the 5 content layers is on the
-    official list (which keeps four ``ff.net.2`` of down_blocks.2 instead).
+    ``fraction=0.01`` at 8 bits picks exactly the official 9 protected layers (5 content +
+    4 quality); at 4 bits only the 4 quality ones agree.
     """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction {fraction!r} must be in [0, 1]")

@@ -47,7 +47,9 @@ class AllocationOptions:
     """How to allocate. ``k``: b_content / b_quality for one configuration; ``k_sweep``: the
     official (B, k) grid with B in ``[target - b_delta, target]`` (``b_num`` budgets).
     ``content_bits`` / ``quality_bits``: candidates (``None``: the official ones of the kind).
-    ``protect_top``: percentage of most sensitive layers per group kept float."""
+    ``protect_top``: percentage of most sensitive layers per group kept float, ranked by the
+    score at ``protect_bits`` (8: the official rule, which gives exactly the official
+    protected layers on SDXL-turbo)."""
 
     target: float
     k: float = 1.0
@@ -57,6 +59,7 @@ class AllocationOptions:
     content_bits: tuple[int, ...] | None = None
     quality_bits: tuple[int, ...] | None = None
     protect_top: float = 0.0
+    protect_bits: int = 8
     band: float = 0.02
 
     def __post_init__(self) -> None:
@@ -180,8 +183,9 @@ def allocate(inputs: AllocationInputs, options: AllocationOptions, out: Path) ->
     protected = set(inputs.protected)
     if options.protect_top:
         fraction = options.protect_top / 100.0
-        protected |= set(most_sensitive(inputs.content, fraction=fraction, bits=min(content_bits)))
-        protected |= set(most_sensitive(inputs.quality, fraction=fraction, bits=min(quality_bits)))
+        bits = options.protect_bits
+        protected |= set(most_sensitive(inputs.content, fraction=fraction, bits=bits))
+        protected |= set(most_sensitive(inputs.quality, fraction=fraction, bits=bits))
     inputs = AllocationInputs(
         kind=inputs.kind,
         sizes=inputs.sizes,

@@ -106,7 +106,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0.0,
         metavar="PCT",
         help="also keep in float the PCT%% most sensitive layers of each group "
-        "(lowest score at the group's lowest candidate bit-width)",
+        "(lowest score at --protect-bits)",
+    )
+    p.add_argument(
+        "--protect-bits",
+        type=int,
+        choices=(2, 4, 8),
+        default=8,
+        help="bit-width whose scores rank the layers for --protect-top (default 8, the "
+        "official rule)",
     )
     p.add_argument(
         "--band",
@@ -137,6 +145,7 @@ def options_from_args(args: argparse.Namespace):
         content_bits=args.content_bits,
         quality_bits=args.quality_bits,
         protect_top=args.protect_top,
+        protect_bits=args.protect_bits,
         band=args.band,
     )
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mixdq_jax.cli.argtypes import nonneg_float, positive_int, seed
 from mixdq_jax.cli.quant_args import add_dtype_arg, resolve_dtype
+from mixdq_jax.io_utils import exclusive_lock
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,13 +22,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="one prompt per line (default: the shipped list; testbed: its captions)",
     )
-    p.add_argument("--num-prompts", type=int, default=32)
-    p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--guidance", type=float, default=0.0)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-prompts", type=positive_int, default=32)
+    p.add_argument("--steps", type=positive_int, default=1)
+    p.add_argument("--guidance", type=nonneg_float, default=0.0)
+    p.add_argument("--height", type=positive_int, default=None)
+    p.add_argument("--width", type=positive_int, default=None)
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument(
         "--method",
         choices=["minmax", "ema"],
@@ -63,18 +65,20 @@ def run(args: argparse.Namespace) -> int:
     from mixdq_jax.api import load_pipeline  # noqa: PLC0415
     from mixdq_jax.calibrate import CalibConfig, calibrate  # noqa: PLC0415
 
-    pipe = load_pipeline(args.model, scheduler=args.scheduler, dtype=resolve_dtype(args.dtype))
-    h, w = native_size(pipe)
-    config = CalibConfig(
-        prompts=tuple(calib_prompts(args.model, args.prompts_file, args.num_prompts)),
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        height=args.height or h,
-        width=args.width or w,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        method=args.method,
-    )
-    ranges = calibrate(pipe, config, args.run)
+    prompts = tuple(calib_prompts(args.model, args.prompts_file, args.num_prompts))
+    with exclusive_lock(args.run, "run directory"):  # before loading: a second run fails at once
+        pipe = load_pipeline(args.model, scheduler=args.scheduler, dtype=resolve_dtype(args.dtype))
+        h, w = native_size(pipe)
+        config = CalibConfig(
+            prompts=prompts,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            height=args.height or h,
+            width=args.width or w,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            method=args.method,
+        )
+        ranges = calibrate(pipe, config, args.run)
     print(f"calibrated {len(ranges)} layers on {len(config.prompts)} prompts -> {args.run}/calib")
     return 0

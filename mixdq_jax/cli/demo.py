@@ -18,23 +18,33 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=16,
         help="calibration captions (the sweeps run on all of them)",
     )
+    p.add_argument(
+        "--steps",
+        type=int,
+        choices=(1, 2, 4),
+        default=1,
+        help="sampling steps: 1 (Euler-A trailing, default) or 2/4 (LCM, the paper's LCM rows)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from mixdq_jax.io_utils import exclusive_lock  # noqa: PLC0415
     from mixdq_jax.study import StudyConfig, run_study  # noqa: PLC0415
 
     start = time.perf_counter()
-    report = run_study(
-        StudyConfig(
-            model=args.model,
-            run_dir=args.out,
-            num_eval=args.num_eval,
-            num_calib=args.num_calib,
-            seed=args.seed,
+    with exclusive_lock(args.out, "run directory"):
+        report = run_study(
+            StudyConfig(
+                model=args.model,
+                run_dir=args.out,
+                num_eval=args.num_eval,
+                num_calib=args.num_calib,
+                seed=args.seed,
+                steps=args.steps,
+            )
         )
-    )
     minutes = (time.perf_counter() - start) / 60
     print(f"\nreport: {report / 'report.md'} ({minutes:.1f} min)")
     print((report / "report.md").read_text())

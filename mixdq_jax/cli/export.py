@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mixdq_jax.cli.argtypes import existing_file, finite_float
 from mixdq_jax.cli.quant_args import (
     add_dtype_arg,
     add_quant_args,
@@ -12,6 +13,7 @@ from mixdq_jax.cli.quant_args import (
     resolve_dtype,
     spec_from_args,
 )
+from mixdq_jax.io_utils import exclusive_lock
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,12 +34,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="storage dtype of the UNet params that stay float (norms, biases, ...)",
     )
     p.add_argument("--variant", default=None, help="weight variant of the source, e.g. fp16")
-    p.add_argument("--lora", type=Path, default=None, help="LoRA fused before quantizing")
-    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--lora", type=existing_file, default=None, help="LoRA fused before quantizing")
+    p.add_argument("--lora-scale", type=finite_float, default=1.0)
     p.add_argument(
         "--link-components",
         action="store_true",
         help="symlink the text encoders / VAE / tokenizers instead of copying them",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty folder that is not an earlier export, replacing the files "
+        "the export writes (files it does not write are kept, never deleted)",
     )
     add_quant_args(p)
     p.set_defaults(func=run)
@@ -46,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from mixdq_jax.api import load_pipeline  # noqa: PLC0415
     from mixdq_jax.deploy import export_quantized_pipeline  # noqa: PLC0415
+    from mixdq_jax.deploy.checkpoint import check_export_folder  # noqa: PLC0415
+    from mixdq_jax.loader import resolve_model  # noqa: PLC0415
 
     if args.weight_bits is None and args.act_bits is None:
         raise ValueError("nothing to quantize: give --weight-bits and/or --act-bits")
@@ -54,21 +64,28 @@ def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     if spec is None:
         raise ValueError("the given bits keep every layer float: nothing to export")
-    pipe = load_pipeline(
-        args.model,
-        dtype=resolve_dtype(args.dtype),
-        variant=args.variant,
-        lora=args.lora,
-        lora_scale=args.lora_scale,
-    )
-    meta = export_quantized_pipeline(
-        pipe,
-        spec,
-        args.out,
-        calib=args.calib,
-        float_dtype=args.float_dtype,
-        link_components=args.link_components,
-    )
+    source = resolve_model(args.model)
+    with exclusive_lock(args.out, "output folder"):
+        # the folder is checked before the model loads, and again (cheap) before writing
+        check_export_folder(
+            source, args.out, link_components=args.link_components, overwrite=args.overwrite
+        )
+        pipe = load_pipeline(
+            source,
+            dtype=resolve_dtype(args.dtype),
+            variant=args.variant,
+            lora=args.lora,
+            lora_scale=args.lora_scale,
+        )
+        meta = export_quantized_pipeline(
+            pipe,
+            spec,
+            args.out,
+            calib=args.calib,
+            float_dtype=args.float_dtype,
+            link_components=args.link_components,
+            overwrite=args.overwrite,
+        )
     storage = {}
     for lp in meta["plan"].values():
         key = "float" if lp["storage_bits"] >= 16 else f"int{lp['storage_bits']}"

@@ -5,10 +5,20 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
+from mixdq_jax.cli.argtypes import (
+    MAX_SEED,
+    existing_file,
+    finite_float,
+    nonneg_float,
+    positive_int,
+    seed,
+)
 from mixdq_jax.cli.calibrate import native_size
 from mixdq_jax.cli.quant_args import (
     add_dtype_arg,
@@ -17,7 +27,10 @@ from mixdq_jax.cli.quant_args import (
     resolve_dtype,
     spec_from_args,
 )
-from mixdq_jax.io_utils import atomic_write_bytes, atomic_write_json
+from mixdq_jax.io_utils import atomic_write_bytes, atomic_write_json, exclusive_lock
+
+INDEX = "prompts.json"  # the run's settings and one record per image written
+_IMAGE_NAME = re.compile(r"\d{4,}\.png")  # the names this command gives its images
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,20 +39,34 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model", default="testbed", help="diffusers folder, cached repo id, or testbed (default)"
     )
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", type=Path, help="text file, one prompt per line")
+    p.add_argument("--prompts-file", type=existing_file, help="text file, one prompt per line")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--guidance", type=float, default=0.0)
-    p.add_argument("--height", type=int, default=None, help="default: the model's native size")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; +1 per image")
+    p.add_argument("--steps", type=positive_int, default=1)
+    p.add_argument("--guidance", type=nonneg_float, default=0.0)
+    p.add_argument(
+        "--height", type=positive_int, default=None, help="default: the model's native size"
+    )
+    p.add_argument("--width", type=positive_int, default=None)
+    p.add_argument("--seed", type=seed, default=0, help="seed of the first image; +1 per image")
     p.add_argument("--scheduler", default=None, help="override, e.g. LCMScheduler")
-    p.add_argument("--lora", type=Path, default=None, help="LoRA safetensors fused into the UNet")
-    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument(
+        "--lora", type=existing_file, default=None, help="LoRA safetensors fused into the UNet"
+    )
+    p.add_argument("--lora-scale", type=finite_float, default=1.0)
     p.add_argument("--variant", default=None, help="weight variant, e.g. fp16")
     add_dtype_arg(p)
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin (pickle) weights")
-    p.add_argument("--out", type=Path, required=True, help="output folder for PNGs")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder for PNGs and prompts.json; a rerun resumes an interrupted run",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in --out made with other settings or prompts",
+    )
     add_quant_args(p)
     p.set_defaults(func=run)
 
@@ -52,14 +79,117 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         prompts += [ln.strip() for ln in args.prompts_file.read_text().splitlines() if ln.strip()]
     if not prompts:
         raise ValueError("no prompt given: use --prompt TEXT or --prompts-file FILE")
+    if args.seed + len(prompts) - 1 > MAX_SEED:
+        raise ValueError(
+            f"--seed {args.seed}: image i uses seed+i, and {len(prompts)} prompts go past "
+            f"{MAX_SEED} (JAX keeps 32 bits of a seed); use a smaller --seed"
+        )
     return prompts
 
 
-def run(args: argparse.Namespace) -> int:
-    from mixdq_jax.api import load_pipeline, quantized_config  # noqa: PLC0415  (fast --help)
+def plan_records(prompts: list[str], first_seed: int) -> list[dict]:
+    """One ``{file, prompt, seed}`` record per image, in order (image i: seed + i)."""
+    return [
+        {"file": f"{i:04d}.png", "prompt": p, "seed": first_seed + i} for i, p in enumerate(prompts)
+    ]
 
+
+def read_index(out: Path) -> dict | None:
+    """The earlier run's index in ``out``, ``None`` if there is none, or a ValueError when
+    ``prompts.json`` is not one (a file this command did not write)."""
+    path = out / INDEX
+    if not path.is_file():
+        return None
+    try:
+        index = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{path}: not an index written by mixdq generate ({err}); use another --out, or "
+            "--overwrite to replace it"
+        ) from None
+    images = index.get("images") if isinstance(index, dict) else None
+    if not (isinstance(images, list) and all(isinstance(r, dict) for r in images)):
+        raise ValueError(
+            f"{path}: not an index written by mixdq generate; use another --out, or "
+            "--overwrite to replace it"
+        )
+    return index
+
+
+def check_out_folder(
+    out: Path, index: dict | None, records: list[dict], settings: dict | None, overwrite: bool
+) -> None:
+    """Refuse to write where this run would orphan or replace files it does not own.
+
+    Without ``overwrite``: an earlier run's index must have the same settings (once known:
+    ``settings`` is None before the model loads) and its images must be this run's first
+    images (same file, prompt, seed): a resumed or extended run. An image name this run
+    writes must not exist unless the index lists it (the user's own file)."""
+    if overwrite:
+        return
+    where = f"--out {out}"
+    if index is not None:
+        if settings is not None and index.get("settings") != settings:
+            old = index.get("settings") or {}
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise ValueError(
+                f"{where} holds an earlier run made with other settings "
+                f"({', '.join(changed) or 'unknown'}); use another --out, or --overwrite to "
+                "replace that run"
+            )
+        ours = {r["file"]: r for r in records}
+        differ = [r.get("file") for r in index["images"] if ours.get(r.get("file")) != r]
+        if differ:
+            raise ValueError(
+                f"{where} holds an earlier run with other prompts or seeds (first differing "
+                f"image: {differ[0]}); use another --out, or --overwrite to replace that run"
+            )
+    listed = {r.get("file") for r in index["images"]} if index is not None else set()
+    foreign = [r["file"] for r in records if r["file"] not in listed and (out / r["file"]).exists()]
+    if foreign:
+        raise ValueError(
+            f"{where} already holds {', '.join(foreign[:5])}, not written by an earlier "
+            "mixdq generate run there; use another --out, or --overwrite to replace them"
+        )
+
+
+def remove_stale(out: Path, index: dict | None, records: list[dict]) -> None:
+    """With --overwrite: delete the earlier run's images this run does not rewrite (they are
+    listed in its index, so this command wrote them), so none is left unindexed."""
+    if index is None:
+        return
+    keep = {r["file"] for r in records}
+    for record in index["images"]:
+        name = record.get("file")
+        if isinstance(name, str) and name not in keep and _IMAGE_NAME.fullmatch(name):
+            (out / name).unlink(missing_ok=True)
+
+
+def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
-    spec = spec_from_args(args)
+    spec = spec_from_args(args)  # reads bit files: before the model loads
+    records = plan_records(prompts, args.seed)
+    with exclusive_lock(args.out, "output folder"):
+        index = _index_or_none(args.out) if args.overwrite else read_index(args.out)
+        check_out_folder(args.out, index, records, None, args.overwrite)
+        written = _generate(args, spec, records, index)
+    print(f"wrote {written} image(s) to {args.out}")
+    return 0
+
+
+def _index_or_none(out: Path) -> dict | None:
+    """With --overwrite an unreadable index is simply replaced."""
+    try:
+        return read_index(out)
+    except ValueError:
+        return None
+
+
+def _generate(args: argparse.Namespace, spec: Any, records: list[dict], index: dict | None) -> int:
+    """Load the model and write the images not already in ``args.out`` (locked)."""
+    from mixdq_jax.api import load_pipeline, quantized_config  # noqa: PLC0415  (fast --help)
+    from mixdq_jax.pipeline import NonFiniteError  # noqa: PLC0415
+
     pipe = load_pipeline(
         args.model,
         dtype=resolve_dtype(args.dtype),
@@ -72,8 +202,6 @@ def run(args: argparse.Namespace) -> int:
     qconfig = quantized_config(pipe, spec, args.calib)
     native_h, native_w = native_size(pipe)
     height, width = args.height or native_h, args.width or native_w
-    args.out.mkdir(parents=True, exist_ok=True)
-    index_path = args.out / "prompts.json"
     settings = {
         "model": str(args.model),
         "steps": args.steps,
@@ -90,31 +218,48 @@ def run(args: argparse.Namespace) -> int:
         "act_bits": args.act_bits,
         "calib": str(args.calib),
     }
+    check_out_folder(args.out, index, records, settings, args.overwrite)
     done = {}
-    if index_path.is_file():  # resume: keep images made earlier with the same settings
-        previous = json.loads(index_path.read_text())
-        if previous.get("settings") == settings:
-            done = {r["file"]: r for r in previous.get("images", [])}
-    records = []
-    for i, prompt in enumerate(tqdm(prompts, desc="images", unit="img")):
-        name, seed = f"{i:04d}.png", args.seed + i
-        record = {"file": name, "prompt": prompt, "seed": seed}
-        if done.get(name) != record or not (args.out / name).is_file():
+    if index is not None and index.get("settings") == settings:  # resume
+        done = {r.get("file"): r for r in index["images"]}
+    if args.overwrite:
+        remove_stale(args.out, index, records)
+    index_path = args.out / INDEX
+    written = []
+    for record in tqdm(records, desc="images", unit="img"):
+        name = record["file"]
+        written.append(record)
+        if done.get(name) == record and (args.out / name).is_file():
+            continue
+        # listed before the image exists: a run killed in between finds its own file on resume
+        atomic_write_json(index_path, {"settings": settings, "images": written})
+        try:
             (image,) = pipe(
-                prompt,
+                record["prompt"],
                 negative_prompt=args.negative_prompt,
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance,
                 height=height,
                 width=width,
-                seed=seed,
+                seed=record["seed"],
                 output_type="pil",
                 qconfig=qconfig,
+                check=True,
             )
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            atomic_write_bytes(args.out / name, buf.getvalue())
-        records.append(record)
-        atomic_write_json(index_path, {"settings": settings, "images": records})
-    print(f"wrote {len(records)} image(s) to {args.out}")
-    return 0
+        except NonFiniteError as err:
+            raise ValueError(
+                f"{name} (prompt {record['prompt']!r}, seed {record['seed']}): {err}; "
+                f"{_HINTS[err.stage]}; no image was written for it"
+            ) from err
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        atomic_write_bytes(args.out / name, buf.getvalue())
+    atomic_write_json(index_path, {"settings": settings, "images": written})
+    return len(written)
+
+
+_HINTS = {
+    "text encoder": "check the text encoder weights of --model",
+    "UNet": "with quantization check --calib and the bits; in float16 try --dtype float32",
+    "VAE decoder": "the latents were finite; in float16 try --dtype float32",
+}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mixdq_jax.cli.argtypes import bits_or_file, existing_dir
 from mixdq_jax.quant.qconfig import FLOAT_BITS, QUANT_BITS, QuantSpec
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -32,11 +33,13 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization (fake quant of the UNet; default: float)")
     g.add_argument(
         "--weight-bits",
+        type=bits_or_file,
         default=None,
         help="N (all layers) or an official-format YAML {model.<layer>: bits}",
     )
     g.add_argument(
         "--act-bits",
+        type=bits_or_file,
         default=None,
         help="N or an official-format YAML; layers absent from the file stay float "
         "(the official protected layers)",
@@ -67,7 +70,7 @@ def add_quant_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--calib",
-        type=Path,
+        type=existing_dir,
         default=None,
         help="calibration run directory (needed for quantized activations)",
     )

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
+from mixdq_jax.cli.argtypes import bits_list, nonneg_int, positive_float, positive_int
 from mixdq_jax.cli.quant_args import add_dtype_arg, resolve_dtype
+from mixdq_jax.io_utils import exclusive_lock
+from mixdq_jax.quant.qconfig import QUANT_BITS
+from mixdq_jax.rundir import RunDir
 
 METRIC_CHOICES = ("mixdq", "sqnr", "ssim", "both", "orthogonality")
-
-
-def _bits(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(b) for b in text.split(",") if b.strip())
-    except ValueError:
-        msg = f"expected comma-separated integers, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--run", type=Path, required=True, help="a calibrated run directory")
     p.add_argument("--kind", choices=["weight", "act", "both"], default="both")
-    p.add_argument("--bits", type=_bits, default=(2, 4, 8), help="candidate bits (default 2,4,8)")
+    p.add_argument(
+        "--bits",
+        type=bits_list(QUANT_BITS),
+        default=(2, 4, 8),
+        help="candidate bits (default 2,4,8)",
+    )
     p.add_argument(
         "--metric",
         choices=METRIC_CHOICES,
@@ -41,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "sqnr: SQNR only (the MP-only baseline); ssim: SSIM for every layer; both: SQNR and "
         "SSIM for every layer; orthogonality: MPQ-Diff's network-orthogonality importance",
     )
-    p.add_argument("--chunk", type=int, default=8, help="configurations per batched call")
+    p.add_argument("--chunk", type=positive_int, default=8, help="configurations per batched call")
     p.add_argument(
         "--layers",
         type=Path,
@@ -61,9 +63,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-bos-aware", dest="bos_aware", action="store_false")
     p.add_argument("--no-shortcut-split", dest="shortcut_split", action="store_false")
     p.add_argument(
-        "--num-timesteps", type=int, default=4, help="orthogonality: sampled steps (uniform)"
+        "--num-timesteps",
+        type=positive_int,
+        default=4,
+        help="orthogonality: sampled steps (uniform)",
     )
-    p.add_argument("--beta", type=float, default=1.0, help="orthogonality: exp(-beta * ORM)")
+    p.add_argument(
+        "--beta", type=positive_float, default=1.0, help="orthogonality: exp(-beta * ORM)"
+    )
     p.add_argument(
         "--distributed",
         action="store_true",
@@ -71,8 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "SLURM / Open MPI / Kubernetes are detected, else give the next three options)",
     )
     p.add_argument("--coordinator", default=None, help="with --distributed: HOST:PORT of rank 0")
-    p.add_argument("--num-processes", type=int, default=None, help="with --distributed")
-    p.add_argument("--process-id", type=int, default=None, help="with --distributed")
+    p.add_argument("--num-processes", type=positive_int, default=None, help="with --distributed")
+    p.add_argument("--process-id", type=nonneg_int, default=None, help="with --distributed")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run)
 
@@ -86,16 +93,38 @@ def run(args: argparse.Namespace) -> int:
             num_processes=args.num_processes,
             process_id=args.process_id,
         )
-    from mixdq_jax.rundir import RunDir  # noqa: PLC0415
-
     run = RunDir(args.run)
     if not run.act_ranges_path.is_file():
         raise FileNotFoundError(
             f"--run {args.run}: not a calibrated run directory (no calib/act_ranges.npz); run "
             f"`mixdq calibrate --model {args.model} --run {args.run}` first"
         )
-    if args.chunk < 1:
-        raise ValueError(f"--chunk must be >= 1, got {args.chunk}")
+    layers = None
+    if args.layers is not None:  # read before the model loads: a bad file fails at once
+        from mixdq_jax.official_format import read_layer_list  # noqa: PLC0415
+
+        layers = tuple(read_layer_list(args.layers))
+    with _run_lock(args):
+        _sensitivity(args, run, layers)
+    suffix = ".yaml" if tuple(args.bits) == (2, 4, 8) else ".json"
+    files = ", ".join(p.name for p in sorted(run.sensitivity_dir.glob(f"*{suffix}")))
+    print(f"sensitivity files in {run.sensitivity_dir}: {files}")
+    return 0
+
+
+def _run_lock(args: argparse.Namespace) -> AbstractContextManager:
+    """The run directory's lock; with --distributed only process 0 takes it (every host runs
+    the same command on a shared run directory, and only process 0 writes)."""
+    if args.distributed:
+        import jax  # noqa: PLC0415
+
+        if jax.process_index() != 0:
+            return nullcontext()
+    return exclusive_lock(args.run, "run directory")
+
+
+def _sensitivity(args: argparse.Namespace, run: RunDir, layers: tuple[str, ...] | None) -> None:
+    """Load the model and run the sweep (or orthogonality) into ``run`` (locked by the caller)."""
     from mixdq_jax.api import load_pipeline  # noqa: PLC0415  (keeps --help fast)
     from mixdq_jax.quant.qconfig import QuantSpec  # noqa: PLC0415
     from mixdq_jax.sensitivity import (  # noqa: PLC0415
@@ -107,7 +136,6 @@ def run(args: argparse.Namespace) -> int:
 
     kinds = ("weight", "act") if args.kind == "both" else (args.kind,)
     pipe = load_pipeline(args.model, scheduler=args.scheduler, dtype=resolve_dtype(args.dtype))
-    out = run.sensitivity_dir
     if args.metric == "orthogonality":
         config = OrthogonalityConfig(
             bits=args.bits, num_timesteps=args.num_timesteps, beta=args.beta
@@ -117,27 +145,17 @@ def run(args: argparse.Namespace) -> int:
             f"orthogonality of {len(result.names)} layers at steps {list(result.steps)}"
             + (f" ({len(result.degenerate)} without sample variation)" if result.degenerate else "")
         )
-    else:
-        spec = QuantSpec(
-            symmetric_weights=args.symmetric_weights,
-            fp8=args.quant_format == "fp8",
-            bos_aware=args.bos_aware,
-            shortcut_split=args.shortcut_split,
-        )
-        metrics = {"both": ("sqnr", "ssim")}.get(args.metric, args.metric)
-        layers = None
-        if args.layers is not None:
-            from mixdq_jax.official_format import read_layer_list  # noqa: PLC0415
-
-            layers = tuple(read_layer_list(args.layers))
-        config = SweepConfig(
-            kinds=kinds, bits=args.bits, metrics=metrics, chunk=args.chunk, spec=spec,
-            layers=layers,
-        )  # fmt: skip
-        results = sweep(pipe, args.run, config, progress=args.progress)
-        for (kind, metric), scores in results.items():
-            print(f"{kind} {metric}: {len(scores)} layers")
-    suffix = ".yaml" if tuple(args.bits) == (2, 4, 8) else ".json"
-    files = ", ".join(p.name for p in sorted(out.glob(f"*{suffix}")))
-    print(f"sensitivity files in {out}: {files}")
-    return 0
+        return
+    spec = QuantSpec(
+        symmetric_weights=args.symmetric_weights,
+        fp8=args.quant_format == "fp8",
+        bos_aware=args.bos_aware,
+        shortcut_split=args.shortcut_split,
+    )
+    metrics = {"both": ("sqnr", "ssim")}.get(args.metric, args.metric)
+    config = SweepConfig(
+        kinds=kinds, bits=args.bits, metrics=metrics, chunk=args.chunk, spec=spec, layers=layers
+    )
+    results = sweep(pipe, run, config, progress=args.progress)
+    for (kind, metric), scores in results.items():
+        print(f"{kind} {metric}: {len(scores)} layers")

@@ -7,6 +7,8 @@ Folder layout written by :func:`export_quantized_pipeline` (``mixdq export``)::
     OUT/unet/mixdq_unet.safetensors     packed weights, scales, float params ("/"-joined paths)
     OUT/unet/mixdq_quant.json           format version, per-layer plan, spec, activation ranges,
                                         the weights file's size and sha256
+    OUT/.mixdq_export.json              the files the export wrote (written first; see
+                                        `mixdq_jax.deploy.export_folder`)
 
 Loading checks the format version, the file size (truncation), the checksum (a file from
 another export) and every tensor's name, shape and dtype against the packed tree the plan and
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixdq_jax.deploy.export_folder import (
+    ExportFolder,
+    begin_export,
+    finish_export,
+    plan_export_folder,
+)
 from mixdq_jax.deploy.layers import Deployed
 from mixdq_jax.deploy.packed import (
     F32_LEAVES,
@@ -52,6 +59,7 @@ FORMAT_NAME = "mixdq-jax-quantized-unet"
 META_FILE = "mixdq_quant.json"
 WEIGHTS_FILE = "mixdq_unet.safetensors"
 _SEP = "/"
+EXPORT_UNET_FILES = ("unet/config.json", f"unet/{WEIGHTS_FILE}", f"unet/{META_FILE}")
 
 
 class QuantCheckpointError(CheckpointError):
@@ -139,25 +147,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _copy_components(src: Path, out: Path, link: bool) -> None:
-    """Everything but the UNet weights: copied (or symlinked) from the source folder."""
-    for entry in sorted(src.iterdir()):
-        if entry.name == "unet" or entry.name.startswith("."):
-            continue
-        dest = out / entry.name
-        if dest.exists() or dest.is_symlink():
-            if dest.is_dir() and not dest.is_symlink():
-                shutil.rmtree(dest)
-            else:
-                dest.unlink()
-        if link:
-            dest.symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
-        elif entry.is_dir():
-            shutil.copytree(entry, dest)
-        else:
-            shutil.copy2(entry, dest)
-
-
 def save_quantized_unet(
     unet_dir: str | os.PathLike,
     plan: DeployPlan,
@@ -215,6 +204,25 @@ def spec_summary(spec: Any) -> dict[str, Any]:
     return out
 
 
+def check_export_folder(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    link_components: bool = False,
+    overwrite: bool = False,
+) -> ExportFolder:
+    """What an export of the float folder ``source`` would write into ``out``, or a
+    ValueError naming the files in the way (the rules: `mixdq_jax.deploy.export_folder`).
+    Cheap: call it before loading the model."""
+    src = Path(source)
+    if not (src / "model_index.json").is_file():
+        raise ValueError(f"the pipeline's source {src} is not a diffusers folder")
+    return plan_export_folder(
+        src, out, unet_files=EXPORT_UNET_FILES, meta_file=f"unet/{META_FILE}",
+        link=link_components, overwrite=overwrite,
+    )  # fmt: skip
+
+
 def export_quantized_pipeline(
     pipe: Any,
     spec: Any,
@@ -223,30 +231,37 @@ def export_quantized_pipeline(
     calib: str | os.PathLike | Mapping[str, Any] | None = None,
     float_dtype: Any = jnp.float16,
     link_components: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Freeze ``spec`` on ``pipe`` (a float pipeline loaded from a diffusers folder) and write
-    a quantized pipeline folder that `load_quantized_pipeline` (and `load_pipeline`) run."""
-    src = Path(pipe.source)
-    out = Path(out)
-    if not (src / "model_index.json").is_file():
-        raise ValueError(f"the pipeline's source {src} is not a diffusers folder")
-    if out.resolve() == src.resolve():
-        raise ValueError("--out must differ from the source model folder")
+    a quantized pipeline folder that `load_quantized_pipeline` (and `load_pipeline`) run.
+
+    ``out`` is checked before the packing work: it must be new, empty or an earlier export
+    (replaced). A non-empty folder that is not one, a file the export would replace that it
+    did not write, or a user file under ``out/unet/`` (say the float weights of a copied
+    model, which would sit unused beside the quantized ones) is refused unless
+    ``overwrite``; with ``overwrite`` the export replaces the files it writes and keeps every
+    other file, warning about those under ``unet/``. A file mixdq export did not write is
+    never deleted or moved.
+    """
+    folder = check_export_folder(
+        pipe.source, out, link_components=link_components, overwrite=overwrite
+    )
     plan, packed, ranges = freeze(pipe, spec, calib, float_dtype=float_dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "unet" / META_FILE).unlink(missing_ok=True)  # an interrupted re-export is incomplete
-    _copy_components(src, out, link_components)
-    unet_config = read_json(src / "unet" / "config.json", what="unet config")
-    return save_quantized_unet(
-        out / "unet",
+    begin_export(folder)
+    unet_config = read_json(folder.src / "unet" / "config.json", what="unet config")
+    meta = save_quantized_unet(
+        folder.out / "unet",
         plan,
         packed,
         unet_config=unet_config,
         act_ranges=ranges,
         float_dtype=float_dtype,
         spec=spec_summary(spec),
-        source=str(src),
+        source=str(folder.src),
     )
+    finish_export(folder)
+    return meta
 
 
 def read_quant_meta(unet_dir: str | os.PathLike) -> dict[str, Any]:

@@ -134,7 +134,11 @@ class UNetConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> UNetConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
+        return cls.from_dict(data)
 
     def __post_init__(self) -> None:
         n = len(self.down_block_types)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from mixdq_jax.io_utils import atomic_write_json, atomic_write_text
-from mixdq_jax.study.config import StudyConfig
+from mixdq_jax.study.config import ABLATION, StudyConfig
 from mixdq_jax.testbed import data
 from mixdq_jax.testbed.evaluate import save_grid
 
@@ -21,41 +21,67 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
+def _row(label: str, title: str, m: Mapping[str, Any]) -> str:
+    if "skipped" in m or not m:
+        return f"| {label} | {title} | n/a | | | | | | | |"
+    mb = m.get("unet_mb")
+    return (
+        f"| {label} | {title} | {m['weight_avg_bits']:.2f} | "
+        f"{_fmt(m['act_effective_bits'], 2)} | {len(m['act_float_layers'])} | "
+        f"{_fmt(m['content_score'])} | {_fmt(m['frechet_distance'], 2)} | "
+        f"{_fmt(m['ssim_vs_fp'])} | {_fmt(m['psnr_vs_fp'], 1)} | "
+        f"{'-' if mb is None else f'{mb:.2f}'} |"
+    )
+
+
+_HEADER = [
+    "| setting | method | W bits | A bits (eff.) | A float | content score | Frechet dist. | "
+    "SSIM vs FP | PSNR vs FP | UNet MB |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+]
+
+
 def table(config: StudyConfig, results: Mapping[str, Mapping[str, Any]], seconds: float) -> str:
-    """report.md: one row per (setting, method), the float model first."""
+    """report.md: Table 1 (every target x method, the float model first) and Table 3 (the
+    W8A8 ablation, one technique added per row)."""
     fp = results["float"]
+    float_row = (
+        f"| - | float | 16 | 16 | - | {_fmt(fp['content_score'])} | "
+        f"{_fmt(fp['frechet_distance'], 2)} | 1 | - | {fp['unet_mb']:.2f} |"
+    )
     lines = [
         "# MixDQ study on the testbed",
         "",
         f"Model `{config.model}`, {config.steps} step(s), {config.num_calib} calibration "
-        f"captions, {config.num_eval} held-out test captions (seed {config.seed}). "
-        f"Run time {seconds / 60:.1f} min (this run; stages found on disk are not recomputed).",
+        f"captions, {config.num_select} held-out selection captions, {config.num_eval} "
+        f"held-out test captions (seed {config.seed}). Run time {seconds / 60:.1f} min (this "
+        "run; stages found on disk are not recomputed).",
         "",
-        "UNet MB: the UNet params as `mixdq export` stores them (packed weights, scales, zero "
-        "points, column sums, BOS rows; every other param in fp16).",
+        "Every row is the recipe of `mixdq quantize --target T --method M`. W bits: average "
+        "weight bits. A bits (eff.): average activation bits with the float layers counted at "
+        "16 (A8 targets stay at or below 8). A float: activation layers kept float. UNet MB: "
+        "the UNet params as `mixdq export` stores them (packed weights, scales, zero points, "
+        "column sums, BOS rows; every other param in fp16; none for FP8, which has no export).",
         "",
-        "| setting | method | W bits | A bits | content score | Frechet dist. | SSIM vs FP | "
-        "PSNR vs FP | UNet MB |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| - | float | 16 | 16 | {_fmt(fp['content_score'])} | "
-        f"{_fmt(fp['frechet_distance'], 2)} | 1 | - | {fp['unet_mb']:.2f} |",
+        "## Table 1: every target and method",
+        "",
+        *_HEADER,
+        float_row,
     ]
-    for setting in config.settings:
+    for target in config.targets:
         for method in config.methods:
-            m = results.get(f"{setting.name}_{method.name}", {})
-            if "skipped" in m or not m:
-                lines.append(f"| {setting.name} | {method.title} | n/a | | | | | | |")
-                continue
-            lines.append(
-                f"| {setting.name} | {method.title} | {m['weight_avg_bits']:.2f} | "
-                f"{_fmt(m['act_avg_bits'], 2)} | {_fmt(m['content_score'])} | "
-                f"{_fmt(m['frechet_distance'], 2)} | {_fmt(m['ssim_vs_fp'])} | "
-                f"{_fmt(m['psnr_vs_fp'], 1)} | {m['unet_mb']:.2f} |"
-            )
+            m = results.get(f"{target.name}_{method.name}", {})
+            lines.append(_row(target.name, method.title, m))
+    methods = {m.name: m for m in config.methods}
+    ablation = [n for n in ABLATION if n in methods]
+    if any(t.name == "W8A8" for t in config.targets) and ablation:
+        lines += ["", "## Table 3: ablation at W8A8", "", *_HEADER, float_row]
+        for name in ablation:
+            m = results.get(f"W8A8_{name}", {})
+            lines.append(_row("W8A8", methods[name].title, m))
     lines += [
         "",
-        "Activation layers kept in float by MixDQ (top "
-        f"{config.protect_fraction:.0%} per group): see `configs/`.",
+        "Chosen bits, candidates and settings of each row: `quantize/<row>/`.",
         "",
         "![grid](grid.png)",
         "",
@@ -90,10 +116,10 @@ def write_report(
     scenes = data.sample_scenes(config.num_eval, seed=2024, split="test")
     cols = 8
     keys = ["float"] + [
-        f"{s.name}_{m}"
-        for s in config.settings
+        f"{t.name}_{m}"
+        for t in config.targets
         for m in ("naive", "mixdq")
-        if f"{s.name}_{m}" in images
+        if f"{t.name}_{m}" in images
     ]
     grid = np.concatenate([images[k][:cols] for k in keys])
     captions = [f"{k}: {c}" for k in keys for c in scenes.captions[:cols]]
@@ -118,12 +144,12 @@ def write_report(
         pts = entry["candidates"]
         ax.scatter(
             [p["avg_bits"] for p in pts], [p["mse"] for p in pts], s=12,
-            label=f"{name} MixDQ candidates",
+            label=f"{name} MixDQ weight candidates",
         )  # fmt: skip
         for p in entry["baselines"]:
             ax.scatter(p["avg_bits"], p["mse"], marker="x", label=f"{name} {p['method']}")
     ax.set_xlabel("average weight bits")
-    ax.set_ylabel("image MSE vs float")
+    ax.set_ylabel("image MSE vs float (activations float)")
     ax.set_yscale("log")
     ax.legend(fontsize=6)
     fig.tight_layout()

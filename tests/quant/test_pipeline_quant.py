@@ -138,21 +138,15 @@ def test_cli_generate_quantized_and_resume(pipe_dir, run_dir, tmp_path, capsys):
     stamp = (out / "0000.png").stat().st_mtime_ns
     assert main(args) == 0  # resumed: nothing regenerated
     assert (out / "0000.png").stat().st_mtime_ns == stamp
-    assert main([*args[:-2], "--act-bits", "3", "--out", str(out)]) == 0
-    assert (
-        main(
-            [
-                "generate",
-                "--model",
-                str(pipe_dir),
-                "--prompt",
-                "x",
-                "--weight-bits",
-                "9",
-                "--out",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    # other settings into the same folder: refused (it would orphan the first run's images)
+    # unless --overwrite
+    assert main([*args[:-2], "--act-bits", "3", "--out", str(out)]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert main([*args[:-2], "--act-bits", "3", "--out", str(out), "--overwrite"]) == 0
+    # an unsupported bit-width is refused while parsing, before any model loads
+    bad = ["generate", "--model", str(pipe_dir), "--prompt", "x", "--weight-bits", "9",
+           "--out", str(out)]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(bad)
+    assert exit_info.value.code == 2
     assert "supported bit-widths" in capsys.readouterr().err

@@ -1,0 +1,204 @@
+"""``mixdq quantize``: the whole MixDQ recipe on a model in one resumable command.
+
+Calibrate, sweep the metric-decoupled sensitivities, allocate weight and activation bits
+(Algorithm 1), pick the candidates by image error vs float on held-out prompts, export the
+quantized folder and write a report. Every stage writes into ``--run`` as it goes; run the
+same command again to resume after a kill. ``--stop-after STAGE`` ends after one stage, so
+the sweep can run on one machine and the rest on another (copy the run directory).
+
+Methods (the paper's rows): ``naive`` (uniform, no BOS handling), ``naive+bos``,
+``sqnr-mp`` (SQNR-only mixed precision for weights and activations), ``fp8`` (W8A8 only, no
+export), ``mixdq-no-bos``, ``mixdq`` (default).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mixdq_jax.cli.quant_args import add_dtype_arg, resolve_dtype
+
+STAGES = ("calibrate", "sensitivity", "weights", "acts", "export", "report")
+METHOD_NAMES = ("naive", "naive+bos", "sqnr-mp", "fp8", "mixdq-no-bos", "mixdq")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _target(text: str):
+    from mixdq_jax.recipe.config import Target  # noqa: PLC0415
+
+    try:
+        return Target.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _act_average(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 4.0 <= value <= 8.0:
+        raise argparse.ArgumentTypeError(f"the {{4, 8}} activation mix averages 4..8, got {value}")
+    return value
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 100.0:
+        raise argparse.ArgumentTypeError(f"a percentage in [0, 100], got {value}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="the whole MixDQ recipe: calibrate, sweep, allocate, select, export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default="testbed", help="float diffusers folder or testbed")
+    p.add_argument("--target", type=_target, required=True, help="W8A8, W5A8, W4A8, W3.66A16, ...")
+    p.add_argument("--method", choices=METHOD_NAMES, default="mixdq")
+    p.add_argument("--run", type=Path, required=True, help="run directory (resumable)")
+    p.add_argument("--out", type=Path, default=None, help="quantized pipeline folder to write")
+    p.add_argument(
+        "--preset", choices=("ours", "official"), default="ours",
+        help="quantizer settings the paper leaves open: ours (asymmetric weights, min/max "
+        "ranges on the float model; default) or official (symmetric weights, EMA(0.95) ranges "
+        "observed on the W8 model)",
+    )  # fmt: skip
+    p.add_argument(
+        "--prompts", type=Path, default=None,
+        help="text file, one prompt per line: the first --num-calib calibrate, the next "
+        "--num-select pick among candidates (default: the shipped prompts; testbed captions "
+        "for the testbed)",
+    )  # fmt: skip
+    p.add_argument("--num-calib", type=_count, default=32, help="calibration prompts (32)")
+    p.add_argument("--num-select", type=_count, default=4, help="held-out selection prompts (4)")
+    p.add_argument("--steps", type=_count, default=1, help="sampling steps (1)")
+    p.add_argument("--guidance-scale", type=float, default=0.0)
+    p.add_argument("--height", type=_count, default=None, help="default: the model's native size")
+    p.add_argument("--width", type=_count, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_count, default=8, help="images per batch (8)")
+    p.add_argument("--chunk", type=_count, default=8, help="sweep configurations per call (8)")
+    p.add_argument(
+        "--act-average", type=_act_average, default=None,
+        help="A8: average bits of the non-protected activation layers (default: the paper's "
+        "7.7, lowered if needed so the effective average, float layers at 16, is <= 8)",
+    )  # fmt: skip
+    p.add_argument(
+        "--protect-top", type=_percent, default=1.0,
+        help="A8: percent of activation layers per group kept float, the lowest-scoring at "
+        "8 bits (1, the paper's)",
+    )  # fmt: skip
+    p.add_argument("--stop-after", choices=STAGES, default="report")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let --out replace files in a non-empty folder that is not an earlier export "
+        "(files the export does not write are kept)",
+    )
+    p.add_argument("--scheduler", default=None, help="override, e.g. LCMScheduler")
+    p.add_argument("--variant", default=None, help="weight variant of the source, e.g. fp16")
+    p.add_argument(
+        "--lora", type=Path, default=None,
+        help="LoRA safetensors fused before quantizing (e.g. LCM-LoRA on SD1.5; the export "
+        "then holds the fused UNet)",
+    )  # fmt: skip
+    p.add_argument("--lora-scale", type=float, default=1.0)
+    add_dtype_arg(p)
+    p.set_defaults(func=run)
+
+
+def prompts_for(model: str, path: Path | None, num_calib: int, num_select: int):
+    """``(calibration, selection)`` prompts: held-out selection prompts follow the
+    calibration ones in the same list."""
+    need = num_calib + num_select
+    if path is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts {path}: no such file")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        where = str(path)
+    elif model == "testbed":
+        from mixdq_jax.testbed import calibration_captions  # noqa: PLC0415
+
+        prompts, where = calibration_captions(need), "the testbed's training captions"
+    else:
+        from mixdq_jax.calibrate import default_prompts  # noqa: PLC0415
+
+        prompts = default_prompts(min(need, 48))
+        where = "the shipped prompts (48)"
+    if len(prompts) < need:
+        raise ValueError(
+            f"{where}: {len(prompts)} prompts, need --num-calib {num_calib} + --num-select "
+            f"{num_select} = {need}; lower them or pass --prompts FILE"
+        )
+    return tuple(prompts[:num_calib]), tuple(prompts[num_calib:need])
+
+
+def run(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack  # noqa: PLC0415
+
+    from mixdq_jax.deploy.checkpoint import check_export_folder  # noqa: PLC0415
+    from mixdq_jax.io_utils import exclusive_lock  # noqa: PLC0415
+    from mixdq_jax.loader import resolve_model  # noqa: PLC0415
+    from mixdq_jax.recipe import METHODS, PRESETS, AllocationKnobs, RecipeConfig  # noqa: PLC0415
+
+    method = METHODS[args.method]
+    why = method.supports(args.target)
+    if why is not None:
+        raise ValueError(f"--method {method.name} --target {args.target.name}: {why}")
+    if method.fp8 and args.out is not None:
+        raise ValueError("--method fp8 is a fake-quant baseline with no packed export: drop --out")
+    if args.out is not None and args.out.resolve() == args.run.resolve():
+        raise ValueError("--out and --run must be different folders")
+    calib, select = prompts_for(args.model, args.prompts, args.num_calib, args.num_select)
+    config = RecipeConfig(
+        calib_prompts=calib, select_prompts=select, preset=PRESETS[args.preset],
+        knobs=AllocationKnobs(act_average=args.act_average, protect_top=args.protect_top),
+        steps=args.steps, guidance_scale=args.guidance_scale, height=args.height,
+        width=args.width, seed=args.seed, batch_size=args.batch_size, chunk=args.chunk,
+    )  # fmt: skip
+    if args.out is not None:  # before any work: a refused folder costs nothing
+        check_export_folder(resolve_model(args.model), args.out, overwrite=args.overwrite)
+    with ExitStack() as locks:
+        locks.enter_context(exclusive_lock(args.run, "run directory"))
+        if args.out is not None:
+            locks.enter_context(exclusive_lock(args.out, "output folder"))
+        return _quantize(args, config, method)
+
+
+def _quantize(args: argparse.Namespace, config, method) -> int:
+    from mixdq_jax.api import load_pipeline  # noqa: PLC0415
+    from mixdq_jax.recipe import quantize  # noqa: PLC0415
+    from mixdq_jax.recipe.run import report_markdown  # noqa: PLC0415
+
+    scheduler = args.scheduler
+    if scheduler is None and args.model == "testbed" and args.steps > 1:
+        scheduler = "LCMScheduler"  # the testbed's few-step sampler, as `mixdq evaluate`
+    pipe = load_pipeline(
+        args.model, dtype=resolve_dtype(args.dtype), variant=args.variant, scheduler=scheduler,
+        lora=args.lora, lora_scale=args.lora_scale,
+    )  # fmt: skip
+    report = quantize(
+        pipe, args.run, config, target=args.target, method=method, out=args.out,
+        stop_after=args.stop_after, overwrite=args.overwrite,
+    )  # fmt: skip
+    if report is None:
+        print(f"stopped after stage {args.stop_after}; run the same command to go on")
+        return 0
+    print(report_markdown(report))
+    return 0

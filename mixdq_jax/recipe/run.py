@@ -1,0 +1,444 @@
+"""The whole MixDQ recipe on one model: what `mixdq quantize` runs, stage by stage.
+
+Stages (`config.STAGES`), each written into the run directory as it goes and skipped when
+its results are there, so a killed run resumes where it stopped and ``stop_after`` lets a user
+run stages on different machines (the sweep on a cluster, the rest on a laptop):
+
+1. ``calibrate``: activation ranges and float references on the calibration prompts;
+2. ``sensitivity``: the metric-decoupled per-layer sweeps (SQNR for every layer, SSIM for the
+   content layers; weights and activations at 2/4/8 bits). Without BOS-aware quantization the
+   BOS layers' scores change, so that method sweeps them again with BOS handling off;
+3. ``weights``: the method's weight candidates (`allocate`), activations float, the one with
+   the lowest image MSE vs float on the held-out selection prompts;
+4. ``acts``: the protected layers and the activation candidates given the chosen weights,
+   picked the same way (the official pipeline's order: weights first);
+5. ``export``: the chosen configuration as a quantized pipeline folder (`mixdq export`);
+6. ``report``: chosen and effective bits, stored size, images vs float.
+
+The testbed study (`mixdq_jax.study`) calls the same :class:`Recipe` for every row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from mixdq_jax.calibrate import CalibConfig, calibrate
+from mixdq_jax.io_utils import atomic_write_json, atomic_write_text
+from mixdq_jax.pipeline import Pipeline
+from mixdq_jax.quant.qconfig import FLOAT_BITS, QConfig, QuantSpec, is_bos_layer
+from mixdq_jax.quant.registry import layer_splits, unet_layers
+from mixdq_jax.recipe.allocate import (
+    AllocationKnobs,
+    Bits,
+    Layers,
+    Sensitivities,
+    act_candidates,
+    bits_summary,
+    protected_acts,
+    weight_candidates,
+)
+from mixdq_jax.recipe.config import PRESETS, STAGES, Method, Preset, Target
+from mixdq_jax.rundir import RunDir
+from mixdq_jax.sensitivity import SweepConfig, sweep
+from mixdq_jax.sensitivity.calibration import load_calibration
+from mixdq_jax.sensitivity.evaluator import Evaluator
+
+NO_BOS_SWEEPS = "sensitivity-nobos"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecipeConfig:
+    """Settings shared by every target and method of one run.
+
+    ``calib_prompts`` drive calibration and the sweeps; ``select_prompts`` (held out from
+    calibration) pick among candidates by image MSE vs float. ``height``/``width``: ``None``
+    is the model's native size.
+    """
+
+    calib_prompts: tuple[str, ...]
+    select_prompts: tuple[str, ...]
+    preset: Preset = PRESETS["ours"]
+    knobs: AllocationKnobs = field(default_factory=AllocationKnobs)
+    steps: int = 1
+    guidance_scale: float = 0.0
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+    batch_size: int = 8
+    chunk: int = 8
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "calib_prompts", tuple(self.calib_prompts))
+        object.__setattr__(self, "select_prompts", tuple(self.select_prompts))
+        if not self.calib_prompts or not self.select_prompts:
+            raise ValueError("the recipe needs calibration prompts and selection prompts")
+        if self.steps < 1 or self.batch_size < 1 or self.chunk < 1:
+            raise ValueError("steps, batch_size and chunk must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Allocation:
+    """One (target, method)'s chosen bits and the spec that quantizes a model with them."""
+
+    target: Target
+    method: Method
+    weight_bits: Bits
+    act_bits: Bits
+    spec: QuantSpec
+
+    @property
+    def key(self) -> str:
+        return recipe_key(self.target, self.method)
+
+
+def recipe_key(target: Target, method: Method) -> str:
+    return f"{target.name}_{method.name}"
+
+
+def _fingerprint(bits: Mapping[str, int]) -> str:
+    return hashlib.sha1(json.dumps(sorted(bits.items())).encode()).hexdigest()[:16]
+
+
+def _log(message: str) -> None:
+    print(f"[mixdq quantize] {message}", file=sys.stderr, flush=True)
+
+
+class Recipe:
+    """One model and one run directory: the stages `mixdq quantize` and the study share."""
+
+    def __init__(self, pipe: Pipeline, run: RunDir | str | Path, config: RecipeConfig) -> None:
+        self.pipe, self.config = pipe, config
+        self.run = run if isinstance(run, RunDir) else RunDir(run)
+        self.layers = Layers.of(unet_layers(pipe.unet.config))
+        self.splits = layer_splits(unet_layers(pipe.unet.config))
+        native_h, native_w = pipe.image_size
+        self.height = config.height or native_h
+        self.width = config.width or native_w
+        self._sens: dict[bool, Sensitivities] = {}
+        self._evaluator: Evaluator | None = None
+        self._reference: np.ndarray | None = None
+
+    # ---------------------------------------------------------------- calibrate, sensitivity
+    def calibrate(self) -> None:
+        c, p = self.config, self.config.preset
+        calibrate(
+            self.pipe,
+            CalibConfig(
+                prompts=c.calib_prompts, num_inference_steps=c.steps,
+                guidance_scale=c.guidance_scale, height=self.height, width=self.width,
+                seed=c.seed, batch_size=c.batch_size, method=p.range_method,
+                momentum=p.momentum, observe_weight_bits=p.observe_weight_bits,
+                symmetric_weights=p.symmetric_weights,
+            ),
+            self.run,
+        )  # fmt: skip
+
+    def _sweep(self, run: RunDir, *, bos_aware: bool, layers: Sequence[str] | None) -> Any:
+        if self._evaluator is None:
+            self._evaluator = Evaluator(self.pipe, load_calibration(self.run, self.pipe))
+        symmetric = self.config.preset.symmetric_weights
+        spec = QuantSpec(symmetric_weights=symmetric, bos_aware=bos_aware)
+        sweep_config = SweepConfig(chunk=self.config.chunk, spec=spec, layers=layers)
+        return sweep(self.pipe, run, sweep_config, evaluator=self._evaluator)
+
+    def sensitivities(self, *, bos_aware: bool = True) -> Sensitivities:
+        """The metric-decoupled sweeps (run or resumed). ``bos_aware=False``: the BOS
+        layers' scores measured with BOS handling off (every other layer's single-layer score
+        does not depend on it)."""
+        if bos_aware not in self._sens:
+            sens = dict(self._sweep(self.run, bos_aware=True, layers=None))
+            if not bos_aware:
+                bos = [n for n in self.layers.names if is_bos_layer(n)]
+                if bos:
+                    run = self.run.with_sensitivity(NO_BOS_SWEEPS)
+                    for key, scores in self._sweep(run, bos_aware=False, layers=bos).items():
+                        sens[key] = {**sens[key], **scores}
+            self._sens[bos_aware] = sens
+        return self._sens[bos_aware]
+
+    # ---------------------------------------------------------------- configurations, images
+    def spec(self, method: Method, w_bits: Mapping[str, int], a_bits: Mapping[str, int]):
+        return QuantSpec(
+            weight_bits=dict(w_bits),
+            act_bits=dict(a_bits),
+            bos_aware=method.bos_aware,
+            symmetric_weights=self.config.preset.symmetric_weights and not method.fp8,
+            fp8=method.fp8,
+        )
+
+    def qconfig(self, method: Method, w_bits: Mapping[str, int], a_bits: Mapping[str, int]):
+        return self.spec(method, w_bits, a_bits).to_qconfig(self.splits, self.run.act_ranges())
+
+    def render(self, qconfig: QConfig | None) -> np.ndarray:
+        """The selection prompts' images (``[N, H, W, 3]`` in [0, 1]); batch ``b`` uses seed
+        ``seed + b``."""
+        c = self.config
+        prompts = list(c.select_prompts)
+        out = []
+        for b, start in enumerate(range(0, len(prompts), c.batch_size)):
+            out.append(
+                np.asarray(
+                    self.pipe(
+                        prompts[start : start + c.batch_size],
+                        num_inference_steps=c.steps,
+                        guidance_scale=c.guidance_scale,
+                        height=self.height,
+                        width=self.width,
+                        seed=c.seed + b,
+                        qconfig=qconfig,
+                    ),  # fmt: skip
+                    np.float32,
+                )
+            )
+        return np.concatenate(out)
+
+    def reference(self) -> np.ndarray:
+        """The float model's selection images (cached in the run)."""
+        if self._reference is None:
+            self._reference = self.run.selection_reference(
+                self.config.select_prompts, lambda: self.render(None)
+            )
+        return self._reference
+
+    def image_mse(self, qconfig: QConfig) -> float:
+        return float(np.mean((self.render(qconfig) - self.reference()) ** 2))
+
+    # ---------------------------------------------------------------- allocation stages
+    def _settings(self, target: Target, method: Method) -> dict[str, Any]:
+        c = self.config
+        return {
+            "target": target.name, "method": asdict(method), "preset": asdict(c.preset),
+            "knobs": asdict(c.knobs), "select_prompts": list(c.select_prompts), "seed": c.seed,
+            "steps": c.steps, "guidance_scale": c.guidance_scale,
+            "height": self.height, "width": self.width,
+        }  # fmt: skip
+
+    def _pick(
+        self,
+        key: str,
+        kind: str,
+        candidates: Sequence[Bits],
+        qconfig_of: Callable[[Bits], QConfig],
+        sizes: Mapping[str, float],
+    ) -> Bits:
+        """The candidate with the lowest image MSE vs float; scores are written as they go."""
+        if len(candidates) == 1:
+            return dict(candidates[0])
+        state = self.run.candidate_scores(key, kind)
+        scores: dict[str, float] = dict(state.get("scores", {}))
+        fingerprints = [_fingerprint(c) for c in candidates]
+        todo = [i for i, f in enumerate(fingerprints) if f not in scores]
+        listing = [
+            {
+                "fingerprint": f,
+                "avg_bits": sum(sizes[n] * b for n, b in c.items() if b < FLOAT_BITS)
+                / sum(sizes[n] for n, b in c.items() if b < FLOAT_BITS),
+            }
+            for f, c in zip(fingerprints, candidates, strict=True)
+        ]
+        bar = tqdm(
+            total=len(candidates), initial=len(candidates) - len(todo),
+            desc=f"{key} {kind} candidates", unit="cfg", file=sys.stderr,
+        )  # fmt: skip
+        with bar:
+            for i in todo:
+                scores[fingerprints[i]] = self.image_mse(qconfig_of(candidates[i]))
+                self.run.write_candidate_scores(
+                    key, kind, {"candidates": listing, "scores": scores}
+                )
+                bar.update(1)
+        best = min(range(len(candidates)), key=lambda i: (scores[fingerprints[i]], i))
+        return dict(candidates[best])
+
+    def weights(self, target: Target, method: Method) -> Bits:
+        """Stage ``weights``: the chosen weight bits (activations float while choosing)."""
+        key = recipe_key(target, method)
+        chosen = self.run.chosen_bits(key, "weight")
+        if chosen is None:
+            sens = self.sensitivities(bos_aware=method.bos_aware)
+            cands = weight_candidates(sens, self.layers, method, target, self.config.knobs)
+            floats = dict.fromkeys(self.layers.names, FLOAT_BITS)
+            chosen = self._pick(
+                key, "weight", cands, lambda w: self.qconfig(method, w, floats), self.layers.w_size
+            )
+            self.run.write_chosen_bits(key, "weight", chosen)
+        return chosen
+
+    def acts(self, target: Target, method: Method, w_bits: Mapping[str, int]) -> Bits:
+        """Stage ``acts``: the chosen activation bits given the chosen weights."""
+        key = recipe_key(target, method)
+        chosen = self.run.chosen_bits(key, "act")
+        if chosen is None:
+            sens = self.sensitivities(bos_aware=method.bos_aware)
+            protected = protected_acts(sens, self.layers, method, self.config.knobs)
+            if not target.quantizes_acts:
+                protected = set()
+            cands = act_candidates(sens, self.layers, method, target, self.config.knobs, protected)
+            chosen = self._pick(
+                key, "act", cands, lambda a: self.qconfig(method, w_bits, a), self.layers.a_size
+            )
+            self.run.write_chosen_bits(key, "act", chosen)
+        return chosen
+
+    def allocation(
+        self, target: Target, method: Method, *, stop_after: str | None = None
+    ) -> Allocation | None:
+        """Stages ``weights`` and ``acts`` of one (target, method), run or resumed
+        (``None`` when ``stop_after`` is ``"weights"``)."""
+        why = method.supports(target)
+        if why is not None:
+            raise ValueError(f"method {method.name} at {target.name}: {why}")
+        self.run.start_recipe(recipe_key(target, method), self._settings(target, method))
+        w_bits = self.weights(target, method)
+        if stop_after == "weights":
+            return None
+        a_bits = self.acts(target, method, w_bits)
+        return Allocation(
+            target=target, method=method, weight_bits=w_bits, act_bits=a_bits,
+            spec=self.spec(method, w_bits, a_bits),
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------- export, report
+    def export(
+        self, allocation: Allocation, out: str | Path, *, overwrite: bool = False
+    ) -> dict[str, Any]:
+        """Stage ``export``: the quantized folder (skipped when ``out`` already holds it;
+        ``overwrite``: as `mixdq export --overwrite`)."""
+        from mixdq_jax.deploy.checkpoint import (  # noqa: PLC0415
+            export_quantized_pipeline,
+            read_quant_meta,
+        )
+
+        if allocation.method.fp8:
+            raise ValueError("FP8 is a fake-quant baseline: it has no packed export (drop --out)")
+        record = self.run.recipe_dir(allocation.key) / "export.json"
+        out = Path(out)
+        if record.is_file() and (out / "unet").is_dir():
+            try:
+                meta = read_quant_meta(out / "unet")
+            except (OSError, ValueError):
+                meta = None
+            if meta is not None and json.loads(record.read_text()).get("meta") == _jsonable(meta):
+                return meta
+        meta = export_quantized_pipeline(
+            self.pipe, allocation.spec, out, calib=self.run, overwrite=overwrite
+        )
+        atomic_write_json(record, {"out": str(out), "meta": _jsonable(meta)})
+        return meta
+
+    def report(self, allocation: Allocation, out: str | Path | None = None) -> dict[str, Any]:
+        """Stage ``report``: bits (effective ones count float layers at 16), the stored
+        UNet size, and the selection images vs float; ``report.json`` and ``report.md``."""
+        from mixdq_jax.deploy.memory import stored_param_bytes  # noqa: PLC0415
+        from mixdq_jax.metrics import psnr, ssim_global  # noqa: PLC0415
+
+        method = allocation.method
+        qconfig = self.qconfig(method, allocation.weight_bits, allocation.act_bits)
+        images, ref = self.render(qconfig) * 255.0, self.reference() * 255.0
+        unet_config = self.pipe.unet.config
+        float_mb = stored_param_bytes(unet_config, None) / 1e6
+        unet_mb = float_mb if method.fp8 else stored_param_bytes(unet_config, allocation.spec) / 1e6
+        report = {
+            "target": allocation.target.name,
+            "method": method.name,
+            "preset": self.config.preset.name,
+            "model": str(self.pipe.source),
+            **bits_summary(allocation.weight_bits, allocation.act_bits, self.layers),
+            "unet_mb": unet_mb,
+            "float_unet_mb": float_mb,
+            "selection_prompts": len(self.config.select_prompts),
+            "mse_vs_fp": float(np.mean((images / 255.0 - ref / 255.0) ** 2)),
+            "psnr_vs_fp": float(np.mean(psnr(images, ref, axis=(-3, -2, -1)))),
+            "ssim_vs_fp": float(np.mean(ssim_global(images, ref))),
+            "out": None if out is None else str(out),
+        }
+        json_path, md_path = self.run.recipe_report_paths(allocation.key)
+        atomic_write_json(json_path, report)
+        atomic_write_text(md_path, report_markdown(report))
+        return report
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def report_markdown(report: Mapping[str, Any]) -> str:
+    """A few lines a person reads: what was chosen and what it costs."""
+    floats = report["act_float_layers"]
+    return "\n".join(
+        [
+            f"# mixdq quantize: {report['target']} {report['method']} ({report['preset']} preset)",
+            "",
+            f"- model: `{report['model']}`",
+            f"- weights: {report['weight_avg_bits']:.3f} average bits",
+            f"- activations: {report['act_quantized_bits']:.3f} average bits over the quantized "
+            f"layers, {report['act_effective_bits']:.3f} effective (the {len(floats)} float "
+            "layers counted at 16 bits)",
+            f"- UNet as stored: {report['unet_mb']:.2f} MB (float16: "
+            f"{report['float_unet_mb']:.2f} MB, {report['float_unet_mb'] / report['unet_mb']:.2f}x"
+            " smaller)",
+            f"- images vs float on {report['selection_prompts']} held-out selection prompts: "
+            f"MSE {report['mse_vs_fp']:.3g}, PSNR {report['psnr_vs_fp']:.2f} dB, "
+            f"SSIM {report['ssim_vs_fp']:.4f}",
+            *([f"- float activation layers: {', '.join(floats)}"] if floats else []),
+            *([f"- quantized folder: `{report['out']}`"] if report["out"] else []),
+            "",
+        ]
+    )
+
+
+def quantize(
+    pipe: Pipeline,
+    run: RunDir | str | Path,
+    config: RecipeConfig,
+    *,
+    target: Target,
+    method: Method,
+    out: str | Path | None = None,
+    stop_after: str = "report",
+    overwrite: bool = False,
+) -> dict[str, Any] | None:
+    """Run (or resume) the recipe for one (target, method) up to ``stop_after``; returns the
+    report, or ``None`` when stopped earlier. Without ``out`` the export stage is skipped;
+    ``out`` is checked before any work (`mixdq_jax.deploy.check_export_folder`: new, empty or
+    an earlier export, unless ``overwrite``)."""
+    if stop_after not in STAGES:
+        raise ValueError(f"stop_after {stop_after!r}: choose one of {', '.join(STAGES)}")
+    why = method.supports(target)
+    if why is not None:
+        raise ValueError(f"method {method.name} at {target.name}: {why}")
+    if method.fp8 and out is not None:
+        raise ValueError("FP8 is a fake-quant baseline: it has no packed export (drop --out)")
+    if out is not None:
+        from mixdq_jax.deploy.checkpoint import check_export_folder  # noqa: PLC0415
+
+        check_export_folder(pipe.source, out, overwrite=overwrite)
+    recipe = Recipe(pipe, run, config)
+    _log("stage calibrate")
+    recipe.calibrate()
+    if stop_after == "calibrate":
+        return None
+    _log("stage sensitivity")
+    recipe.sensitivities(bos_aware=method.bos_aware)
+    if stop_after == "sensitivity":
+        return None
+    _log("stage weights")
+    allocation = recipe.allocation(target, method, stop_after=stop_after)  # weights, then acts
+    if allocation is None or stop_after == "acts":
+        return None
+    if out is not None:
+        _log(f"stage export -> {out}")
+        recipe.export(allocation, out, overwrite=overwrite)
+    if stop_after == "export":
+        return None
+    _log("stage report")
+    return recipe.report(allocation, out)

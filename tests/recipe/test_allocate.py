@@ -1,0 +1,108 @@
+"""The recipe's allocation rules against the official SDXL-turbo release."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mixdq_jax import official_format as fmt
+from mixdq_jax.allocation import is_content_layer
+from mixdq_jax.cli import main
+from mixdq_jax.quant.qconfig import OFFICIAL_PROTECTED_ACT_LAYERS
+from mixdq_jax.recipe import METHODS, AllocationKnobs, Layers, Target, protected_acts
+from mixdq_jax.recipe.allocate import act_budget, act_candidates, weight_candidates
+
+OFFICIAL = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "mixdq-official"
+
+
+@pytest.fixture(scope="module")
+def official():
+    if not OFFICIAL.is_dir():
+        pytest.fail(f"the official reference data is missing: {OFFICIAL}")
+    sens = {
+        (kind, metric): fmt.read_sensitivity(OFFICIAL / "sensitivity" / f"{kind}_{metric}.yaml")
+        for kind in ("weight", "act")
+        for metric in ("sqnr", "ssim")
+    }
+    w = fmt.read_sizes(OFFICIAL / "tensor_ratio" / "weight_ratio.yaml")
+    a = fmt.read_sizes(OFFICIAL / "tensor_ratio" / "act_ratio.yaml")
+    names = sorted(w)
+    layers = Layers(
+        names=names,
+        content=[n for n in names if is_content_layer(n)],
+        quality=[n for n in names if not is_content_layer(n)],
+        w_size=w,
+        a_size=a,
+    )
+    return sens, layers
+
+
+def test_top_one_percent_at_8_bits_is_exactly_the_official_protected_set(official):
+    sens, layers = official
+    got = protected_acts(sens, layers, METHODS["mixdq"], AllocationKnobs())
+    assert got == set(OFFICIAL_PROTECTED_ACT_LAYERS)  # 5 content + 4 quality layers
+    # uniform activations protect nothing; SQNR-only ranks all layers in one group
+    assert protected_acts(sens, layers, METHODS["naive"], AllocationKnobs()) == set()
+    sqnr_only = protected_acts(sens, layers, METHODS["sqnr-mp"], AllocationKnobs())
+    assert len(sqnr_only) == math.ceil(0.01 * len(layers.names))
+
+
+def test_cli_protect_top_leaves_out_exactly_the_official_layers(tmp_path):
+    out = tmp_path / "act.yaml"
+    args = ["allocate", "--sensitivity", str(OFFICIAL / "sensitivity"), "--sizes",
+            str(OFFICIAL / "tensor_ratio" / "act_ratio.yaml"), "--kind", "act",
+            "--target", "7.7", "--protect-top", "1", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    written = {k.removeprefix("model."): v for k, v in yaml.safe_load(out.read_text()).items()}
+    sizes = fmt.read_sizes(OFFICIAL / "tensor_ratio" / "act_ratio.yaml")
+    assert set(sizes) - set(written) == set(OFFICIAL_PROTECTED_ACT_LAYERS)
+
+
+def test_a8_budget_on_sdxl_is_the_papers_and_stays_within_8_bits(official):
+    sens, layers = official
+    knobs, target = AllocationKnobs(), Target.parse("W4A8")
+    protected = protected_acts(sens, layers, METHODS["mixdq"], knobs)
+    share = sum(layers.a_size[n] for n in protected) / sum(layers.a_size.values())
+    assert share == pytest.approx(0.031, abs=0.001)  # the issue's 3.1% of elements
+    assert act_budget(layers, target, knobs, protected) == 7.7
+    cands = act_candidates(sens, layers, METHODS["mixdq"], target, knobs, protected)
+    assert len(cands) > 10
+    total = sum(layers.a_size.values())
+    for bits in cands:
+        assert {n for n, b in bits.items() if b == 16} == protected
+        effective = sum(layers.a_size[n] * b for n, b in bits.items()) / total
+        assert effective <= 8.0 + 1e-9
+
+
+def test_a8_budget_is_lowered_when_float_layers_are_large():
+    names = ["big", "a", "b", "c"]
+    a_size = {"big": 1.0, "a": 3.0, "b": 3.0, "c": 3.0}
+    w_size = dict.fromkeys(names, 1.0)
+    layers = Layers(names=names, content=["a"], quality=["big", "b", "c"], w_size=w_size,
+                    a_size=a_size)  # fmt: skip
+    knobs = AllocationKnobs()
+    b = act_budget(layers, Target.parse("W8A8"), knobs, {"big"})
+    # 16 * 1 + b * 9 <= 8 * 10 with the band kept inside: b = 64 / 9 - 0.02
+    assert b == pytest.approx(64 / 9 - knobs.band)
+    with pytest.raises(ValueError, match="--protect-top"):
+        act_budget(layers, Target.parse("W8A8"), knobs, {"big", "a", "b"})
+
+
+def test_weight_candidates_per_method(official):
+    sens, layers = official
+    knobs = AllocationKnobs(b_num=2)
+    w4 = Target.parse("W4A16")
+    (uniform,) = weight_candidates(sens, layers, METHODS["naive"], w4, knobs)
+    assert set(uniform.values()) == {4}
+    (sqnr,) = weight_candidates(sens, layers, METHODS["sqnr-mp"], w4, knobs)
+    avg = sum(layers.w_size[n] * b for n, b in sqnr.items()) / sum(layers.w_size.values())
+    assert abs(avg - 4.0) <= knobs.band + 1e-6
+    mixdq = weight_candidates(sens, layers, METHODS["mixdq"], w4, knobs)
+    assert len(mixdq) > 1 and len({tuple(sorted(c.items())) for c in mixdq}) == len(mixdq)
+    for bits in mixdq:  # quality layers never go below 4 bits (official candidates)
+        assert all(bits[n] >= 4 for n in layers.quality)
+    (w8,) = weight_candidates(sens, layers, METHODS["mixdq"], Target.parse("W8A8"), knobs)
+    assert set(w8.values()) == {8}

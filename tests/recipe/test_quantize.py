@@ -1,0 +1,156 @@
+"""`mixdq quantize` end to end on a tiny SDXL: a run killed in any stage resumes to what an
+uninterrupted run writes, byte for byte (the calibration and sweep files for a kill in those
+stages, whose later stages are then functions of the same files; the quantized folder and
+the chosen bits for a kill in any later stage)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mixdq_jax import rundir
+from mixdq_jax.api import load_pipeline
+from mixdq_jax.cli import main
+from mixdq_jax.deploy import checkpoint
+from mixdq_jax.recipe import METHODS, RecipeConfig, Target, quantize
+from mixdq_jax.recipe import run as recipe_run
+from tests.tiny_models import build_sdxl
+
+PROMPTS = ["a red cube", "a blue ball on grass", "a cat", "two green cones"]
+ARGS = ["--target", "W4A8", "--num-calib", "2", "--num-select", "2", "--batch-size", "1",
+        "--chunk", "32"]  # fmt: skip
+SMALL_UNET = dict(layers_per_block=1, transformer_layers_per_block=(1, 1))  # 85 layers
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing below the raise runs, no handler catches it."""
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    return build_sdxl(root / "pipe", unet_overrides=SMALL_UNET), root / "prompts.txt"
+
+
+@pytest.fixture(scope="module")
+def reference(model, tmp_path_factory):
+    """The uninterrupted command: its output folder and run directory."""
+    pipe_dir, prompts = model
+    root = tmp_path_factory.mktemp("reference")
+    code = main(["quantize", "--model", str(pipe_dir), "--prompts", str(prompts), *ARGS,
+                 "--run", str(root / "run"), "--out", str(root / "out")])  # fmt: skip
+    assert code == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipe(model):
+    return load_pipeline(model[0])
+
+
+def _config() -> RecipeConfig:
+    return RecipeConfig(calib_prompts=PROMPTS[:2], select_prompts=PROMPTS[2:], batch_size=1,
+                        chunk=32)  # fmt: skip
+
+
+def test_the_command_writes_a_loadable_folder_and_an_honest_report(reference, model):
+    report = json.loads((reference / "run" / "quantize" / "W4A8_mixdq" / "report.json").read_text())
+    assert report["target"] == "W4A8" and report["method"] == "mixdq"
+    assert report["act_effective_bits"] <= 8.0 + 1e-9
+    assert 3.5 <= report["weight_avg_bits"] <= 4.02
+    assert report["unet_mb"] < report["float_unet_mb"]
+    assert 0.0 <= report["mse_vs_fp"] < 0.1 and report["ssim_vs_fp"] > 0.5
+    quantized = load_pipeline(reference / "out")
+    assert quantized.unet_mode is not None  # runs on the packed integer path
+    image = quantized(PROMPTS[2])
+    assert image.shape == (1, *quantized.image_size, 3)
+
+
+# A kill inside the sweep is left to tests/sensitivity/test_sweep.py (the recipe's sensitivity
+# stage is `sweep`, whose killed-and-resumed results are checked identical there).
+STAGE_FAULTS = {
+    # stage: (object, attribute, calls that succeed before the kill)
+    "calibrate": (rundir.RunDir, "write_batch", 1),
+    "weights": (rundir.RunDir, "write_candidate_scores", 1),
+    "acts": (rundir.RunDir, "write_chosen_bits", 1),  # after weights, before acts are saved
+    "export": (checkpoint, "save_quantized_unet", 0),  # components copied, UNet not
+    "after-export": (recipe_run, "atomic_write_json", 0),  # export done, record not written
+}
+# what a killed stage starts from: the reference run's finished earlier stages
+DONE_BEFORE = {"calibrate": ()}
+STOP_AFTER = {"calibrate": "calibrate"}
+
+
+def _arrays(folder: Path) -> dict[str, dict[str, bytes]]:
+    """Every array of every ``.npz`` under ``folder``, as bytes."""
+    out = {}
+    for path in sorted(folder.rglob("*.npz")):
+        with np.load(path) as data:
+            out[str(path.relative_to(folder))] = {k: data[k].tobytes() for k in data.files}
+    return out
+
+
+@pytest.mark.parametrize("stage", list(STAGE_FAULTS))
+def test_a_run_killed_in_any_stage_resumes_to_the_same_result(
+    stage, reference, pipe, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    for folder in DONE_BEFORE.get(stage, ("calib", "sensitivity")):
+        shutil.copytree(reference / "run" / folder, run / folder)
+    owner, name, survive = STAGE_FAULTS[stage]
+    original = getattr(owner, name)
+    calls = {"n": 0}
+
+    def dying(*args, **kwargs):
+        if calls["n"] >= survive:
+            raise Killed(stage)
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, dying)
+    kw = dict(target=Target.parse("W4A8"), method=METHODS["mixdq"], out=tmp_path / "out")
+    kw["stop_after"] = STOP_AFTER.get(stage, "report")
+    with pytest.raises(Killed):
+        quantize(pipe, run, _config(), **kw)
+    monkeypatch.setattr(owner, name, original)
+    quantize(pipe, run, _config(), **kw)
+    if stage == "calibrate":
+        assert _arrays(run / "calib") == _arrays(reference / "run" / "calib")
+        return
+    assert _tree(tmp_path / "out") == _tree(reference / "out")
+    for kind in ("weight", "act"):
+        path = Path("quantize", "W4A8_mixdq", f"{kind}_bits.json")
+        assert (run / path).read_text() == (reference / "run" / path).read_text()
+
+
+def test_stop_after_runs_one_stage_and_the_rest_resumes(reference, pipe, tmp_path):
+    for folder in ("calib", "sensitivity"):
+        shutil.copytree(reference / "run" / folder, tmp_path / "run" / folder)
+    kw = dict(target=Target.parse("W4A8"), method=METHODS["naive"])
+    assert quantize(pipe, tmp_path / "run", _config(), stop_after="weights", **kw) is None
+    assert not (tmp_path / "run" / "quantize" / "W4A8_naive" / "act_bits.json").exists()
+    report = quantize(pipe, tmp_path / "run", _config(), **kw)
+    assert report["act_float_layers"] == [] and report["act_effective_bits"] == 8.0
+
+
+def test_a_resumed_recipe_with_other_settings_is_refused(reference, pipe, tmp_path):
+    shutil.copytree(reference / "run", tmp_path / "run")
+    other = RecipeConfig(calib_prompts=PROMPTS[:2], select_prompts=PROMPTS[1:3], batch_size=1,
+                         chunk=32)  # fmt: skip
+    with pytest.raises(ValueError, match="select_prompts"):
+        quantize(pipe, tmp_path / "run", other, target=Target.parse("W4A8"),
+                 method=METHODS["mixdq"])  # fmt: skip

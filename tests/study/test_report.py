@@ -1,0 +1,39 @@
+"""The study's report states Tables 1 and 3 from the rows' results, honestly labelled."""
+
+from __future__ import annotations
+
+from mixdq_jax.recipe import METHODS, Target
+from mixdq_jax.study import StudyConfig
+from mixdq_jax.study.report import table
+
+
+def _metrics(w: float, a: float, floats: int, mb: float | None) -> dict:
+    w, a = float(w), float(a)
+    return {
+        "weight_avg_bits": w, "act_effective_bits": a, "act_float_layers": ["x"] * floats,
+        "content_score": 0.9, "frechet_distance": 1.0, "ssim_vs_fp": 0.99, "psnr_vs_fp": 40.0,
+        "unet_mb": mb,
+    }  # fmt: skip
+
+
+def test_tables_list_every_row_and_the_w8a8_ablation_in_order():
+    config = StudyConfig(targets=(Target.parse("W8A8"), Target.parse("W3.66A16")))
+    results = {
+        "float": {"content_score": 0.95, "frechet_distance": 0.5, "unet_mb": 3.6},
+        "W8A8_naive": _metrics(8, 8, 0, 1.9),
+        "W8A8_naive+bos": _metrics(8, 8, 0, 1.9),
+        "W8A8_sqnr-mp": _metrics(8, 7.98, 2, 1.9),
+        "W8A8_fp8": _metrics(8, 8, 0, None),
+        "W8A8_mixdq-no-bos": _metrics(8, 7.99, 3, 1.9),
+        "W8A8_mixdq": _metrics(8, 7.99, 3, 1.9),
+        "W3.66A16_naive": {"skipped": "needs a whole weight bit-width"},
+        "W3.66A16_naive+bos": {"skipped": "needs a whole weight bit-width"},
+        "W3.66A16_mixdq": _metrics(3.65, 16, 0, 0.95),
+    }
+    text = table(config, results, 60.0)
+    table1, table3 = text.split("## Table 3")
+    assert "| W8A8 | MixDQ | 8.00 | 7.99 | 3 |" in table1
+    assert "| W8A8 | FP8 e4m3 | 8.00 | 8.00 | 0 |" in table1 and "| - |\n" in table1
+    assert "| W3.66A16 | naive PTQ | n/a |" in table1
+    rows = [line.split("|")[2].strip() for line in table3.splitlines() if line.startswith("| W8A8")]
+    assert rows == [METHODS[n].title for n in ("naive", "naive+bos", "sqnr-mp", "mixdq")]
