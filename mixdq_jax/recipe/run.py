@@ -180,7 +180,8 @@ class Recipe:
 
     def render(self, qconfig: QConfig | None) -> np.ndarray:
         """The selection prompts' images (``[N, H, W, 3]`` in [0, 1]); batch ``b`` uses seed
-        ``seed + b``."""
+        ``seed + b``. A configuration whose images hold NaN/inf is an error naming the stage
+        (it would otherwise score NaN and win or lose the selection at random)."""
         c = self.config
         prompts = list(c.select_prompts)
         out = []
@@ -195,6 +196,7 @@ class Recipe:
                         width=self.width,
                         seed=c.seed + b,
                         qconfig=qconfig,
+                        check=True,
                     ),  # fmt: skip
                     np.float32,
                 )
