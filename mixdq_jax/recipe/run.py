@@ -165,6 +165,10 @@ class Recipe:
             self._sens[bos_aware] = sens
         return self._sens[bos_aware]
 
+    def _sensitivities_for(self, method: Method, allocation: str) -> Sensitivities:
+        """The sweeps an allocation needs: none for uniform bits."""
+        return {} if allocation == "uniform" else self.sensitivities(bos_aware=method.bos_aware)
+
     # ---------------------------------------------------------------- configurations, images
     def spec(self, method: Method, w_bits: Mapping[str, int], a_bits: Mapping[str, int]):
         return QuantSpec(
@@ -266,7 +270,7 @@ class Recipe:
         key = recipe_key(target, method)
         chosen = self.run.chosen_bits(key, "weight")
         if chosen is None:
-            sens = self.sensitivities(bos_aware=method.bos_aware)
+            sens = self._sensitivities_for(method, method.weights)
             cands = weight_candidates(sens, self.layers, method, target, self.config.knobs)
             floats = dict.fromkeys(self.layers.names, FLOAT_BITS)
             chosen = self._pick(
@@ -280,7 +284,7 @@ class Recipe:
         key = recipe_key(target, method)
         chosen = self.run.chosen_bits(key, "act")
         if chosen is None:
-            sens = self.sensitivities(bos_aware=method.bos_aware)
+            sens = self._sensitivities_for(method, method.acts)
             protected = protected_acts(sens, self.layers, method, self.config.knobs)
             if not target.quantizes_acts:
                 protected = set()
@@ -429,12 +433,15 @@ def quantize(
     recipe.calibrate()
     if stop_after == "calibrate":
         return None
-    _log("stage sensitivity")
-    recipe.sensitivities(bos_aware=method.bos_aware)
+    if (method.weights, method.acts) == ("uniform", "uniform"):
+        _log("stage sensitivity: not needed (uniform bits)")
+    else:
+        _log("stage sensitivity")
+        recipe.sensitivities(bos_aware=method.bos_aware)
     if stop_after == "sensitivity":
         return None
-    _log("stage weights")
-    allocation = recipe.allocation(target, method, stop_after=stop_after)  # weights, then acts
+    _log("stage weights, then acts")
+    allocation = recipe.allocation(target, method, stop_after=stop_after)
     if allocation is None or stop_after == "acts":
         return None
     if out is not None:

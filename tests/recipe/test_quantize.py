@@ -138,13 +138,14 @@ def test_a_run_killed_in_any_stage_resumes_to_the_same_result(
 
 
 def test_stop_after_runs_one_stage_and_the_rest_resumes(reference, pipe, tmp_path):
-    for folder in ("calib", "sensitivity"):
-        shutil.copytree(reference / "run" / folder, tmp_path / "run" / folder)
+    shutil.copytree(reference / "run" / "calib", tmp_path / "run" / "calib")
     kw = dict(target=Target.parse("W4A8"), method=METHODS["naive"])
     assert quantize(pipe, tmp_path / "run", _config(), stop_after="weights", **kw) is None
     assert not (tmp_path / "run" / "quantize" / "W4A8_naive" / "act_bits.json").exists()
     report = quantize(pipe, tmp_path / "run", _config(), **kw)
     assert report["act_float_layers"] == [] and report["act_effective_bits"] == 8.0
+    assert report["weight_avg_bits"] == 4.0
+    assert not (tmp_path / "run" / "sensitivity").exists()  # uniform bits need no sweep
 
 
 def test_a_resumed_recipe_with_other_settings_is_refused(reference, pipe, tmp_path):
