@@ -87,6 +87,18 @@ def probability(text: str) -> float:
     return value
 
 
+def float_in(lo: float, hi: float, what: str) -> Callable[[str], float]:
+    """A finite number in ``[lo, hi]``; ``what`` says what the range is."""
+
+    def parse(text: str) -> float:
+        value = _float(text)
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{what} is in [{lo:g}, {hi:g}], got {value:g}")
+        return value
+
+    return parse
+
+
 def existing_file(text: str) -> Path:
     """A path that must be an existing file (prompts, LoRA, layer lists)."""
     path = Path(text)

@@ -16,20 +16,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mixdq_jax.cli import argtypes
 from mixdq_jax.cli.quant_args import add_dtype_arg, resolve_dtype
 
 STAGES = ("calibrate", "sensitivity", "weights", "acts", "export", "report")
 METHOD_NAMES = ("naive", "naive+bos", "sqnr-mp", "fp8", "mixdq-no-bos", "mixdq")
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+_count = argtypes.positive_int
+_act_average = argtypes.float_in(4.0, 8.0, "the {4, 8} activation average")
+_percent = argtypes.float_in(0.0, 100.0, "a percentage")
 
 
 def _target(text: str):
@@ -39,26 +33,6 @@ def _target(text: str):
         return Target.parse(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _act_average(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 4.0 <= value <= 8.0:
-        raise argparse.ArgumentTypeError(f"the {{4, 8}} activation mix averages 4..8, got {value}")
-    return value
-
-
-def _percent(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= value <= 100.0:
-        raise argparse.ArgumentTypeError(f"a percentage in [0, 100], got {value}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -80,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "observed on the W8 model)",
     )  # fmt: skip
     p.add_argument(
-        "--prompts", type=Path, default=None,
+        "--prompts", type=argtypes.existing_file, default=None,
         help="text file, one prompt per line: the first --num-calib calibrate, the next "
         "--num-select pick among candidates (default: the shipped prompts; testbed captions "
         "for the testbed)",
@@ -88,10 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-calib", type=_count, default=32, help="calibration prompts (32)")
     p.add_argument("--num-select", type=_count, default=4, help="held-out selection prompts (4)")
     p.add_argument("--steps", type=_count, default=1, help="sampling steps (1)")
-    p.add_argument("--guidance-scale", type=float, default=0.0)
+    p.add_argument("--guidance-scale", type=argtypes.nonneg_float, default=0.0)
     p.add_argument("--height", type=_count, default=None, help="default: the model's native size")
     p.add_argument("--width", type=_count, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=argtypes.seed, default=0)
     p.add_argument("--batch-size", type=_count, default=8, help="images per batch (8)")
     p.add_argument("--chunk", type=_count, default=8, help="sweep configurations per call (8)")
     p.add_argument(
@@ -114,11 +88,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", default=None, help="override, e.g. LCMScheduler")
     p.add_argument("--variant", default=None, help="weight variant of the source, e.g. fp16")
     p.add_argument(
-        "--lora", type=Path, default=None,
+        "--lora", type=argtypes.existing_file, default=None,
         help="LoRA safetensors fused before quantizing (e.g. LCM-LoRA on SD1.5; the export "
         "then holds the fused UNet)",
     )  # fmt: skip
-    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--lora-scale", type=argtypes.finite_float, default=1.0)
     add_dtype_arg(p)
     p.set_defaults(func=run)
 
