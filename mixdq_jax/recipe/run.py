@@ -352,7 +352,8 @@ class Recipe:
         images, ref = self.render(qconfig) * 255.0, self.reference() * 255.0
         unet_config = self.pipe.unet.config
         float_mb = stored_param_bytes(unet_config, None) / 1e6
-        unet_mb = float_mb if method.fp8 else stored_param_bytes(unet_config, allocation.spec) / 1e6
+        # FP8 is fake quantization only: there is no packed export to measure
+        unet_mb = None if method.fp8 else stored_param_bytes(unet_config, allocation.spec) / 1e6
         report = {
             "target": allocation.target.name,
             "method": method.name,
@@ -377,6 +378,16 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
+def _size_line(report: Mapping[str, Any]) -> str:
+    if report["unet_mb"] is None:
+        return "- UNet as stored: no packed export (FP8 is fake quantization only)"
+    ratio = report["float_unet_mb"] / report["unet_mb"]
+    return (
+        f"- UNet as stored: {report['unet_mb']:.2f} MB (float16: "
+        f"{report['float_unet_mb']:.2f} MB, {ratio:.2f}x smaller)"
+    )
+
+
 def report_markdown(report: Mapping[str, Any]) -> str:
     """A few lines a person reads: what was chosen and what it costs."""
     floats = report["act_float_layers"]
@@ -389,9 +400,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             f"- activations: {report['act_quantized_bits']:.3f} average bits over the quantized "
             f"layers, {report['act_effective_bits']:.3f} effective (the {len(floats)} float "
             "layers counted at 16 bits)",
-            f"- UNet as stored: {report['unet_mb']:.2f} MB (float16: "
-            f"{report['float_unet_mb']:.2f} MB, {report['float_unet_mb'] / report['unet_mb']:.2f}x"
-            " smaller)",
+            _size_line(report),
             f"- images vs float on {report['selection_prompts']} held-out selection prompts: "
             f"MSE {report['mse_vs_fp']:.3g}, PSNR {report['psnr_vs_fp']:.2f} dB, "
             f"SSIM {report['ssim_vs_fp']:.4f}",

@@ -155,3 +155,13 @@ def test_a_resumed_recipe_with_other_settings_is_refused(reference, pipe, tmp_pa
     with pytest.raises(ValueError, match="select_prompts"):
         quantize(pipe, tmp_path / "run", other, target=Target.parse("W4A8"),
                  method=METHODS["mixdq"])  # fmt: skip
+
+
+def test_fp8_is_fake_quant_only_and_the_report_says_so(reference, pipe, tmp_path):
+    shutil.copytree(reference / "run" / "calib", tmp_path / "run" / "calib")
+    kw = dict(target=Target.parse("W8A8"), method=METHODS["fp8"])
+    with pytest.raises(ValueError, match="no packed export"):
+        quantize(pipe, tmp_path / "run", _config(), out=tmp_path / "out", **kw)
+    report = quantize(pipe, tmp_path / "run", _config(), **kw)
+    assert report["unet_mb"] is None and report["act_effective_bits"] == 8.0
+    assert "no packed export" in recipe_run.report_markdown(report)
