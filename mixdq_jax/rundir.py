@@ -412,5 +412,13 @@ class RunDir:
         atomic_write_bytes(path, _npz_bytes({"prompts": np.asarray(prompts), "images": images}))
         return images
 
+    def export_record(self, key: str) -> dict[str, Any] | None:
+        """What a recipe's export stage wrote last (its folder and metadata), or ``None``."""
+        path = self.recipe_dir(key) / "export.json"
+        return _load_json(path) if path.is_file() else None
+
+    def write_export_record(self, key: str, record: Mapping[str, Any]) -> None:
+        atomic_write_json(self.recipe_dir(key) / "export.json", dict(record))
+
     def recipe_report_paths(self, key: str) -> tuple[Path, Path]:
         return self.recipe_dir(key) / "report.json", self.recipe_dir(key) / "report.md"

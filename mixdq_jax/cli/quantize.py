@@ -130,13 +130,10 @@ def run(args: argparse.Namespace) -> int:
     from mixdq_jax.io_utils import exclusive_lock  # noqa: PLC0415
     from mixdq_jax.loader import resolve_model  # noqa: PLC0415
     from mixdq_jax.recipe import METHODS, PRESETS, AllocationKnobs, RecipeConfig  # noqa: PLC0415
+    from mixdq_jax.recipe.run import check_request  # noqa: PLC0415
 
     method = METHODS[args.method]
-    why = method.supports(args.target)
-    if why is not None:
-        raise ValueError(f"--method {method.name} --target {args.target.name}: {why}")
-    if method.fp8 and args.out is not None:
-        raise ValueError("--method fp8 is a fake-quant baseline with no packed export: drop --out")
+    check_request(args.target, method, args.out)  # before the model loads
     if args.out is not None and args.out.resolve() == args.run.resolve():
         raise ValueError("--out and --run must be different folders")
     calib, select = prompts_for(args.model, args.prompts, args.num_calib, args.num_select)

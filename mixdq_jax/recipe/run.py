@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from mixdq_jax.allocation import average_bits
 from mixdq_jax.calibrate import CalibConfig, calibrate
 from mixdq_jax.io_utils import atomic_write_json, atomic_write_text
 from mixdq_jax.pipeline import Pipeline
@@ -104,6 +105,15 @@ def recipe_key(target: Target, method: Method) -> str:
     return f"{target.name}_{method.name}"
 
 
+def check_request(target: Target, method: Method, out: str | Path | None = None) -> None:
+    """Refuse a (target, method, out) the recipe cannot do, before any work."""
+    why = method.supports(target)
+    if why is not None:
+        raise ValueError(f"method {method.name} at {target.name}: {why}")
+    if method.fp8 and out is not None:
+        raise ValueError("FP8 is a fake-quant baseline: it has no packed export (drop --out)")
+
+
 def _fingerprint(bits: Mapping[str, int]) -> str:
     return hashlib.sha1(json.dumps(sorted(bits.items())).encode()).hexdigest()[:16]
 
@@ -118,14 +128,16 @@ class Recipe:
     def __init__(self, pipe: Pipeline, run: RunDir | str | Path, config: RecipeConfig) -> None:
         self.pipe, self.config = pipe, config
         self.run = run if isinstance(run, RunDir) else RunDir(run)
-        self.layers = Layers.of(unet_layers(pipe.unet.config))
-        self.splits = layer_splits(unet_layers(pipe.unet.config))
+        registry = unet_layers(pipe.unet.config)
+        self.layers = Layers.of(registry)
+        self.splits = layer_splits(registry)
         native_h, native_w = pipe.image_size
         self.height = config.height or native_h
         self.width = config.width or native_w
         self._sens: dict[bool, Sensitivities] = {}
         self._evaluator: Evaluator | None = None
         self._reference: np.ndarray | None = None
+        self._ranges: dict[str, np.ndarray] | None = None
 
     # ---------------------------------------------------------------- calibrate, sensitivity
     def calibrate(self) -> None:
@@ -180,7 +192,9 @@ class Recipe:
         )
 
     def qconfig(self, method: Method, w_bits: Mapping[str, int], a_bits: Mapping[str, int]):
-        return self.spec(method, w_bits, a_bits).to_qconfig(self.splits, self.run.act_ranges())
+        if self._ranges is None:  # read once: the selection builds hundreds of configs
+            self._ranges = self.run.act_ranges()
+        return self.spec(method, w_bits, a_bits).to_qconfig(self.splits, self._ranges)
 
     def render(self, qconfig: QConfig | None) -> np.ndarray:
         """The selection prompts' images (``[N, H, W, 3]`` in [0, 1]); batch ``b`` uses seed
@@ -246,8 +260,7 @@ class Recipe:
         listing = [
             {
                 "fingerprint": f,
-                "avg_bits": sum(sizes[n] * b for n, b in c.items() if b < FLOAT_BITS)
-                / sum(sizes[n] for n, b in c.items() if b < FLOAT_BITS),
+                "avg_bits": average_bits({n: b for n, b in c.items() if b < FLOAT_BITS}, sizes),
             }
             for f, c in zip(fingerprints, candidates, strict=True)
         ]
@@ -284,10 +297,10 @@ class Recipe:
         key = recipe_key(target, method)
         chosen = self.run.chosen_bits(key, "act")
         if chosen is None:
-            sens = self._sensitivities_for(method, method.acts)
-            protected = protected_acts(sens, self.layers, method, self.config.knobs)
-            if not target.quantizes_acts:
-                protected = set()
+            sens, protected = {}, set()  # A16: every activation float, nothing to choose
+            if target.quantizes_acts:
+                sens = self._sensitivities_for(method, method.acts)
+                protected = protected_acts(sens, self.layers, method, self.config.knobs)
             cands = act_candidates(sens, self.layers, method, target, self.config.knobs, protected)
             chosen = self._pick(
                 key, "act", cands, lambda a: self.qconfig(method, w_bits, a), self.layers.a_size
@@ -300,9 +313,7 @@ class Recipe:
     ) -> Allocation | None:
         """Stages ``weights`` and ``acts`` of one (target, method), run or resumed
         (``None`` when ``stop_after`` is ``"weights"``)."""
-        why = method.supports(target)
-        if why is not None:
-            raise ValueError(f"method {method.name} at {target.name}: {why}")
+        check_request(target, method)
         self.run.start_recipe(recipe_key(target, method), self._settings(target, method))
         w_bits = self.weights(target, method)
         if stop_after == "weights":
@@ -324,21 +335,20 @@ class Recipe:
             read_quant_meta,
         )
 
-        if allocation.method.fp8:
-            raise ValueError("FP8 is a fake-quant baseline: it has no packed export (drop --out)")
-        record = self.run.recipe_dir(allocation.key) / "export.json"
+        check_request(allocation.target, allocation.method, out)
         out = Path(out)
-        if record.is_file() and (out / "unet").is_dir():
+        recorded = self.run.export_record(allocation.key)
+        if recorded is not None and (out / "unet").is_dir():
             try:
                 meta = read_quant_meta(out / "unet")
             except (OSError, ValueError):
                 meta = None
-            if meta is not None and json.loads(record.read_text()).get("meta") == _jsonable(meta):
+            if meta is not None and recorded.get("meta") == _jsonable(meta):
                 return meta
         meta = export_quantized_pipeline(
             self.pipe, allocation.spec, out, calib=self.run, overwrite=overwrite
         )
-        atomic_write_json(record, {"out": str(out), "meta": _jsonable(meta)})
+        self.run.write_export_record(allocation.key, {"out": str(out), "meta": _jsonable(meta)})
         return meta
 
     def report(self, allocation: Allocation, out: str | Path | None = None) -> dict[str, Any]:
@@ -428,11 +438,7 @@ def quantize(
     an earlier export, unless ``overwrite``)."""
     if stop_after not in STAGES:
         raise ValueError(f"stop_after {stop_after!r}: choose one of {', '.join(STAGES)}")
-    why = method.supports(target)
-    if why is not None:
-        raise ValueError(f"method {method.name} at {target.name}: {why}")
-    if method.fp8 and out is not None:
-        raise ValueError("FP8 is a fake-quant baseline: it has no packed export (drop --out)")
+    check_request(target, method, out)
     if out is not None:
         from mixdq_jax.deploy.checkpoint import check_export_folder  # noqa: PLC0415
 

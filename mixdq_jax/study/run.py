@@ -52,7 +52,7 @@ def _pareto(recipe: Recipe, target: Target, allocation: Allocation, seed: int) -
         for c in state.get("candidates", [])
     ]
     floats = dict.fromkeys(layers.names, FLOAT_BITS)
-    sqnr = {n: recipe.sensitivities()["weight", "sqnr"][n] for n in layers.names}
+    sqnr = recipe.sensitivities()["weight", "sqnr"]
     budget = target.weight_bits
     baselines = []
     for label, bits in (

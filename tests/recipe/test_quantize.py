@@ -88,7 +88,7 @@ STAGE_FAULTS = {
     "weights": (rundir.RunDir, "write_candidate_scores", 1),
     "acts": (rundir.RunDir, "write_chosen_bits", 1),  # after weights, before acts are saved
     "export": (checkpoint, "save_quantized_unet", 0),  # components copied, UNet not
-    "after-export": (recipe_run, "atomic_write_json", 0),  # export done, record not written
+    "after-export": (rundir.RunDir, "write_export_record", 0),  # export done, record not yet
 }
 # what a killed stage starts from: the reference run's finished earlier stages
 DONE_BEFORE = {"calibrate": ()}
