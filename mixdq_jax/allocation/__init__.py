@@ -28,7 +28,13 @@ from mixdq_jax.allocation.milp import (
     average_bits,
     summed_sensitivity,
 )
-from mixdq_jax.allocation.pareto import naive_sorting, pareto_front, random_allocation, select
+from mixdq_jax.allocation.pareto import (
+    naive_sorting,
+    pareto_front,
+    perturb,
+    random_allocation,
+    select,
+)
 
 __all__ = [
     "ACT_K_SWEEP",
@@ -47,6 +53,7 @@ __all__ = [
     "most_sensitive",
     "naive_sorting",
     "pareto_front",
+    "perturb",
     "random_allocation",
     "select",
     "size_ratio",

@@ -24,6 +24,8 @@ from mixdq_jax.allocation.budget import (
     is_content_layer,
     most_sensitive,
 )
+from mixdq_jax.allocation.milp import summed_sensitivity
+from mixdq_jax.allocation.objectives import check_objective, program_scores
 from mixdq_jax.io_utils import atomic_write_json
 from mixdq_jax.quant.registry import registry_from_unet_config
 from mixdq_jax.rundir import RunDir
@@ -49,7 +51,8 @@ class AllocationOptions:
     ``content_bits`` / ``quality_bits``: candidates (``None``: the official ones of the kind).
     ``protect_top``: percentage of most sensitive layers per group kept float, ranked by the
     score at ``protect_bits`` (8: the official rule, which gives exactly the official
-    protected layers on SDXL-turbo)."""
+    protected layers on SDXL-turbo). ``objective``: what the integer program maximises
+    (`objectives.OBJECTIVES`; summaries and index.json report the raw summed scores)."""
 
     target: float
     k: float = 1.0
@@ -61,8 +64,10 @@ class AllocationOptions:
     protect_top: float = 0.0
     protect_bits: int = 8
     band: float = 0.02
+    objective: str = "official"
 
     def __post_init__(self) -> None:
+        check_objective(self.objective)
         if not 0.0 <= self.protect_top <= 100.0:
             raise ValueError(f"protect_top is a percentage in [0, 100], got {self.protect_top}")
 
@@ -144,10 +149,12 @@ def summary(candidate: Candidate, allocator: GroupAllocator, inputs: AllocationI
         ("content", "ssim", allocator.content, candidate.content),
         ("quality", "sqnr", allocator.quality, candidate.quality),
     ):
+        scores = inputs.content if name == "content" else inputs.quality
         lines.append(
             f"  {name}: {len(program.names):4d} layers  bits {list(program.candidates)}  "
             f"budget {alloc.budget:.4f}  avg {alloc.avg_bits:.4f}  "
-            f"sum {metric} {alloc.sensitivity:.4f}  solve {alloc.solve_seconds:.3f} s"
+            f"sum {metric} {summed_sensitivity(alloc.bits, scores):.4f}  "
+            f"solve {alloc.solve_seconds:.3f} s"
         )
     lines.append(
         f"  overall: {len(candidate.bits):4d} layers  avg {candidate.avg_bits(inputs.sizes):.4f}"
@@ -194,8 +201,8 @@ def allocate(inputs: AllocationInputs, options: AllocationOptions, out: Path) ->
         protected=frozenset(protected),
     )
     allocator = GroupAllocator(
-        content_sensitivity=inputs.content,
-        quality_sensitivity=inputs.quality,
+        content_sensitivity=program_scores(inputs.content, "ssim", options.objective),
+        quality_sensitivity=program_scores(inputs.quality, "sqnr", options.objective),
         sizes=inputs.sizes,
         content_candidates=content_bits,
         quality_candidates=quality_bits,
@@ -229,11 +236,11 @@ def allocate(inputs: AllocationInputs, options: AllocationOptions, out: Path) ->
                 "avg_bits": candidate.avg_bits(inputs.sizes),
                 "content": {
                     "avg_bits": candidate.content.avg_bits,
-                    "sum_ssim": candidate.content.sensitivity,
+                    "sum_ssim": summed_sensitivity(candidate.content.bits, inputs.content),
                 },
                 "quality": {
                     "avg_bits": candidate.quality.avg_bits,
-                    "sum_sqnr": candidate.quality.sensitivity,
+                    "sum_sqnr": summed_sensitivity(candidate.quality.bits, inputs.quality),
                 },
             }
         )

@@ -60,6 +60,9 @@ def select(
     return items[pick], scores
 
 
+Candidates = Sequence[int] | Mapping[str, Sequence[int]]
+
+
 def _steps(candidates: Sequence[int]) -> tuple[int, ...]:
     cands = tuple(sorted({int(c) for c in candidates}))
     if not cands:
@@ -67,10 +70,68 @@ def _steps(candidates: Sequence[int]) -> tuple[int, ...]:
     return cands
 
 
+def _per_layer(candidates: Candidates, names: Sequence[str]) -> list[tuple[int, ...]]:
+    """Each layer's sorted candidates: one set for all, or a mapping (e.g. per group: content
+    layers {2, 4, 8}, quality layers {4, 8}, as the integer program gets them)."""
+    if isinstance(candidates, Mapping):
+        missing = [n for n in names if n not in candidates]
+        if missing:
+            raise ValueError(f"{len(missing)} layers have no candidate bit-widths: {missing[:5]}")
+        return [_steps(candidates[n]) for n in names]
+    return [_steps(candidates)] * len(names)
+
+
+class _Levels:
+    """Bit-widths as an index into each layer's candidates, with the size-weighted average."""
+
+    def __init__(self, names: Sequence[str], cands: list[tuple[int, ...]], sizes, level) -> None:
+        self.names, self.cands = list(names), cands
+        w = np.array([sizes[n] for n in names], dtype=np.float64)
+        self.w = w / w.sum()
+        width = max(len(c) for c in cands)
+        self.table = np.array([list(c) + [c[-1]] * (width - len(c)) for c in cands], np.float64)
+        self.count = np.array([len(c) for c in cands])
+        self.level = np.asarray(level, dtype=np.int64).copy()
+
+    def average(self) -> float:
+        return float(self.w @ self.table[np.arange(len(self.names)), self.level])
+
+    def bits(self) -> dict[str, int]:
+        return {n: c[int(lv)] for n, c, lv in zip(self.names, self.cands, self.level, strict=True)}
+
+    def to_band(self, lo: float, hi: float, rng, pool: np.ndarray, max_moves: int) -> None:
+        """Move random layers of ``pool`` one candidate step toward ``[lo, hi]`` until the
+        average is inside, preferring moves that do not overshoot it."""
+        idx = np.arange(len(self.names))
+        for _ in range(max_moves):
+            avg = self.average()
+            if lo <= avg <= hi:
+                return
+            step = -1 if avg > hi else 1
+            nxt = self.level[pool] + step
+            movable = pool[(nxt >= 0) & (nxt < self.count[pool])]
+            if not movable.size:
+                raise ValueError(f"no layer can move toward the band [{lo:g}, {hi:g}]")
+            cur = self.table[idx[movable], self.level[movable]]
+            new = self.table[idx[movable], self.level[movable] + step]
+            new_avg = avg + self.w[movable] * (new - cur)
+            safe = movable[(new_avg >= lo) if step < 0 else (new_avg <= hi)]
+            self.level[rng.choice(safe if safe.size else movable)] += step
+        raise ValueError(f"did not reach the band [{lo:g}, {hi:g}] after {max_moves} moves")
+
+
+def _check_budget(cands: list[tuple[int, ...]], budget: float, band: float) -> None:
+    lo, hi = min(c[0] for c in cands), max(c[-1] for c in cands)
+    if budget + band < lo or budget - band > hi:
+        raise ValueError(
+            f"budget {budget:g} +- {band:g} is outside the achievable range [{lo}, {hi}]"
+        )
+
+
 def random_allocation(
     sizes: Mapping[str, float],
     *,
-    candidates: Sequence[int],
+    candidates: Candidates,
     budget: float,
     band: float = DEFAULT_BAND,
     seed: int = 0,
@@ -78,42 +139,62 @@ def random_allocation(
 ) -> dict[str, int]:
     """The "pure random" baseline: random bit-widths whose average lands in the budget band.
 
-    Draw each layer's bits uniformly from ``candidates``, then move randomly chosen layers one
+    Draw each layer's bits uniformly from its candidates, then move randomly chosen layers one
     candidate step down (or up) until the size-weighted average is in
     ``[budget - band, budget + band]``, preferring moves that do not overshoot the band.
     """
-    cands = _steps(candidates)
     names = sorted(sizes)
+    cands = _per_layer(candidates, names)
+    _check_budget(cands, budget, band)
     rng = np.random.default_rng(seed)
-    w = np.array([sizes[n] for n in names], dtype=np.float64)
-    w = w / w.sum()
-    level = rng.integers(0, len(cands), size=len(names))
-    values = np.array(cands, dtype=np.float64)
-    lo, hi = budget - band, budget + band
-    if hi < cands[0] or lo > cands[-1]:
-        raise ValueError(
-            f"budget {budget:g} +- {band:g} is outside the achievable range "
-            f"[{cands[0]}, {cands[-1]}]"
-        )
-    for _ in range(max_moves):
-        avg = float(w @ values[level])
-        if lo <= avg <= hi:
-            return {n: cands[int(lv)] for n, lv in zip(names, level, strict=True)}
-        step = -1 if avg > hi else 1
-        movable = np.flatnonzero((level + step >= 0) & (level + step < len(cands)))
-        new_avg = avg + w[movable] * (values[level[movable] + step] - values[level[movable]])
-        safe = movable[(new_avg >= lo) if step < 0 else (new_avg <= hi)]
-        pool = safe if safe.size else movable
-        i = rng.choice(pool)
-        level[i] += step
-    raise ValueError(f"random allocation did not reach the band after {max_moves} moves")
+    levels = _Levels(names, cands, sizes, [rng.integers(0, len(c)) for c in cands])
+    levels.to_band(budget - band, budget + band, rng, np.arange(len(names)), max_moves)
+    return levels.bits()
+
+
+def perturb(
+    bits: Mapping[str, int],
+    sizes: Mapping[str, float],
+    *,
+    candidates: Candidates,
+    budget: float,
+    fraction: float = 0.2,
+    band: float = DEFAULT_BAND,
+    seed: int = 0,
+    max_moves: int = 100_000,
+) -> dict[str, int]:
+    """Fig. 8's "perturb 20%" baseline: ``bits`` (an optimum) with ``ceil(fraction * N)``
+    random layers given another of their candidates, then those layers (all layers if they
+    cannot) moved until the average is back in ``[budget - band, budget + band]``."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction {fraction!r} must be in (0, 1]")
+    names = sorted(bits)
+    cands = _per_layer(candidates, names)
+    _check_budget(cands, budget, band)
+    try:
+        start = [c.index(int(bits[n])) for n, c in zip(names, cands, strict=True)]
+    except ValueError:
+        raise ValueError("perturb: a layer's bits are not among its candidates") from None
+    rng = np.random.default_rng(seed)
+    levels = _Levels(names, cands, sizes, start)
+    changeable = np.flatnonzero(levels.count > 1)
+    count = min(math.ceil(fraction * len(names) - 1e-9), changeable.size)
+    chosen = rng.choice(changeable, size=count, replace=False)
+    for i in chosen:
+        others = [lv for lv in range(levels.count[i]) if lv != levels.level[i]]
+        levels.level[i] = rng.choice(others)
+    try:
+        levels.to_band(budget - band, budget + band, rng, np.sort(chosen), max_moves)
+    except ValueError:
+        levels.to_band(budget - band, budget + band, rng, np.arange(len(names)), max_moves)
+    return levels.bits()
 
 
 def naive_sorting(
     sensitivity: Mapping[str, Sequence[float]],
     sizes: Mapping[str, float],
     *,
-    candidates: Sequence[int],
+    candidates: Candidates,
     budget: float,
     band: float = DEFAULT_BAND,
 ) -> dict[str, int]:
@@ -121,24 +202,25 @@ def naive_sorting(
     whose score one candidate step down is highest (the least sensitive), until the average
     is at most ``budget + band``. It ignores layer sizes, which the integer program weighs.
     """
-    cands = _steps(candidates)
-    if budget + band < cands[0]:
-        raise ValueError(f"budget {budget:g} is below the lowest candidate {cands[0]}")
     names = sorted(sensitivity)
+    cands = dict(zip(names, _per_layer(candidates, names), strict=True))
+    if budget + band < min(c[0] for c in cands.values()):
+        raise ValueError(f"budget {budget:g} is below the lowest candidate")
     total = math.fsum(sizes[n] for n in names)
-    level = {n: len(cands) - 1 for n in names}
-    spent = math.fsum(sizes[n] * cands[-1] for n in names)
+    level = {n: len(cands[n]) - 1 for n in names}
+    spent = math.fsum(sizes[n] * cands[n][-1] for n in names)
 
     def entry(n: str) -> tuple[float, str]:
         # heapq pops the smallest: negate so the highest score one step down comes first.
-        return (-sensitivity[n][score_index(cands[level[n] - 1])], n)
+        return (-sensitivity[n][score_index(cands[n][level[n] - 1])], n)
 
     heap = [entry(n) for n in names if level[n] > 0]
     heapq.heapify(heap)
     while spent > (budget + band) * total and heap:
         _, pick = heapq.heappop(heap)
-        spent -= sizes[pick] * (cands[level[pick]] - cands[level[pick] - 1])
+        c = cands[pick]
+        spent -= sizes[pick] * (c[level[pick]] - c[level[pick] - 1])
         level[pick] -= 1
         if level[pick] > 0:
             heapq.heappush(heap, entry(pick))
-    return {n: cands[level[n]] for n in names}
+    return {n: cands[n][level[n]] for n in names}

@@ -117,6 +117,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "official rule)",
     )
     p.add_argument(
+        "--objective",
+        choices=("official", "noise"),
+        default="official",
+        help="what the integer program maximises: official = summed SSIM / SQNR dB (the "
+        "paper's), noise = least summed quantization noise power (see README; default "
+        "official)",
+    )
+    p.add_argument(
         "--band",
         type=float,
         default=0.02,
@@ -147,6 +155,7 @@ def options_from_args(args: argparse.Namespace):
         protect_top=args.protect_top,
         protect_bits=args.protect_bits,
         band=args.band,
+        objective=args.objective,
     )
 
 

@@ -54,6 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "observed on the W8 model)",
     )  # fmt: skip
     p.add_argument(
+        "--objective", choices=("official", "noise"), default=None,
+        help="what the integer program maximises: noise (least summed quantization noise "
+        "power; default with --preset ours, measured to predict the image better: README) or "
+        "official (summed SSIM / SQNR dB, the paper's; default with --preset official)",
+    )  # fmt: skip
+    p.add_argument(
         "--prompts", type=argtypes.existing_file, default=None,
         help="text file, one prompt per line: the first --num-calib calibrate, the next "
         "--num-select pick among candidates (default: the shipped prompts; testbed captions "
@@ -137,9 +143,12 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None and args.out.resolve() == args.run.resolve():
         raise ValueError("--out and --run must be different folders")
     calib, select = prompts_for(args.model, args.prompts, args.num_calib, args.num_select)
+    objective = args.objective or ("official" if args.preset == "official" else "noise")
     config = RecipeConfig(
         calib_prompts=calib, select_prompts=select, preset=PRESETS[args.preset],
-        knobs=AllocationKnobs(act_average=args.act_average, protect_top=args.protect_top),
+        knobs=AllocationKnobs(
+            act_average=args.act_average, protect_top=args.protect_top, objective=objective
+        ),
         steps=args.steps, guidance_scale=args.guidance_scale, height=args.height,
         width=args.width, seed=args.seed, batch_size=args.batch_size, chunk=args.chunk,
     )  # fmt: skip

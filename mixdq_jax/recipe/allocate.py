@@ -23,6 +23,7 @@ from mixdq_jax.allocation import (
     budget_sweep,
     most_sensitive,
 )
+from mixdq_jax.allocation.objectives import check_objective, program_scores
 from mixdq_jax.quant.qconfig import FLOAT_BITS
 from mixdq_jax.quant.registry import LayerInfo
 from mixdq_jax.recipe.config import Method, Target
@@ -59,7 +60,10 @@ class AllocationKnobs:
     where needed so that the effective average, float layers counted at 16 bits, stays
     within the target: see :func:`act_budget`); ``protect_top``: percent of layers per
     group kept float, scored at ``protect_bits``; budgets ``B`` in ``[target - b_delta,
-    target]`` (``b_num`` of them); each group's average lands within ``band`` of its budget."""
+    target]`` (``b_num`` of them); each group's average lands within ``band`` of its budget.
+    ``objective``: what the integer program maximises (`mixdq_jax.allocation.objectives`):
+    ``"noise"`` by default (it predicts the image error far better on the testbed, README),
+    ``"official"`` for the paper's summed SSIM / SQNR dB (the ``official`` preset's)."""
 
     act_average: float | None = None
     protect_top: float = 1.0
@@ -67,8 +71,10 @@ class AllocationKnobs:
     b_delta: float = 0.3
     b_num: int = 10
     band: float = 0.02
+    objective: str = "noise"
 
     def __post_init__(self) -> None:
+        check_objective(self.objective)
         if self.act_average is not None and not 4.0 <= self.act_average <= 8.0:
             raise ValueError(f"act_average {self.act_average} outside the {{4, 8}} range")
         if not 0.0 <= self.protect_top <= 100.0:
@@ -117,18 +123,20 @@ def _mixdq_sweep(
     sizes: Mapping[str, float],
     targets: Sequence[float],
     ks: Sequence[float],
-    band: float,
+    knobs: AllocationKnobs,
 ) -> list[Bits]:
     content_bits, quality_bits = OFFICIAL_CANDIDATES[kind]
     wanted = set(names)
+    content = {n: sens[kind, "ssim"][n] for n in layers.content if n in wanted}
+    quality = {n: sens[kind, "sqnr"][n] for n in layers.quality if n in wanted}
     alloc = GroupAllocator(
-        content_sensitivity={n: sens[kind, "ssim"][n] for n in layers.content if n in wanted},
-        quality_sensitivity={n: sens[kind, "sqnr"][n] for n in layers.quality if n in wanted},
+        content_sensitivity=program_scores(content, "ssim", knobs.objective),
+        quality_sensitivity=program_scores(quality, "sqnr", knobs.objective),
         sizes=sizes,
         content_candidates=content_bits,
         quality_candidates=quality_bits,
     )
-    cands = alloc.sweep(targets=targets, ks=ks, band=band)
+    cands = alloc.sweep(targets=targets, ks=ks, band=knobs.band)
     if not cands:
         raise ValueError(
             f"MixDQ {kind} allocation: no (B, k) point of the sweep is feasible for budgets "
@@ -146,14 +154,16 @@ def weight_candidates(
         return [dict.fromkeys(layers.names, int(budget))]
     if method.weights == "sqnr":
         program = BitProgram(
-            {n: sens["weight", "sqnr"][n] for n in layers.names},
+            program_scores(
+                {n: sens["weight", "sqnr"][n] for n in layers.names}, "sqnr", knobs.objective
+            ),
             layers.w_size,
             candidates=OFFICIAL_CANDIDATES["weight"][0],
         )
         return [dict(program.solve(budget, band=knobs.band).bits)]
     return _mixdq_sweep(
         sens, "weight", layers.names, layers, layers.w_size,
-        budget_sweep(budget, delta=knobs.b_delta, num=knobs.b_num), WEIGHT_K_SWEEP, knobs.band,
+        budget_sweep(budget, delta=knobs.b_delta, num=knobs.b_num), WEIGHT_K_SWEEP, knobs,
     )  # fmt: skip
 
 
@@ -199,12 +209,11 @@ def act_candidates(
     floats = dict.fromkeys(sorted(protected), FLOAT_BITS)
     average = act_budget(layers, target, knobs, protected)
     if method.acts == "sqnr":
-        program = BitProgram(
-            {n: sens["act", "sqnr"][n] for n in rest}, layers.a_size, candidates=(4, 8)
-        )
+        scores = program_scores({n: sens["act", "sqnr"][n] for n in rest}, "sqnr", knobs.objective)
+        program = BitProgram(scores, layers.a_size, candidates=(4, 8))
         return [{**program.solve(average, band=knobs.band).bits, **floats}]
     budgets = budget_sweep(average, delta=knobs.b_delta, num=knobs.b_num)
-    cands = _mixdq_sweep(sens, "act", rest, layers, layers.a_size, budgets, ACT_K_SWEEP, knobs.band)
+    cands = _mixdq_sweep(sens, "act", rest, layers, layers.a_size, budgets, ACT_K_SWEEP, knobs)
     return [{**bits, **floats} for bits in cands]
 
 

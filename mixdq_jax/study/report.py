@@ -41,7 +41,45 @@ _HEADER = [
 ]
 
 
-def table(config: StudyConfig, results: Mapping[str, Mapping[str, Any]], seconds: float) -> str:
+BASELINES = ("mixdq", "naive_sorting", "random", "perturb_20")
+
+
+def allocation_baselines(pareto: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """metrics.json's ``allocation_baselines``: per setting, the pick and each baseline at the
+    same bits (average weight bits, image MSE vs float; random and perturbed: medians)."""
+    return {
+        setting: {
+            name: {k: entry[name][k] for k in ("avg_bits", "image_mse")} for name in BASELINES
+        }
+        for setting, entry in pareto.items()
+    }
+
+
+def _fig8_table(pareto: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    if not pareto:
+        return []
+    lines = [
+        "## Fig. 8: the integer program against the baselines, at the same bits",
+        "",
+        "Weights only (activations float), the same candidates per layer (content {2, 4, 8}, "
+        "quality {4, 8}), each baseline within the band of the pick's average bits; image MSE "
+        "vs float on the held-out selection captions (random, perturb 20%: median of 5).",
+        "",
+        "| setting | MixDQ pick | naive sorting | random | perturb 20% | W bits |",
+        "|---|---|---|---|---|---|",
+    ]
+    for setting, entry in pareto.items():
+        mse = [f"{entry[name]['image_mse']:.2e}" for name in BASELINES]
+        lines.append(f"| {setting} | {' | '.join(mse)} | {entry['mixdq']['avg_bits']:.2f} |")
+    return [*lines, ""]
+
+
+def table(
+    config: StudyConfig,
+    results: Mapping[str, Mapping[str, Any]],
+    seconds: float,
+    pareto: Mapping[str, Mapping[str, Any]] | None = None,
+) -> str:
     """report.md: Table 1 (every target x method, the float model first) and Table 3 (the
     W8A8 ablation, one technique added per row)."""
     fp = results["float"]
@@ -79,8 +117,8 @@ def table(config: StudyConfig, results: Mapping[str, Mapping[str, Any]], seconds
         for name in ablation:
             m = results.get(f"W8A8_{name}", {})
             lines.append(_row("W8A8", methods[name].title, m))
+    lines += ["", *_fig8_table(pareto or {})]
     lines += [
-        "",
         "Chosen bits, candidates and settings of each row: `quantize/<row>/`.",
         "",
         "![grid](grid.png)",
@@ -109,8 +147,9 @@ def write_report(
     from matplotlib import pyplot as plt  # noqa: PLC0415
 
     report.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(report / "report.md", table(config, results, seconds))
-    atomic_write_json(report / "metrics.json", results)
+    atomic_write_text(report / "report.md", table(config, results, seconds, pareto))
+    metrics = {**results, "allocation_baselines": allocation_baselines(pareto)}
+    atomic_write_json(report / "metrics.json", metrics)
 
     # image grid: rows = methods, same captions and seeds
     scenes = data.sample_scenes(config.num_eval, seed=2024, split="test")
@@ -138,20 +177,30 @@ def write_report(
     fig.savefig(report / "sensitivity.png", dpi=110)
     plt.close(fig)
 
-    # Pareto plot (paper Fig. 8)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for name, entry in pareto.items():
+    # Fig. 8: predicted noise (the sensitivity axis) and image MSE vs average weight bits
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    markers = {"naive_sorting": "x", "random": "^", "perturb_20": "+"}
+    for c, (name, entry) in enumerate(pareto.items()):
+        color = f"C{c}"
         pts = entry["candidates"]
-        ax.scatter(
-            [p["avg_bits"] for p in pts], [p["mse"] for p in pts], s=12,
-            label=f"{name} MixDQ weight candidates",
+        axes[1].scatter(
+            [p["avg_bits"] for p in pts], [p["image_mse"] for p in pts], s=8, color=color,
+            alpha=0.4, label=f"{name} integer-program candidates",
         )  # fmt: skip
-        for p in entry["baselines"]:
-            ax.scatter(p["avg_bits"], p["mse"], marker="x", label=f"{name} {p['method']}")
-    ax.set_xlabel("average weight bits")
-    ax.set_ylabel("image MSE vs float (activations float)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=6)
+        for ax, y in ((axes[0], "predicted_noise"), (axes[1], "image_mse")):
+            pick = entry["mixdq"]
+            ax.scatter(pick["avg_bits"], pick[y], marker="*", s=90, color=color,
+                       label=f"{name} MixDQ pick")  # fmt: skip
+            for base, marker in markers.items():
+                seeds = entry[base].get("seeds", [entry[base]])
+                ax.scatter([p["avg_bits"] for p in seeds], [p[y] for p in seeds],
+                           marker=marker, color=color, label=f"{name} {base}")  # fmt: skip
+    axes[0].set_ylabel("summed single-layer noise power (predicted)")
+    axes[1].set_ylabel("image MSE vs float (activations float)")
+    for ax in axes:
+        ax.set_xlabel("average weight bits")
+        ax.set_yscale("log")
+    axes[1].legend(fontsize=5, ncol=2)
     fig.tight_layout()
     fig.savefig(report / "pareto.png", dpi=110)
     plt.close(fig)

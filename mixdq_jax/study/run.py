@@ -9,26 +9,24 @@ they are already there, so a killed study resumes where it stopped:
 
     RUN/calib/, RUN/sensitivity/    calibration and sweeps (shared by every row)
     RUN/quantize/<row>/             each row's candidates, chosen bits, settings
-    RUN/configs/<row>.pareto.json   Fig. 8 data: weight candidates and baselines
+    RUN/configs/<row>.pareto.json   Fig. 8 data: the pick, its candidates, the baselines
     RUN/eval/<row>.json, .npy       testbed metrics and images of each evaluated row
     RUN/report/                     report.md, grid.png, sensitivity.png, pareto.png
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mixdq_jax.allocation import average_bits, naive_sorting, random_allocation
 from mixdq_jax.api import load_pipeline
 from mixdq_jax.deploy.memory import stored_param_bytes
-from mixdq_jax.io_utils import atomic_write_json
-from mixdq_jax.quant.qconfig import FLOAT_BITS
-from mixdq_jax.recipe import Allocation, Recipe, RecipeConfig, Target, bits_summary, recipe_key
+from mixdq_jax.pipeline import Pipeline
+from mixdq_jax.recipe import Allocation, Recipe, RecipeConfig, bits_summary, recipe_key
+from mixdq_jax.study.baselines import allocation_baselines
 from mixdq_jax.study.config import StudyConfig
 from mixdq_jax.study.report import write_report
 from mixdq_jax.testbed import calibration_captions
@@ -39,43 +37,11 @@ def _stage(name: str) -> None:
     print(f"[mixdq demo] {name}", flush=True)
 
 
-def _pareto(recipe: Recipe, target: Target, allocation: Allocation, seed: int) -> dict[str, Any]:
-    """Fig. 8's data at one budget: MixDQ's weight candidates (image MSE vs float, activations
-    float, as they were picked) and the paper's two baselines at the same budget."""
-    run, layers, key = recipe.run, recipe.layers, allocation.key
-    path = run.pareto_path(key)
-    if path.is_file():
-        return json.loads(path.read_text())
-    state = run.candidate_scores(key, "weight")
-    points = [
-        {"avg_bits": c["avg_bits"], "mse": state["scores"][c["fingerprint"]]}
-        for c in state.get("candidates", [])
-    ]
-    floats = dict.fromkeys(layers.names, FLOAT_BITS)
-    sqnr = recipe.sensitivities()["weight", "sqnr"]
-    budget = target.weight_bits
-    baselines = []
-    for label, bits in (
-        ("random", random_allocation(layers.w_size, candidates=(2, 4, 8), budget=budget,
-                                     seed=seed)),
-        ("naive_sorting", naive_sorting(sqnr, layers.w_size, candidates=(2, 4, 8),
-                                        budget=budget)),
-    ):  # fmt: skip
-        mse = recipe.image_mse(recipe.qconfig(allocation.method, bits, floats))
-        baselines.append(
-            {"method": label, "avg_bits": average_bits(bits, layers.w_size), "mse": mse}
-        )
-    pareto = {"candidates": points, "baselines": baselines}
-    atomic_write_json(path, pareto)
-    return pareto
-
-
-def run_study(config: StudyConfig) -> Path:
-    """Run (or resume) the study; returns the report folder."""
-    start = time.perf_counter()
-    pipe = load_pipeline(config.model, scheduler=None if config.steps == 1 else "LCMScheduler")
+def study_recipe(config: StudyConfig, pipe: Pipeline) -> Recipe:
+    """The recipe every row of the study shares (calibration and selection captions from the
+    testbed's training split; the allocation benchmarks reuse it on the demo's run)."""
     captions = calibration_captions(config.num_calib + config.num_select)
-    recipe = Recipe(
+    return Recipe(
         pipe,
         config.run_dir,
         RecipeConfig(
@@ -87,6 +53,13 @@ def run_study(config: StudyConfig) -> Path:
             chunk=config.chunk,
         ),  # fmt: skip
     )
+
+
+def run_study(config: StudyConfig) -> Path:
+    """Run (or resume) the study; returns the report folder."""
+    start = time.perf_counter()
+    pipe = load_pipeline(config.model, scheduler=None if config.steps == 1 else "LCMScheduler")
+    recipe = study_recipe(config, pipe)
     run = recipe.run
     run.path.mkdir(parents=True, exist_ok=True)
     _stage("1/5 calibration")
@@ -105,7 +78,7 @@ def run_study(config: StudyConfig) -> Path:
             why = method.supports(target)
             rows[key] = why if why is not None else recipe.allocation(target, method)
             if method.name == "mixdq" and target.weight_bits < 8:
-                pareto[target.name] = _pareto(recipe, target, rows[key], config.seed)
+                pareto[target.name] = allocation_baselines(recipe, rows[key], config.seed)
 
     _stage("4/5 evaluation on held-out test captions")
     kw = dict(split="test", steps=config.steps, num=config.num_eval, seed=config.seed)

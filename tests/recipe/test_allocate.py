@@ -106,3 +106,48 @@ def test_weight_candidates_per_method(official):
         assert all(bits[n] >= 4 for n in layers.quality)
     (w8,) = weight_candidates(sens, layers, METHODS["mixdq"], Target.parse("W8A8"), knobs)
     assert set(w8.values()) == {8}
+
+
+def test_objectives_trade_summed_db_for_noise_power_on_the_official_data(official):
+    """On the real SDXL-turbo sensitivities, each objective's weight candidates are optimal for
+    their own measure: the noise objective's quality layers add less summed noise power (by
+    the formula, computed here with numpy), the official one's sum more dB."""
+    import numpy as np  # noqa: PLC0415
+
+    sens, layers = official
+    target = Target.parse("W4A16")
+    picks = {
+        o: weight_candidates(
+            sens, layers, METHODS["mixdq"], target, AllocationKnobs(objective=o, b_num=1)
+        )
+        for o in ("official", "noise")
+    }
+    assert picks["official"] != picks["noise"]
+    sqnr = sens["weight", "sqnr"]
+    idx = {2: 0, 4: 1, 8: 2}
+
+    def quality(bits, f):
+        return sum(f(sqnr[n][idx[bits[n]]]) for n in layers.quality)
+
+    def power(db):
+        return float(np.power(10.0, -db / 10.0))
+
+    # the first candidate of each is the same (B, k) point: the same group budgets
+    official, noise = picks["official"][0], picks["noise"][0]
+    assert quality(noise, power) < quality(official, power)
+    assert quality(official, float) > quality(noise, float)
+
+
+def test_objective_choices_match_the_library():
+    import argparse  # noqa: PLC0415
+
+    from mixdq_jax.allocation.objectives import OBJECTIVES  # noqa: PLC0415
+    from mixdq_jax.cli import allocate, quantize  # noqa: PLC0415
+
+    for module in (allocate, quantize):
+        parser = argparse.ArgumentParser()
+        module.register(parser.add_subparsers())
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        (cmd,) = sub.choices.values()
+        (action,) = [a for a in cmd._actions if a.dest == "objective"]
+        assert tuple(action.choices) == OBJECTIVES

@@ -1,0 +1,75 @@
+"""Fig. 8's baselines are compared fairly: the same bits, the same candidates per layer, and the
+numbers land in metrics.json as issue 13 asks."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+
+from mixdq_jax.allocation import average_bits
+from mixdq_jax.recipe import METHODS, AllocationKnobs, Layers, Target
+from mixdq_jax.rundir import RunDir
+from mixdq_jax.study import baselines
+from mixdq_jax.study.report import allocation_baselines
+
+
+class _Recipe:
+    """What `allocation_baselines` uses of a Recipe; the 'image MSE' of a configuration is
+    the summed noise power of its layers (a stand-in renderer, recorded per call)."""
+
+    def __init__(self, tmp_path):
+        rng = np.random.default_rng(0)
+        names = [f"down.{i}.attn2.to_k" if i % 3 == 0 else f"down.{i}.conv" for i in range(30)]
+        self.layers = Layers(
+            names=names,
+            content=[n for n in names if "attn2" in n],
+            quality=[n for n in names if "attn2" not in n],
+            w_size={n: float(rng.choice([1.0, 4.0])) for n in names},
+            a_size=dict.fromkeys(names, 1.0),
+        )
+        self.sqnr = {n: tuple(sorted(rng.uniform(0, 60, 3))) for n in names}
+        self.run = RunDir(tmp_path / "run")
+        self.config = SimpleNamespace(knobs=AllocationKnobs())
+        self.rendered: list[dict] = []
+
+    def sensitivities(self):
+        return {("weight", "sqnr"): self.sqnr}
+
+    def qconfig(self, method, w_bits, a_bits):
+        return dict(w_bits)
+
+    def image_mse(self, bits):
+        self.rendered.append(bits)
+        idx = {2: 0, 4: 1, 8: 2}
+        return float(sum(10 ** (-self.sqnr[n][idx[b]] / 10) for n, b in bits.items()))
+
+
+def test_baselines_share_the_picks_bits_and_candidates(tmp_path):
+    recipe = _Recipe(tmp_path)
+    layers = recipe.layers
+    chosen = {n: (2 if i % 2 else 8) if n in layers.content else 4 for i, n in
+              enumerate(layers.names)}  # fmt: skip
+    allocation = SimpleNamespace(
+        key="W4A16_mixdq", method=METHODS["mixdq"], weight_bits=chosen,
+        target=Target.parse("W4A16"),
+    )  # fmt: skip
+    out = baselines.allocation_baselines(recipe, allocation, seed=0)
+    bits = average_bits(chosen, layers.w_size)
+    band = recipe.config.knobs.band
+    assert out["mixdq"]["avg_bits"] == bits
+    # 1 pick + 1 naive + 5 random + 5 perturbed configurations rendered
+    assert len(recipe.rendered) == 2 + 2 * baselines.SEEDS
+    for config in recipe.rendered:
+        assert abs(average_bits(config, layers.w_size) - bits) <= band + 1e-9
+        assert all(config[n] in (4, 8) for n in layers.quality)  # quality layers never at 2
+    assert out["naive_sorting"]["avg_bits"] <= bits + band
+    # cached: a second call renders nothing
+    again = baselines.allocation_baselines(recipe, allocation, seed=0)
+    assert again == json.loads(json.dumps(out)) and len(recipe.rendered) == 12
+    metrics = allocation_baselines({"W4A16": out})
+    assert set(metrics["W4A16"]) == {"mixdq", "naive_sorting", "random", "perturb_20"}
+    assert set(metrics["W4A16"]["random"]) == {"avg_bits", "image_mse"}
+    seeds = [p["image_mse"] for p in out["random"]["seeds"]]
+    assert metrics["W4A16"]["random"]["image_mse"] == float(np.median(seeds))
