@@ -32,6 +32,7 @@ RANKS = {
     "mixdq_jax.api": 5,
     "mixdq_jax.recipe": 5,
     "mixdq_jax.testbed.evaluate": 5,
+    "mixdq_jax.evaluation": 5,
     "mixdq_jax.study": 6,
     "mixdq_jax.cli": 7,
     "mixdq_jax": 8,  # the package's lazy re-exports

@@ -1,4 +1,10 @@
-"""``mixdq evaluate``: testbed metrics of a float or fake-quantized model on a caption split."""
+"""``mixdq evaluate``: a model's metrics, as the paper reports them or with the testbed's judge.
+
+With ``--prompts`` or ``--metrics`` it runs the paper's evaluation (`mixdq_jax.evaluation.run`):
+COCO captions or a prompt file, images written to ``--out`` as they are made, FID / CLIP score /
+ImageReward / LPIPS, SSIM, PSNR vs float, BOPs and storage in ``metrics.json``. Without them it
+is the testbed evaluation it always was (held-out testbed captions, the testbed's judge).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,14 @@ import json
 import math
 from pathlib import Path
 
-from mixdq_jax.cli.argtypes import MAX_SEED, positive_int, seed
+from mixdq_jax.cli.argtypes import (
+    MAX_SEED,
+    existing_file,
+    finite_float,
+    nonneg_float,
+    positive_int,
+    seed,
+)
 from mixdq_jax.cli.quant_args import (
     add_dtype_arg,
     add_quant_args,
@@ -20,10 +33,13 @@ from mixdq_jax.cli.quant_args import (
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="content score, Frechet distance, SSIM/PSNR vs float on testbed captions",
-        description="Generates images for held-out testbed captions (image i uses seed "
-        "seed+i), scores them with the testbed's judge, and compares them with the float "
-        "model's images on the same captions and seeds.",
+        help="FID, CLIP score, ImageReward, LPIPS/SSIM/PSNR vs float, BOPs and storage on COCO "
+        "captions (--prompts/--metrics), or the testbed's judge on testbed captions",
+        description="Generates images (image i uses seed seed+i) and scores them. With --prompts "
+        "or --metrics: the paper's evaluation on a prompt file or COCO captions, images and "
+        "metrics.json written to --out (resumable); see README 'Evaluating like the paper'. "
+        "Otherwise: held-out testbed captions scored by the testbed's judge and compared with "
+        "the float model's images on the same captions and seeds.",
     )
     p.add_argument(
         "--model",
@@ -39,19 +55,93 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.add_argument("--steps", type=positive_int, default=1, help="1: Euler-A trailing; more: LCM")
-    p.add_argument("--num", type=positive_int, default=256, help="number of captions")
-    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument(
+        "--num", type=positive_int, default=None,
+        help="number of prompts (default: 256 testbed captions; all prompts of --prompts)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=seed, default=0, help="image i starts from seed+i's noise")
     add_dtype_arg(p)
-    p.add_argument("--out", type=Path, default=None, help="write metrics.json and grid.png here")
+    p.add_argument(
+        "--out", type=Path, default=None,
+        help="write metrics.json (and grid.png, or images/ with --prompts) here; a rerun with the "
+        "same settings resumes",
+    )  # fmt: skip
     add_quant_args(p)
+    g = p.add_argument_group("the paper's evaluation (any of these selects it)")
+    g.add_argument(
+        "--prompts", type=existing_file, default=None,
+        help="a text file (one prompt a line) or a COCO captions file (captions_val2014.json: "
+        "one caption per image)",
+    )  # fmt: skip
+    g.add_argument(
+        "--metrics", default=None,
+        help="comma-separated, from fid,clip,imagereward,lpips,ssim,psnr (default with "
+        "--prompts: ssim,psnr; those need no weights)",
+    )  # fmt: skip
+    g.add_argument(
+        "--select", choices=["first", "random"], default="first",
+        help="first: the file's first --num images/lines (the paper's 'first 1024'); random: "
+        "--num drawn with --prompt-seed (and a random caption per COCO image)",
+    )  # fmt: skip
+    g.add_argument("--prompt-seed", type=seed, default=0, help="seed of --select random")
+    g.add_argument("--reference-images", type=Path, default=None,
+                   help="FID: folder of real images (COCO val2014)")  # fmt: skip
+    g.add_argument(
+        "--inception-weights",
+        type=Path,
+        default=None,
+        help="FID: weights-inception-2015-12-05-6726825d.pth (or .safetensors)",
+    )
+    g.add_argument(
+        "--clip-model",
+        type=Path,
+        default=None,
+        help="CLIP score: a transformers CLIP folder (openai/clip-vit-large-patch14)",
+    )
+    g.add_argument(
+        "--imagereward-weights",
+        type=Path,
+        default=None,
+        help="ImageReward: folder with ImageReward.pt, med_config.json and bert-base-uncased's "
+        "vocab.txt",
+    )
+    g.add_argument(
+        "--lpips-weights",
+        type=Path,
+        default=None,
+        help="LPIPS: folder with torchvision's AlexNet weights and LPIPS v0.1 alex.pth",
+    )
+    g.add_argument(
+        "--height",
+        type=positive_int,
+        default=None,
+        help="image height (default: the model's native size; 512 for SDXL-turbo)",
+    )
+    g.add_argument("--width", type=positive_int, default=None, help="image width (as --height)")
+    g.add_argument("--guidance-scale", type=nonneg_float, default=0.0)
+    g.add_argument(
+        "--lora", type=existing_file, default=None,
+        help="LoRA safetensors fused into the float UNet (LCM-LoRA: with --steps 4)",
+    )  # fmt: skip
+    g.add_argument("--lora-scale", type=finite_float, default=1.0)
+    g.add_argument("--batch", type=positive_int, default=8, help="images per generation batch")
+    g.add_argument(
+        "--cache", type=Path, default=None,
+        help="float images and FID reference statistics, reused across evaluations (default: "
+        "$MIXDQ_CACHE or ~/.cache/mixdq)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.prompts is not None or args.metrics is not None:
+        return run_paper(args)
     from mixdq_jax.api import load_pipeline, quantized_config  # noqa: PLC0415
     from mixdq_jax.io_utils import atomic_write_json  # noqa: PLC0415
     from mixdq_jax.testbed import evaluate  # noqa: PLC0415
 
+    if args.num is None:
+        args.num = 256
     if args.seed + args.num - 1 > MAX_SEED:
         raise ValueError(
             f"--seed {args.seed}: image i uses seed+i, and --num {args.num} goes past {MAX_SEED}"
@@ -107,3 +197,135 @@ def _export_source(model: str) -> str:
             "gone; pass --float-model PATH for the 'vs float' metrics"
         )
     return source
+
+
+def _file_digest(value: str | None) -> str | None:
+    """A bits argument as it keys the image set: the number, or the file's content digest."""
+    if value is None or value.isdigit():
+        return value
+    import hashlib  # noqa: PLC0415
+
+    return f"{value}:{hashlib.sha256(Path(value).read_bytes()).hexdigest()[:16]}"
+
+
+def run_paper(args: argparse.Namespace) -> int:
+    """The paper's evaluation (see `mixdq_jax.evaluation.run`)."""
+    from mixdq_jax.evaluation.coco import load_prompts  # noqa: PLC0415
+    from mixdq_jax.evaluation.images import GenerationSettings  # noqa: PLC0415
+    from mixdq_jax.evaluation.run import (  # noqa: PLC0415
+        EvalRequest,
+        MetricWeights,
+        check_weights,
+        evaluate_model,
+        parse_metrics,
+    )
+
+    if args.prompts is None:
+        raise ValueError("--metrics: the paper's evaluation needs --prompts FILE (a text file "
+                         "or COCO's captions_val2014.json)")  # fmt: skip
+    if args.out is None:
+        raise ValueError("--prompts: give --out DIR for the images and metrics.json")
+    metrics = parse_metrics(args.metrics or "ssim,psnr")
+    prompts = load_prompts(args.prompts, num=args.num, select=args.select, seed=args.prompt_seed)
+    if args.seed + len(prompts.prompts) - 1 > MAX_SEED:
+        raise ValueError(f"--seed {args.seed}: image i uses seed+i, and {len(prompts.prompts)} "
+                         f"prompts go past {MAX_SEED}")  # fmt: skip
+    weights = MetricWeights(
+        inception=args.inception_weights, clip_model=args.clip_model,
+        imagereward=args.imagereward_weights, lpips=args.lpips_weights,
+        reference_images=args.reference_images,
+    )  # fmt: skip
+    check_weights(metrics, weights)  # before loading the model
+    subject, float_model = _subject(args)
+    native_h, native_w = subject.pipe.image_size
+    generation = GenerationSettings(
+        steps=args.steps, seed=args.seed, height=args.height or native_h,
+        width=args.width or native_w, guidance_scale=args.guidance_scale, batch=args.batch,
+    )  # fmt: skip
+    factor = subject.pipe.vae_scale_factor
+    cost = _efficiency(args, subject, (generation.height // factor, generation.width // factor))
+    result = evaluate_model(
+        subject, prompts, args.out,
+        request=EvalRequest(metrics=metrics, weights=weights, generation=generation),
+        efficiency=cost, cache=args.cache,
+        settings={"float_model": None if float_model is None else str(float_model),
+                  "dtype": subject.identity["dtype"],
+                  "scheduler": subject.identity["scheduler"] or "folder's"},
+    )  # fmt: skip
+    shown = {k: result[k] for k in ("fid", "clip_score", "clip_score_torchmetrics", "imagereward",
+                                    "lpips_vs_fp", "ssim_vs_fp", "psnr_vs_fp")}  # fmt: skip
+    shown["storage_opt"] = result["storage"]["storage_opt"]
+    shown["compute_opt"] = result["compute"]["compute_opt"]
+    print(json.dumps(shown, indent=2))
+    print(f"wrote {args.out / 'metrics.json'} ({len(prompts.prompts)} images in "
+          f"{args.out / 'images'})")  # fmt: skip
+    return 0
+
+
+def _subject(args: argparse.Namespace):
+    """The model under test (loaded) and how to load its float reference: the export source
+    of a quantized folder, the same folder for fake quantization, or ``--float-model``."""
+    from mixdq_jax.api import load_pipeline, quantized_config  # noqa: PLC0415
+    from mixdq_jax.deploy.checkpoint import is_quantized_folder  # noqa: PLC0415
+    from mixdq_jax.evaluation.images import model_fingerprint  # noqa: PLC0415
+    from mixdq_jax.evaluation.run import Subject  # noqa: PLC0415
+    from mixdq_jax.loader import resolve_model  # noqa: PLC0415
+
+    scheduler = None if args.steps == 1 else "LCMScheduler"
+    dtype = resolve_dtype(args.dtype)
+    folder = resolve_model(args.model)
+    exported = is_quantized_folder(folder)
+    lora = {"lora": args.lora, "lora_scale": args.lora_scale} if args.lora else {}
+    # an exported folder has its LoRA fused already; --lora then applies to its float source
+    pipe = load_pipeline(args.model, scheduler=scheduler, dtype=dtype, **({} if exported else lora))
+    spec = spec_from_args(args)
+    qconfig = quantized_config(pipe, spec, args.calib)
+    lora_id = {"lora": str(args.lora), "lora_scale": args.lora_scale} if args.lora else {}
+    run_id = {"dtype": dtype, "scheduler": scheduler, **lora_id}
+    if exported:
+        from mixdq_jax.deploy.checkpoint import read_quant_meta  # noqa: PLC0415
+
+        quantization = {"exported": read_quant_meta(folder / "unet").get("spec", {})}
+    else:
+        quantization = {"spec": describe(spec), "weight_bits": _file_digest(args.weight_bits),
+                        "act_bits": _file_digest(args.act_bits), "format": args.quant_format,
+                        "symmetric_weights": args.symmetric_weights, "bos_aware": args.bos_aware,
+                        "shortcut_split": args.shortcut_split,
+                        "calib": None if args.calib is None else str(args.calib)}  # fmt: skip
+    float_model = args.float_model
+    if float_model is None and exported:
+        float_model = _export_source(args.model)
+    if float_model is None and spec is not None:
+        float_model = args.model  # fake quant: the same folder without a qconfig is the float one
+    float_identity = load_float = None
+    if float_model is not None:
+        float_identity = {**model_fingerprint(resolve_model(float_model)), **run_id}
+        if str(float_model) == str(args.model) and not exported:
+
+            def load_float():
+                return pipe  # the same float pipeline, run without the qconfig
+        else:
+
+            def load_float():
+                return load_pipeline(float_model, scheduler=scheduler, dtype=dtype, **lora)
+
+    subject = Subject(
+        pipe=pipe, identity={**model_fingerprint(folder), **run_id}, quantization=quantization,
+        qconfig=qconfig, float_identity=float_identity, load_float=load_float,
+    )  # fmt: skip
+    return subject, float_model
+
+
+def _efficiency(args: argparse.Namespace, subject, latent: tuple[int, int]) -> dict:
+    """Storage and BOPs of the model under test (its export plan, or the spec of the options)."""
+    from mixdq_jax.evaluation import bops  # noqa: PLC0415
+
+    plan = getattr(subject.pipe.unet_mode, "plan", None)
+    config = subject.pipe.unet.config
+    if plan is None:
+        return bops.efficiency(config, spec=spec_from_args(args), latent=latent)
+    from mixdq_jax.deploy.checkpoint import read_quant_meta  # noqa: PLC0415
+    from mixdq_jax.loader import resolve_model  # noqa: PLC0415
+
+    bos_dim = read_quant_meta(resolve_model(args.model) / "unet").get("bos_dim")
+    return bops.efficiency(config, plan=plan, latent=latent, bos_dim=bos_dim)

@@ -24,6 +24,7 @@ import numpy as np
 
 from mixdq_jax.api import load_pipeline
 from mixdq_jax.deploy.memory import stored_param_bytes
+from mixdq_jax.evaluation.bops import compute_cost
 from mixdq_jax.pipeline import Pipeline
 from mixdq_jax.recipe import Allocation, Recipe, RecipeConfig, bits_summary, recipe_key
 from mixdq_jax.study.baselines import allocation_baselines
@@ -85,6 +86,7 @@ def run_study(config: StudyConfig) -> Path:
     float_eval = run.cached_eval("float", lambda: evaluate(pipe, **kw))
     results: dict[str, dict[str, Any]] = {"float": dict(float_eval["metrics"])}
     results["float"]["unet_mb"] = stored_param_bytes(pipe.unet.config, None) / 1e6
+    results["float"]["compute_opt"] = 1.0
     images: dict[str, np.ndarray] = {"float": float_eval["images"]}
     for key, row in rows.items():
         if isinstance(row, str):
@@ -101,6 +103,9 @@ def run_study(config: StudyConfig) -> Path:
             **out["metrics"],
             **bits_summary(row.weight_bits, row.act_bits, recipe.layers),
             "unet_mb": unet_mb,
+            "compute_opt": compute_cost(
+                pipe.unet.config, row.weight_bits, row.act_bits
+            )["compute_opt"],
         }
         images[key] = out["images"]
 

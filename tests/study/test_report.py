@@ -12,7 +12,7 @@ def _metrics(w: float, a: float, floats: int, mb: float | None) -> dict:
     return {
         "weight_avg_bits": w, "act_effective_bits": a, "act_float_layers": ["x"] * floats,
         "content_score": 0.9, "frechet_distance": 1.0, "ssim_vs_fp": 0.99, "psnr_vs_fp": 40.0,
-        "unet_mb": mb,
+        "unet_mb": mb, "compute_opt": 256.0 / (w * a) if a < 16 else 1.0,
     }  # fmt: skip
 
 
@@ -33,7 +33,11 @@ def test_tables_list_every_row_and_the_w8a8_ablation_in_order():
     text = table(config, results, 60.0)
     table1, table3 = text.split("## Table 3")
     assert "| W8A8 | MixDQ | 8.00 | 7.99 | 3 |" in table1
-    assert "| W8A8 | FP8 e4m3 | 8.00 | 8.00 | 0 |" in table1 and "| - |\n" in table1
+    assert "| W8A8 | naive PTQ | 8.00 | 8.00 | 0 | 0.900 | 1.00 | 0.990 | 40.0 | 1.90 | 4.00 |" in (
+        table1
+    )
+    assert "| W3.66A16 | MixDQ | 3.65 | 16.00 | 0 |" in table1 and "| 0.95 | 1.00 |" in table1
+    assert "| W8A8 | FP8 e4m3 | 8.00 | 8.00 | 0 |" in table1 and "| - | 4.00 |\n" in table1
     assert "| W3.66A16 | naive PTQ | n/a |" in table1
     rows = [line.split("|")[2].strip() for line in table3.splitlines() if line.startswith("| W8A8")]
     assert rows == [METHODS[n].title for n in ("naive", "naive+bos", "sqnr-mp", "mixdq")]

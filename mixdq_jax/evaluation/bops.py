@@ -1,0 +1,193 @@
+"""The paper's efficiency columns: "Compute Opt." (bit operations, BOPs) and "Storage Opt.".
+
+BOPs of one UNet forward are counted per quantizable layer (every Dense and Conv) as
+``MACs x op_bits``. MACs come from the shapes one abstract forward records (output elements x
+kernel elements per output channel), so strides, padding and the text length are those of the
+real model; nothing is materialised. ``op_bits`` follows Table 1: a layer whose activations
+are quantized multiplies ``w_bits x a_bits``; a layer whose activations stay float runs in
+FP16 whatever its weights (the weights are dequantized first), ``16 x 16``: this is why the
+paper's weight-only rows (W4A16, W3.66A16) read "1x". Attention score products, norms and
+nonlinearities are not counted (they stay float in every row, as in the paper).
+
+Storage is the bytes of the UNet as ``mixdq export`` stores it (packed weights, scales, zero
+points, BOS rows, other params in FP16), from `mixdq_jax.deploy.memory`, so the ratio is the
+one ``mixdq bench memory`` prints.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixdq_jax.deploy.memory import stored_param_bytes, tree_nbytes
+from mixdq_jax.deploy.packed import DeployPlan, packed_shapes
+from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, example_inputs, param_shapes
+from mixdq_jax.quant.intercept import LayerCall, Mode, Records, intercept
+from mixdq_jax.quant.qconfig import FLOAT_BITS, QuantSpec
+from mixdq_jax.quant.registry import layer_splits, unet_layers
+
+Bits = int | Mapping[str, int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class _CountMacs(Mode):
+    """Records each layer's multiply-accumulates for one sample (shapes only)."""
+
+    def handle(self, call: LayerCall, qconfig: Any, records: Records) -> jax.Array:
+        out = call.original()
+        kernel = call.params["kernel"]
+        per_output = int(np.prod(kernel.shape[:-1]))  # kh*kw*in/groups, or in for a Dense
+        macs = int(np.prod(out.shape[1:])) * per_output
+        records.add(call.name, macs, lambda old, new: old + new)
+        return out
+
+
+Latent = int | tuple[int, int] | None
+
+
+def _hw(config: UNetConfig, latent: Latent) -> tuple[int, int]:
+    if latent is None:
+        size = config.sample_size or 64
+        return tuple(size) if isinstance(size, tuple) else (size, size)
+    return (latent, latent) if isinstance(latent, int) else (int(latent[0]), int(latent[1]))
+
+
+@functools.cache
+def _macs(config: UNetConfig, hw: tuple[int, int], seq_len: int) -> dict[str, int]:
+    model = UNet2DConditionModel(config=config)
+    params = param_shapes(model)
+    inputs = example_inputs(config, batch=1, height=hw[0], width=hw[1], seq_len=seq_len)
+    counted: dict[str, int] = {}
+
+    def run(p, kw):
+        with intercept(_CountMacs()) as records:
+            out = model.apply({"params": p}, **kw)
+        counted.update(records.data)
+        return out
+
+    jax.eval_shape(run, params, inputs)
+    return counted
+
+
+def layer_macs(config: UNetConfig, *, latent: Latent = None, seq_len: int = 77) -> dict[str, int]:
+    """``{layer: MACs of one forward for one sample}`` at a latent of ``latent`` (side, or
+    (height, width); ``None``: the config's sample size). SDXL at 512x512 images: 64."""
+    return dict(_macs(config, _hw(config, latent), seq_len))
+
+
+def op_bits(w_bits: int, a_bits: int) -> int:
+    """Bits of one multiply: ``w x a`` with quantized activations, FP16 x FP16 without."""
+    if a_bits >= FLOAT_BITS:
+        return FLOAT_BITS * FLOAT_BITS
+    return min(w_bits, FLOAT_BITS) * a_bits
+
+
+def _per_layer(bits: Bits, names: list[str], what: str) -> dict[str, int]:
+    if isinstance(bits, Mapping):
+        unknown = sorted(set(bits) - set(names))
+        if unknown:
+            raise ValueError(f"{what}: unknown layer(s) {unknown[:5]} (not in this UNet)")
+        return {n: int(bits.get(n, FLOAT_BITS)) for n in names}
+    return dict.fromkeys(names, int(bits))
+
+
+def compute_cost(
+    config: UNetConfig, weight_bits: Bits, act_bits: Bits, *, latent: Latent = None
+) -> dict[str, Any]:
+    """BOPs of one UNet forward at ``weight_bits`` / ``act_bits`` (one number or per layer;
+    layers a mapping leaves out are float) and the saving vs FP16 ("Compute Opt.")."""
+    macs = layer_macs(config, latent=latent)
+    names = list(macs)
+    w = _per_layer(weight_bits, names, "weight_bits")
+    a = _per_layer(act_bits, names, "act_bits")
+    bops = sum(macs[n] * op_bits(w[n], a[n]) for n in names)
+    float_bops = sum(macs[n] * FLOAT_BITS * FLOAT_BITS for n in names)
+    total_macs = sum(macs.values())
+    return {
+        "latent": list(_hw(config, latent)),
+        "layers": len(names),
+        "macs": int(total_macs),
+        "bops": int(bops),
+        "float_bops": int(float_bops),
+        "compute_opt": float_bops / bops,
+        "mean_op_bits": bops / total_macs,
+        "rule": "per Dense/Conv: MACs x w_bits x a_bits; activations at 16 bits: 16 x 16",
+    }
+
+
+def spec_bits(config: UNetConfig, spec: QuantSpec | None) -> tuple[dict, dict]:
+    """Per-layer ``(weight_bits, act_bits)`` of a spec on a UNet (16 = float)."""
+    splits = layer_splits(unet_layers(config))
+    if spec is None:
+        return dict.fromkeys(splits, FLOAT_BITS), dict.fromkeys(splits, FLOAT_BITS)
+    ranges = {  # placeholders: ranges change values, never bits
+        n: np.array([[-1.0, 1.0]] * (2 if s is not None else 1), np.float32)
+        for n, s in splits.items()
+    }
+    return spec.to_qconfig(splits, ranges).bits()
+
+
+def plan_bits(config: UNetConfig, plan: DeployPlan) -> tuple[dict, dict]:
+    """Per-layer bits of an exported model's plan (layers outside it are float)."""
+    names = [layer.name for layer in unet_layers(config)]
+    w = {n: plan.layers[n].w_bits if n in plan.layers else FLOAT_BITS for n in names}
+    a = {n: plan.layers[n].a_bits if n in plan.layers else FLOAT_BITS for n in names}
+    return w, a
+
+
+def storage_cost(
+    config: UNetConfig,
+    spec: QuantSpec | None = None,
+    *,
+    plan: DeployPlan | None = None,
+    bos_dim: int | None = None,
+) -> dict[str, Any]:
+    """Stored UNet bytes (FP16 for non-quantized params) for a spec or an exported plan, and
+    the saving vs the FP16 UNet ("Storage Opt."), as ``mixdq bench memory`` counts them."""
+    fp16 = stored_param_bytes(config, None)
+    if plan is not None:
+        model = UNet2DConditionModel(config=config, dtype=jnp.float16, param_dtype=jnp.float16)
+        ranges = {n: np.zeros((len(lp.parts()), 2), np.float32) for n, lp in plan.layers.items()}
+        stored = tree_nbytes(
+            packed_shapes(param_shapes(model), plan, ranges, float_dtype=jnp.float16,
+                          bos_dim=bos_dim)
+        )  # fmt: skip
+    elif spec is not None and spec.fp8:
+        return {"fp16_bytes": fp16, "param_bytes": None, "storage_opt": None,
+                "note": "FP8 fake quant has no packed export to measure"}  # fmt: skip
+    else:
+        stored = stored_param_bytes(config, spec)
+    return {"fp16_bytes": int(fp16), "param_bytes": int(stored), "storage_opt": fp16 / stored}
+
+
+def efficiency(
+    config: UNetConfig,
+    *,
+    spec: QuantSpec | None = None,
+    plan: DeployPlan | None = None,
+    bos_dim: int | None = None,
+    latent: Latent = None,
+) -> dict[str, Any]:
+    """Both columns for a float model, a fake-quant spec or an exported plan."""
+    w, a = plan_bits(config, plan) if plan is not None else spec_bits(config, spec)
+    return {
+        "compute": compute_cost(config, w, a, latent=latent),
+        "storage": storage_cost(config, spec, plan=plan, bos_dim=bos_dim),
+    }
+
+
+__all__ = [
+    "compute_cost",
+    "efficiency",
+    "layer_macs",
+    "op_bits",
+    "plan_bits",
+    "spec_bits",
+    "storage_cost",
+]
