@@ -86,13 +86,34 @@ STAGE_FAULTS = {
     # stage: (object, attribute, calls that succeed before the kill)
     "calibrate": (rundir.RunDir, "write_batch", 1),
     "weights": (rundir.RunDir, "write_candidate_scores", 1),
-    "acts": (rundir.RunDir, "write_chosen_bits", 1),  # after weights, before acts are saved
+    "acts": (rundir.RunDir, "write_candidate_scores", 1),  # weights chosen, acts half scored
     "export": (checkpoint, "save_quantized_unet", 0),  # components copied, UNet not
     "after-export": (rundir.RunDir, "write_export_record", 0),  # export done, record not yet
 }
-# what a killed stage starts from: the reference run's finished earlier stages
-DONE_BEFORE = {"calibrate": ()}
+RECIPE = Path("quantize", "W4A8_mixdq")
+# What a killed stage starts from: the reference run's files of the stages before it (later
+# stages are functions of those files, so a stage need not re-run what precedes it).
+DONE_BEFORE = {
+    "calibrate": (),
+    "weights": ("calib", "sensitivity"),
+    "acts": ("calib", "sensitivity", *(RECIPE / f for f in ("settings.json",
+             "weight_candidates.json", "weight_bits.json", "weight.yaml"))),
+    "export": ("calib", "sensitivity", RECIPE),
+    "after-export": ("calib", "sensitivity", RECIPE),
+}  # fmt: skip
 STOP_AFTER = {"calibrate": "calibrate"}
+
+
+def _copy_done(reference: Path, run: Path, stage: str) -> None:
+    for rel in DONE_BEFORE[stage]:
+        src, dst = reference / rel, run / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst)
+        else:
+            shutil.copy2(src, dst)
+    for later in ("export.json", "report.json", "report.md"):  # the stages under test
+        (run / RECIPE / later).unlink(missing_ok=True)
 
 
 def _arrays(folder: Path) -> dict[str, dict[str, bytes]]:
@@ -109,8 +130,7 @@ def test_a_run_killed_in_any_stage_resumes_to_the_same_result(
     stage, reference, pipe, tmp_path, monkeypatch
 ):
     run = tmp_path / "run"
-    for folder in DONE_BEFORE.get(stage, ("calib", "sensitivity")):
-        shutil.copytree(reference / "run" / folder, run / folder)
+    _copy_done(reference / "run", run, stage)
     owner, name, survive = STAGE_FAULTS[stage]
     original = getattr(owner, name)
     calls = {"n": 0}
