@@ -9,6 +9,7 @@ quality), which on the official SDXL-turbo sensitivities gives exactly its 9 flo
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -83,6 +84,11 @@ class AllocationKnobs:
             raise ValueError(f"protect_bits {self.protect_bits}: scores exist at 2, 4, 8 bits")
         if self.b_num < 1 or self.b_delta < 0 or self.band <= 0:
             raise ValueError("need b_num >= 1, b_delta >= 0 and band > 0")
+
+
+def fingerprint(bits: Mapping[str, int]) -> str:
+    """A short stable name of a bit mapping (candidate scores are keyed by it)."""
+    return hashlib.sha1(json.dumps(sorted(bits.items())).encode()).hexdigest()[:16]
 
 
 def _unique(candidates: Sequence[Mapping[str, int]]) -> list[Bits]:

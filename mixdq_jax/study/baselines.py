@@ -29,6 +29,7 @@ from mixdq_jax.allocation.objectives import predicted_noise
 from mixdq_jax.io_utils import atomic_write_json
 from mixdq_jax.quant.qconfig import FLOAT_BITS
 from mixdq_jax.recipe import Allocation, Recipe
+from mixdq_jax.recipe.allocate import fingerprint, weight_candidates
 
 SCHEMA = 2  # the cached file is recomputed when it was written by another layout
 SEEDS = 5  # random and perturbed allocations per budget
@@ -83,10 +84,20 @@ def allocation_baselines(recipe: Recipe, allocation: Allocation, seed: int) -> d
         perturb(chosen, layers.w_size, candidates=cands, budget=budget, band=band, seed=seed + s)
         for s in range(SEEDS)
     ]
+    method, knobs = allocation.method, recipe.config.knobs
+    sens = recipe.sensitivities(bos_aware=method.bos_aware)
+    bits_of = {
+        fingerprint(c): c
+        for c in weight_candidates(sens, layers, method, allocation.target, knobs)
+    }
     out = {
         "schema": SCHEMA,
         "candidates": [
-            {"avg_bits": c["avg_bits"], "image_mse": state["scores"][c["fingerprint"]]}
+            {
+                "avg_bits": c["avg_bits"],
+                "image_mse": state["scores"][c["fingerprint"]],
+                "predicted_noise": predicted_noise(bits_of[c["fingerprint"]], sqnr),
+            }
             for c in state.get("candidates", [])
         ],
         "mixdq": _point(recipe, allocation, chosen),

@@ -186,10 +186,11 @@ def write_report(
     for c, (name, entry) in enumerate(pareto.items()):
         color = f"C{c}"
         pts = entry["candidates"]
-        axes[1].scatter(
-            [p["avg_bits"] for p in pts], [p["image_mse"] for p in pts], s=8, color=color,
-            alpha=0.4, label=f"{name} integer-program candidates",
-        )  # fmt: skip
+        for ax, y in ((axes[0], "predicted_noise"), (axes[1], "image_mse")):
+            ax.scatter(
+                [p["avg_bits"] for p in pts], [p[y] for p in pts], s=8, color=color,
+                alpha=0.4, label=f"{name} integer-program candidates",
+            )  # fmt: skip
         for ax, y in ((axes[0], "predicted_noise"), (axes[1], "image_mse")):
             pick = entry["mixdq"]
             ax.scatter(pick["avg_bits"], pick[y], marker="*", s=90, color=color,

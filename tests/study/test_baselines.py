@@ -7,9 +7,11 @@ import json
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from mixdq_jax.allocation import average_bits
 from mixdq_jax.recipe import METHODS, AllocationKnobs, Layers, Target
+from mixdq_jax.recipe.allocate import fingerprint, weight_candidates
 from mixdq_jax.rundir import RunDir
 from mixdq_jax.study import baselines
 from mixdq_jax.study.report import allocation_baselines
@@ -30,12 +32,13 @@ class _Recipe:
             a_size=dict.fromkeys(names, 1.0),
         )
         self.sqnr = {n: tuple(sorted(rng.uniform(0, 60, 3))) for n in names}
+        self.ssim = {n: tuple(sorted(rng.uniform(0.5, 1.0, 3))) for n in self.layers.content}
         self.run = RunDir(tmp_path / "run")
         self.config = SimpleNamespace(knobs=AllocationKnobs())
         self.rendered: list[dict] = []
 
-    def sensitivities(self):
-        return {("weight", "sqnr"): self.sqnr}
+    def sensitivities(self, bos_aware: bool = True):
+        return {("weight", "sqnr"): self.sqnr, ("weight", "ssim"): self.ssim}
 
     def qconfig(self, method, w_bits, a_bits):
         return dict(w_bits)
@@ -55,7 +58,19 @@ def test_baselines_share_the_picks_bits_and_candidates(tmp_path):
         key="W4A16_mixdq", method=METHODS["mixdq"], weight_bits=chosen,
         target=Target.parse("W4A16"),
     )  # fmt: skip
+    # two of the integer program's candidates were scored by the recipe's selection
+    cands = weight_candidates(recipe.sensitivities(), layers, allocation.method,
+                              allocation.target, recipe.config.knobs)[:2]  # fmt: skip
+    recipe.run.write_candidate_scores(allocation.key, "weight", {
+        "candidates": [{"fingerprint": fingerprint(c), "avg_bits": 4.0} for c in cands],
+        "scores": {fingerprint(c): 1e-3 * i for i, c in enumerate(cands)},
+    })  # fmt: skip
     out = baselines.allocation_baselines(recipe, allocation, seed=0)
+    assert [p["predicted_noise"] for p in out["candidates"]] == [
+        pytest.approx(sum(10 ** (-recipe.sqnr[n][{2: 0, 4: 1, 8: 2}[b]] / 10)
+                          for n, b in c.items())) for c in cands
+    ]  # fmt: skip
+    assert [p["image_mse"] for p in out["candidates"]] == [0.0, 1e-3]
     bits = average_bits(chosen, layers.w_size)
     band = recipe.config.knobs.band
     assert out["mixdq"]["avg_bits"] == bits
