@@ -11,9 +11,14 @@ ones), so a kill loses at most the running command.
     python benchmarks/fullsize_memory.py --work /tmp/sdxl --dtype float16 --only generate_float
 
 Commands: float generate, calibrate (2 prompts), fake-quant generate (W8A8 and the official
-W3.66 / A7.77 configs), a bounded weight and activation sensitivity sweep (``--sweep-layers``
-layers x 3 bit-widths at chunk 1), export (W8A8) and generate from the export. One 512x512
-image, 1 step, everywhere.
+W3.66 / A7.77 configs), bounded sensitivity sweeps (``--sweep-layers`` layers x 3 bit-widths:
+weight and activation SQNR at chunk 1 and 2, weight SSIM at chunk 1), export (W8A8) and
+generate from the export. One 512x512 image, 1 step, everywhere. Each sweep runs in its own
+copy of the calibrated run with no earlier results (so it measures, not resumes); ``--force``
+measures the selected entries again:
+
+    python benchmarks/fullsize_memory.py --work /tmp/sdxl --dtype float32 --force \
+        --only sensitivity_weight_sqnr_2_layers_chunk1 sensitivity_weight_ssim_2_layers_chunk1
 """
 
 from __future__ import annotations
@@ -90,8 +95,15 @@ def commands(model: Path, work: Path, dtype: str, sweep_layers: int) -> dict[str
         "--weight-bits", str(OFFICIAL / "weight" / "weight_3.66.yaml"),
         "--act-bits", str(OFFICIAL / "act" / "act_7.77.yaml"), "--symmetric-weights",
     ]  # fmt: skip
-    sweep = [*MIXDQ, "sensitivity", "--model", str(model), "--run", str(run), "--metric", "sqnr",
-             "--chunk", "1", "--layers", str(layers), *d]  # fmt: skip
+
+    def sweep(kind: str, metric: str, chunk: int) -> tuple[str, list[str]]:
+        name = f"sensitivity_{kind}_{metric}_{sweep_layers}_layers_chunk{chunk}"
+        return name, [*MIXDQ, "sensitivity", "--model", str(model), "--run",
+                      str(sweep_run(work, dtype, name)), "--kind", kind, "--metric", metric,
+                      "--chunk", str(chunk), "--layers", str(layers), *d]  # fmt: skip
+
+    sweeps = [("weight", "sqnr", 1), ("act", "sqnr", 1), ("weight", "ssim", 1)]
+    sweeps += [("weight", "sqnr", 2), ("act", "sqnr", 2)]
     export = work / f"export_{dtype}"
     return {
         "generate_float": [*gen, "--model", str(model), "--out", str(work / f"gen_float_{dtype}")],
@@ -101,13 +113,32 @@ def commands(model: Path, work: Path, dtype: str, sweep_layers: int) -> dict[str
                           "--calib", str(run), "--out", str(work / f"gen_w8a8_{dtype}")],
         "generate_official_w3.66_a7.77": [*gen, "--model", str(model), *official, "--calib",
                                           str(run), "--out", str(work / f"gen_off_{dtype}")],
-        f"sensitivity_weight_sqnr_{sweep_layers}_layers_chunk1": [*sweep, "--kind", "weight"],
-        f"sensitivity_act_sqnr_{sweep_layers}_layers_chunk1": [*sweep, "--kind", "act"],
+        **dict(sweep(*s) for s in sweeps),
         "export_w8a8": [*MIXDQ, "export", "--model", str(model), "--weight-bits", "8",
                         "--act-bits", "8", "--calib", str(run), "--out", str(export), *d],
         "generate_from_export": [*gen, "--model", str(export), "--out",
                                  str(work / f"gen_export_{dtype}")],
     }  # fmt: skip
+
+
+def sweep_run(work: Path, dtype: str, name: str) -> Path:
+    """The run directory of one sweep entry (its own, so that results of another entry or an
+    earlier measurement are not resumed)."""
+    return work / f"run_{dtype}_{name}"
+
+
+def fresh_outputs(cmd: list[str], work: Path, dtype: str, name: str) -> None:
+    """Remove what an earlier measurement of the entry wrote, so that the command does the work
+    again instead of resuming: its ``--out`` folder, the calibration, or the sweep's run (which
+    gets a copy of the calibrated run's ``calib/``)."""
+    if "--out" in cmd:
+        shutil.rmtree(cmd[cmd.index("--out") + 1], ignore_errors=True)
+    if name.startswith("calibrate"):
+        shutil.rmtree(work / f"run_{dtype}" / "calib", ignore_errors=True)
+    if name.startswith("sensitivity_"):
+        run = sweep_run(work, dtype, name)
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(work / f"run_{dtype}" / "calib", run / "calib")
 
 
 def write_sweep_layers(work: Path, n: int) -> None:
@@ -148,6 +179,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--sweep-layers", type=int, default=2)
     ap.add_argument("--only", nargs="*", default=None, help="run only these entries")
+    ap.add_argument("--force", action="store_true", help="measure entries already measured")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     model = build_model(args.work)
@@ -158,8 +190,9 @@ def main() -> None:
     for name, cmd in commands(model, args.work, args.dtype, args.sweep_layers).items():
         if args.only is not None and name not in args.only:
             continue
-        if name in done and done[name]["exit_code"] == 0:
+        if name in done and done[name]["exit_code"] == 0 and not args.force:
             continue
+        fresh_outputs(cmd, args.work, args.dtype, name)
         print(f"[{args.dtype}] {name} ...", flush=True)
         done[name] = measure(cmd, args.work / f"{name}_{args.dtype}.log")
         print(f"[{args.dtype}] {name}: {done[name]}", flush=True)

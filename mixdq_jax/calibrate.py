@@ -10,7 +10,7 @@ missing batch and gives the same result as an uninterrupted one.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from mixdq_jax.compile_events import first_call
 from mixdq_jax.pipeline import Pipeline, seed_keys
 from mixdq_jax.quant.modes import Observe, update_ranges
 from mixdq_jax.quant.qconfig import FLOAT_BITS, QUANT_BITS, QConfig, QuantSpec
@@ -106,12 +107,17 @@ def run_batch(
     batch_index: int,
     qconfig: QConfig | None = None,
     observe: bool = True,
+    embeddings: tuple[jax.Array, jax.Array | None] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Sample one batch step by step: ``(references, ranges)``: the inputs/outputs, images,
-    conditioning and step-noise key, and (when observing) the batch's activation ranges."""
+    conditioning and step-noise key, and (when observing) the batch's activation ranges.
+    ``embeddings``: the batch's ``pipe.prompt_embeddings`` computed earlier (then the text
+    encoders are not used)."""
     cfg = pipe.uses_cfg(config.guidance_scale)
     plan = pipe.scheduler.set_timesteps(config.num_inference_steps)
-    context, pooled = pipe.prompt_embeddings(list(prompts), None, config.guidance_scale)
+    if embeddings is None:
+        embeddings = pipe.prompt_embeddings(list(prompts), None, config.guidance_scale)
+    context, pooled = embeddings
     cond = pipe.conditioning(context, pooled, config.guidance_scale, config.height, config.width)
     factor = pipe.vae_scale_factor
     shape = (
@@ -127,7 +133,9 @@ def run_batch(
     g = jnp.float32(config.guidance_scale)
     inputs, outputs, ranges = [], [], None
     for i in range(config.num_inference_steps):
-        x, inp, out, stats = step(pipe.params["unet"], qconfig, plan, i, x, cond, g, key_noise)
+        args = (pipe.params["unet"], qconfig, plan, i, x, cond, g, key_noise)
+        with first_call("the UNet calibration step", step, *args):
+            x, inp, out, stats = step(*args)
         inputs.append(np.asarray(inp))
         outputs.append(np.asarray(out))
         if observe:
@@ -147,27 +155,59 @@ def run_batch(
     return result, {k: np.asarray(v) for k, v in (ranges or {}).items()}
 
 
-def calibrate(
+def _meta(pipe: Pipeline, config: CalibConfig) -> dict:
+    return {"config": config.settings(), "source": pipe.source, "dtype": _dtype_name(pipe)}
+
+
+def _batches(config: CalibConfig) -> list[list[str]]:
+    prompts = list(config.prompts)
+    return [prompts[i : i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]
+
+
+def encode_batches(
     pipe: Pipeline, config: CalibConfig, run_dir: str | os.PathLike | RunDir
-) -> dict[str, np.ndarray]:
-    """Calibrate ``pipe`` (float UNet) into ``run_dir``; returns the accumulated ranges."""
+) -> dict[int, tuple[jax.Array, jax.Array | None]]:
+    """The prompt embeddings of every calibration batch not yet in ``run_dir``, for
+    :func:`calibrate` ``embeddings``: encode first, then calibrate with
+    ``pipe.without_text_encoders()`` (the text encoders leave memory before the UNet work)."""
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    meta = {"config": config.settings(), "source": pipe.source, "dtype": _dtype_name(pipe)}
-    run.start_calibration(meta)
+    run.start_calibration(_meta(pipe, config))  # a run with other settings fails here, at once
+    return {
+        b: pipe.prompt_embeddings(batch, None, config.guidance_scale)
+        for b, batch in enumerate(_batches(config))
+        if not run.has_batch(b)
+    }
+
+
+def calibrate(
+    pipe: Pipeline,
+    config: CalibConfig,
+    run_dir: str | os.PathLike | RunDir,
+    *,
+    embeddings: Mapping[int, tuple[jax.Array, jax.Array | None]] | None = None,
+) -> dict[str, np.ndarray]:
+    """Calibrate ``pipe`` (float UNet) into ``run_dir``; returns the accumulated ranges.
+
+    ``embeddings``: :func:`encode_batches` of this run (the batches to compute), so that
+    ``pipe`` may have no text encoders; ``None``: encode each batch here.
+    """
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    run.start_calibration(_meta(pipe, config))
     qconfig = float_qconfig(pipe)  # references: every layer with float weights and activations
     observed = None if config.observe_weight_bits == FLOAT_BITS else observed_qconfig(pipe, config)
-    prompts = list(config.prompts)
-    starts = list(range(0, len(prompts), config.batch_size))
-    for b, start in enumerate(tqdm(starts, desc="calibration", unit="batch")):
+    batches = _batches(config)
+    for b, batch in enumerate(tqdm(batches, desc="calibration", unit="batch")):
         if run.has_batch(b):
             continue
-        batch = prompts[start : start + config.batch_size]
-        arrays, ranges = run_batch(pipe, batch, config, b, qconfig, observe=observed is None)
+        emb = None if embeddings is None else embeddings.get(b)
+        arrays, ranges = run_batch(
+            pipe, batch, config, b, qconfig, observe=observed is None, embeddings=emb
+        )
         if observed is not None:
-            _, ranges = run_batch(pipe, batch, config, b, observed)
+            _, ranges = run_batch(pipe, batch, config, b, observed, embeddings=emb)
         run.write_batch(b, arrays, ranges)
     ranges = None
-    for b in range(len(starts)):
+    for b in range(len(batches)):
         batch = {k: jnp.asarray(v) for k, v in run.batch_ranges(b).items()}
         ranges = update_ranges(ranges, batch, method=config.method, momentum=config.momentum)
     ranges = {k: np.asarray(v) for k, v in ranges.items()}
@@ -175,4 +215,11 @@ def calibrate(
     return ranges
 
 
-__all__ = ["CalibConfig", "calibrate", "default_prompts", "float_qconfig", "run_batch"]
+__all__ = [
+    "CalibConfig",
+    "calibrate",
+    "default_prompts",
+    "encode_batches",
+    "float_qconfig",
+    "run_batch",
+]

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixdq_jax.compile_events import first_call
 from mixdq_jax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from mixdq_jax.models.unet import UNet2DConditionModel
 from mixdq_jax.models.vae import AutoencoderKL
@@ -88,6 +89,12 @@ class Pipeline:
 
     def encode_prompt(self, ids: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array | None]:
         """(context [B, 77, D], pooled [B, P] or None) from token ids, as diffusers."""
+        released = [s.name for s in self.text if s.name not in self.params]
+        if released:
+            raise ValueError(
+                f"this pipeline's text encoders were released ({', '.join(released)}): pass "
+                "prompt_embeds, or encode with the pipeline before without_text_encoders()"
+            )
         fn = self._cache.get("encode")
         if fn is None:
             fn = self._cache["encode"] = jax.jit(self._encode)
@@ -129,15 +136,10 @@ class Pipeline:
         if fn is None:
             fn = self._cache[key] = jax.jit(partial(self._denoise, cfg=cfg, mode=mode))
         cond = self.conditioning(context, pooled, guidance_scale, height, width)
-        return fn(
-            self.params["unet"],
-            qconfig,
-            plan,
-            latents,
-            cond,
-            jnp.float32(guidance_scale),
-            noise_key,
-        )
+        g = jnp.float32(guidance_scale)
+        args = (self.params["unet"], qconfig, plan, latents, cond, g, noise_key)
+        with first_call("the UNet sampling loop", fn, *args):
+            return fn(*args)
 
     def mode_for(self, qconfig: Any) -> Mode:
         """The UNet's layer mode for a ``qconfig`` argument (see ``unet_mode``)."""
@@ -228,7 +230,8 @@ class Pipeline:
         fn = self._cache.get("decode")
         if fn is None:
             fn = self._cache["decode"] = jax.jit(self.decode_with)
-        return fn(self.params["vae"], latents)
+        with first_call("the VAE decoder", fn, self.params["vae"], latents):
+            return fn(self.params["vae"], latents)
 
     def decode_with(self, params: Any, latents: jax.Array) -> jax.Array:
         """:meth:`decode` as a pure function of the VAE params (to jit or vmap inside others)."""
@@ -254,6 +257,7 @@ class Pipeline:
         output_type: str = "np",
         qconfig: Any = None,
         check: bool = False,
+        prompt_embeds: tuple[jax.Array, jax.Array | None] | None = None,
     ):
         """Generate images for a prompt or a batch of prompts, as diffusers' pipeline call.
 
@@ -263,7 +267,10 @@ class Pipeline:
         float ``[B, H, W, 3]`` in [0, 1] for ``output_type="np"`` or a list of PIL images for
         ``"pil"``. ``check``: raise :class:`NonFiniteError` naming the stage (text encoder,
         UNet, VAE decoder) whose output holds NaN or inf, instead of returning a black or NaN
-        image (one scalar reduction per stage, between the jitted stages).
+        image (one scalar reduction per stage, between the jitted stages). ``prompt_embeds``:
+        ``(context, pooled)`` that :meth:`prompt_embeddings` gave for these prompts, negative
+        prompt and guidance, so that the text encoders are not needed (see
+        :meth:`without_text_encoders`).
         """
         native_h, native_w = self.image_size  # diffusers' default: sample_size x VAE factor
         height = native_h if height is None else height
@@ -280,7 +287,15 @@ class Pipeline:
             )
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        context, pooled = self.prompt_embeddings(prompts, negative_prompt, guidance_scale)
+        if prompt_embeds is None:
+            prompt_embeds = self.prompt_embeddings(prompts, negative_prompt, guidance_scale)
+        context, pooled = prompt_embeds
+        rows = len(prompts) * (2 if self.uses_cfg(guidance_scale) else 1)
+        if context.shape[0] != rows:
+            raise ValueError(
+                f"prompt_embeds: {context.shape[0]} rows for {len(prompts)} prompt(s) (expected "
+                f"{rows}{' with the negative half' if rows > len(prompts) else ''})"
+            )
         if check:
             check_finite(context, "text encoder", "the prompt embeddings")
             if pooled is not None:
@@ -345,6 +360,15 @@ class Pipeline:
     def with_params(self, **updates: Any) -> Pipeline:
         """A copy with some component parameters replaced (compiled functions are rebuilt)."""
         return replace(self, params={**self.params, **updates}, _cache={})
+
+    def without_text_encoders(self) -> Pipeline:
+        """A copy without the text encoders' parameters (compiled functions are rebuilt): once
+        every prompt is encoded, the UNet work runs without them in memory (about 3.3 GB for
+        SDXL in float32) when the caller drops this pipeline. Encoding then raises."""
+        names = {s.name for s in self.text}
+        return replace(
+            self, params={k: v for k, v in self.params.items() if k not in names}, _cache={}
+        )
 
     def with_unet(self, params: Any, mode: Mode) -> Pipeline:
         """A copy whose UNet runs ``params`` (e.g. packed) in the fixed layer ``mode``."""

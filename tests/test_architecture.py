@@ -20,6 +20,7 @@ RANKS = {
     "mixdq_jax.official_format": 0,
     "mixdq_jax.io_utils": 0,
     "mixdq_jax.rundir": 0,
+    "mixdq_jax.compile_events": 0,
     "mixdq_jax.quant": 1,
     "mixdq_jax.pipeline": 2,
     "mixdq_jax.testbed": 0,  # data, judge, vocab, model (and a light package init)
@@ -29,6 +30,7 @@ RANKS = {
     "mixdq_jax.sensitivity": 4,
     "mixdq_jax.allocation": 4,
     "mixdq_jax.deploy": 4,
+    "mixdq_jax.reconstruction": 4,
     "mixdq_jax.api": 5,
     "mixdq_jax.recipe": 5,
     "mixdq_jax.testbed.evaluate": 5,

@@ -14,6 +14,8 @@ from typing import NoReturn
 
 import yaml
 
+from mixdq_jax.cli.compile_notice import CompileNotice
+from mixdq_jax.cli.interrupt import InterruptWatch
 from mixdq_jax.io_utils import LockError
 
 # Sub-command modules; each defines ``register(subparsers)`` that adds its parser and sets
@@ -113,12 +115,14 @@ def _warning_printer(name: str) -> Callable[..., None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if _debug(args):
-        return int(args.func(args) or 0)
     name = f"mixdq {args.command}"
-    with warnings.catch_warnings():  # restores the warning printer when the command ends
-        warnings.showwarning = _warning_printer(name)
-        return _run(args, name)
+    # "compiling ..." before a big program's first call; Ctrl-C during a long XLA call
+    with CompileNotice(name), InterruptWatch(name):
+        if _debug(args):
+            return int(args.func(args) or 0)
+        with warnings.catch_warnings():  # restores the warning printer when the command ends
+            warnings.showwarning = _warning_printer(name)
+            return _run(args, name)
 
 
 def _run(args: argparse.Namespace, name: str) -> int:

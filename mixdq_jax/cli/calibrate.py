@@ -63,7 +63,7 @@ def native_size(pipe) -> tuple[int, int]:
 
 def run(args: argparse.Namespace) -> int:
     from mixdq_jax.api import load_pipeline  # noqa: PLC0415
-    from mixdq_jax.calibrate import CalibConfig, calibrate  # noqa: PLC0415
+    from mixdq_jax.calibrate import CalibConfig, calibrate, encode_batches  # noqa: PLC0415
 
     prompts = tuple(calib_prompts(args.model, args.prompts_file, args.num_prompts))
     with exclusive_lock(args.run, "run directory"):  # before loading: a second run fails at once
@@ -79,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             method=args.method,
         )
-        ranges = calibrate(pipe, config, args.run)
+        embeddings = encode_batches(pipe, config, args.run)
+        pipe = pipe.without_text_encoders()  # every prompt is encoded: free them for the UNet
+        ranges = calibrate(pipe, config, args.run, embeddings=embeddings)
     print(f"calibrated {len(ranges)} layers on {len(config.prompts)} prompts -> {args.run}/calib")
     return 0

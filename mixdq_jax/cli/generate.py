@@ -225,11 +225,19 @@ def _generate(args: argparse.Namespace, spec: Any, records: list[dict], index: d
     if args.overwrite:
         remove_stale(args.out, index, records)
     index_path = args.out / INDEX
+    todo = [
+        r for r in records if not (done.get(r["file"]) == r and (args.out / r["file"]).is_file())
+    ]
+    embeds = {
+        r["file"]: pipe.prompt_embeddings([r["prompt"]], args.negative_prompt, args.guidance)
+        for r in tqdm(todo, desc="prompts", unit="prompt", disable=len(todo) < 2)
+    }
+    pipe = pipe.without_text_encoders()  # every prompt is encoded: free them for the UNet
     written = []
     for record in tqdm(records, desc="images", unit="img"):
         name = record["file"]
         written.append(record)
-        if done.get(name) == record and (args.out / name).is_file():
+        if name not in embeds:  # written by an earlier run
             continue
         # listed before the image exists: a run killed in between finds its own file on resume
         atomic_write_json(index_path, {"settings": settings, "images": written})
@@ -245,6 +253,7 @@ def _generate(args: argparse.Namespace, spec: Any, records: list[dict], index: d
                 output_type="pil",
                 qconfig=qconfig,
                 check=True,
+                prompt_embeds=embeds.pop(name),
             )
         except NonFiniteError as err:
             raise ValueError(

@@ -136,6 +136,7 @@ def _sensitivity(args: argparse.Namespace, run: RunDir, layers: tuple[str, ...] 
 
     kinds = ("weight", "act") if args.kind == "both" else (args.kind,)
     pipe = load_pipeline(args.model, scheduler=args.scheduler, dtype=resolve_dtype(args.dtype))
+    pipe = pipe.without_text_encoders()  # the run's stored conditioning replaces them
     if args.metric == "orthogonality":
         config = OrthogonalityConfig(
             bits=args.bits, num_timesteps=args.num_timesteps, beta=args.beta

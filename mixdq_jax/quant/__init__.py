@@ -24,6 +24,7 @@ from mixdq_jax.quant.qconfig import (
     QuantSpec,
     input_parts,
     is_bos_layer,
+    mark_active_weights,
     stack_qconfigs,
     write_official_yaml,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "is_bos_layer",
     "layer_group",
     "layer_splits",
+    "mark_active_weights",
     "qconfig_for",
     "quantize_activation",
     "quantize_weight",

@@ -63,7 +63,8 @@ def _quantized_kernel(kernel: Array, x: Array, lq: LayerQConfig, fmt: str) -> Ar
     layer's copy before the first layer runs (a second model in memory; at SDXL size the
     process is killed). So the bits are tied to this layer's input (:func:`_tied_to`): each
     copy is made when its layer runs and dies with it. Float bits skip the work with a
-    ``lax.cond`` (under ``vmap`` over batched bits a select: still one layer at a time).
+    ``lax.cond`` (under ``vmap`` over batched bits a select: still one layer at a time, but
+    every configuration's copy is computed; ``LayerQConfig.w_active`` skips inactive layers).
     (``lax.optimization_barrier`` does not order this on XLA:CPU; measured.)
     """
     bits = _tied_to(lq.w_bits, x)
@@ -106,13 +107,20 @@ def _fake_quant_call(call: LayerCall, qconfig: QConfig, records: Records, observ
     kernel = params["kernel"]
     _check(call, kernel, lq)
     x = call.x
-    wq = _quantized_kernel(kernel, x, lq, qconfig.weight_format)
     if observe:
         records.add(call.name, _observed_range(x, lq), union_ranges)
         xq = x
     else:
         xq = _quantized_input(x, lq, qconfig.act_format)
-    out = call.apply({**params, "kernel": wq}, xq)
+
+    def quantized(xq: Array) -> Array:
+        wq = _quantized_kernel(kernel, x, lq, qconfig.weight_format)
+        return call.apply({**params, "kernel": wq}, xq)
+
+    if lq.w_active is None:
+        out = quantized(xq)
+    else:  # an unbatched hint: a real cond under vmap (see LayerQConfig.w_active)
+        out = jax.lax.cond(lq.w_active, quantized, lambda xq: call.apply(params, xq), xq)
     if lq.bos:
         row0 = call.apply(params, x)[..., :1, :]
         out = jnp.concatenate([row0, out[..., 1:, :]], axis=-2)

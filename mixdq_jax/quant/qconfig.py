@@ -67,11 +67,20 @@ class LayerQConfig:
 
     ``a_range``: the calibrated input range, ``[parts, 2]`` rows of ``(lo, hi)``, one per input
     part (:func:`input_parts`: two for a ``split`` layer); for a BOS layer it excludes token 0.
+
+    ``w_active``: ``None``, or an *unbatched* bool scalar for a batch of configurations under
+    ``vmap``: whether any configuration of the batch quantizes this layer's weights (set by
+    :func:`mark_active_weights`). Why: a batched ``w_bits`` turns fake quant's "keep float"
+    ``lax.cond`` into a select, which computes a dequantized copy of the weights for every
+    configuration at every layer; ``False`` keeps the layer behind a real ``lax.cond`` that
+    skips that work. It is data, so every batch shares one compiled program. It must agree
+    with ``w_bits`` (``False`` with quantized bits would run that layer in float).
     """
 
     w_bits: Array
     a_bits: Array
     a_range: Array
+    w_active: Array | None = None
     split: int | None = field(default=None, metadata=dict(static=True))
     bos: bool = field(default=False, metadata=dict(static=True))
 
@@ -128,6 +137,16 @@ def stack_qconfigs(qconfigs: Sequence[QConfig]) -> QConfig:
                 "BOS layers or formats differ) from config 0"
             )
     return jax.tree.map(lambda *xs: jnp.stack(xs), *qconfigs)
+
+
+def mark_active_weights(qconfig: QConfig) -> QConfig:
+    """``qconfig`` (stacked or not, concrete bits) with every layer's ``w_active`` set: whether
+    any of its configurations quantizes the layer's weights (see ``LayerQConfig``)."""
+    layers = {
+        name: replace(lq, w_active=np.asarray(np.any(np.asarray(lq.w_bits) < FLOAT_BITS)))
+        for name, lq in qconfig.layers.items()
+    }
+    return replace(qconfig, layers=layers)
 
 
 def _check_known(names: Iterable[str], layers: Iterable[str], what: str) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 
 from mixdq_jax.pipeline import Pipeline
 from mixdq_jax.quant.build import qconfig_for
-from mixdq_jax.quant.qconfig import FLOAT_BITS, QConfig, QuantSpec
+from mixdq_jax.quant.qconfig import FLOAT_BITS, QConfig, QuantSpec, mark_active_weights
 from mixdq_jax.sensitivity.config import KINDS
 
 
@@ -69,8 +69,13 @@ def split_swept(qconfigs: QConfig, kind: str) -> QConfig:
     Why: under ``vmap`` a batched weight bit-width batches that layer's kernel, so an activation
     sweep would carry one copy of every kernel per configuration; with only ``a_bits`` batched
     the kernels stay shared and each layer runs as one large op over all configurations.
+    A weight sweep batches every layer's ``w_bits``, so each layer also gets the unbatched
+    ``w_active`` hint (:func:`mark_active_weights`): only the layers this chunk quantizes
+    compute dequantized copies (one per configuration); the others run their float kernel,
+    shared, behind a real ``lax.cond``.
     """
     attr = bits_attr(kind)
-    return jax.tree_util.tree_map_with_path(
+    split = jax.tree_util.tree_map_with_path(
         lambda p, x: x if is_swept_leaf(p, attr) else x[0], qconfigs
     )
+    return mark_active_weights(split) if kind == "weight" else split

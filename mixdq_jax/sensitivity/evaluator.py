@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mixdq_jax.compile_events import first_call
 from mixdq_jax.metrics import ssim_global
 from mixdq_jax.pipeline import Pipeline
 from mixdq_jax.quant.forward import forward
@@ -171,7 +172,11 @@ class Evaluator:
         qc = split_swept(qconfigs, kind)
         fn = self.function(metric, kind, qc)
         qc = self.place(qc, kind)
-        parts = [fn(self.params, qc, *self._batch_data(b)[metric]) for b in self.calib.batches]
+        parts = []
+        for b in self.calib.batches:
+            args = (self.params, qc, *self._batch_data(b)[metric])
+            with first_call(f"the {kind} {metric} sensitivity program", fn, *args):
+                parts.append(fn(*args))
         return np.concatenate([_fetch(p) for p in parts], axis=1).astype(np.float64)
 
     def sqnr_db(self, kind: str, qconfigs: QConfig) -> np.ndarray:

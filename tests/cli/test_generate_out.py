@@ -12,6 +12,7 @@ def test_resume_is_exact_and_another_run_is_refused(tmp_path):
     out = tmp_path / "out"
     first = mixdq("generate", "--prompt", "a red circle", "--prompt", "a blue square", "--out", out)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "mixdq generate: compiling the UNet sampling loop (first call; " in first.stderr
     done = fingerprint(out)
     assert set(done) == {"0000.png", "0001.png", "prompts.json"}
     # an interrupted run: the second image is missing; the rerun makes exactly it again
@@ -19,6 +20,7 @@ def test_resume_is_exact_and_another_run_is_refused(tmp_path):
     again = mixdq("generate", "--prompt", "a red circle", "--prompt", "a blue square", "--out", out)
     assert again.returncode == 0, again.stderr[-3000:]
     assert fingerprint(out) == done
+    assert "compiling the UNet sampling loop (first call; about " in again.stderr  # recorded
     # other prompts, then other settings: refused, nothing changed
     other = mixdq("generate", "--prompt", "a green circle", "--out", out)
     failed(other, 2, f"--out {out}", "other prompts", "--overwrite")

@@ -18,7 +18,7 @@ from mixdq_jax.api import load_pipeline, qconfig_for
 from mixdq_jax.calibrate import CalibConfig, calibrate, run_batch
 from mixdq_jax.cli import sensitivity as cli_sensitivity
 from mixdq_jax.official_format import read_sensitivity
-from mixdq_jax.quant import QuantSpec, stack_qconfigs
+from mixdq_jax.quant import QuantSpec, modes, stack_qconfigs
 from mixdq_jax.quant.registry import unet_layers
 from mixdq_jax.rundir import RunDir
 from mixdq_jax.sensitivity import (
@@ -193,6 +193,36 @@ def test_resume_after_kill_gives_identical_results(pipe, run_dir, swept, monkeyp
     assert not calls  # complete: nothing evaluated
     for metric in ("sqnr", "ssim"):
         assert read_sensitivity(folder / f"weight_{metric}.yaml") == swept["weight", metric]
+
+
+def test_weight_chunk_quantizes_only_its_swept_layers(pipe, run_dir, swept, monkeypatch):
+    """A weight sweep batches every layer's bits, which makes fake quant's "keep float" cond a
+    select: every layer computed a dequantized copy per configuration. With the chunk's
+    unbatched ``w_active`` hint only the swept layers do; counted at run time by a debug
+    callback in the weight quantizer (the program still compiles once), same values."""
+    seen = []
+    original = modes.quantize_weight
+
+    def counting(w, bits, *, fmt):
+        jax.debug.callback(lambda shape=w.shape: seen.append(shape))
+        return original(w, bits, fmt=fmt)
+
+    monkeypatch.setattr(modes, "quantize_weight", counting)
+    calib = load_calibration(run_dir, pipe)
+    evaluator = Evaluator(pipe, calib)
+    base = base_qconfig(pipe, QuantSpec(), calib.ranges, SEL)  # six layers: a small program
+    tasks = [(SEL[1], 4), (SEL[2], 2)]  # a split conv_shortcut (two parts) and a BOS to_k
+    values = evaluator.evaluate("sqnr", "weight", single_layer_qconfigs(base, "weight", tasks))
+    jax.effects_barrier()
+    layers = {layer.name: layer for layer in unet_layers(pipe.unet.config)}
+    (kh, kw, cin, cout), to_k = (layers[name].weight_shape for name, _ in tasks)
+    split = layers[SEL[1]].split_channels
+    assert sorted(seen) == sorted([(kh, kw, split, cout), (kh, kw, cin - split, cout), to_k])
+    assert len(seen) < len(SEL) + 1  # without the hint: the parts of all six layers
+    for (name, bits), value in zip(tasks, values, strict=True):
+        _assert_same_db(value, swept["weight", "sqnr"][name][(2, 4, 8).index(bits)])
+    evaluator.evaluate("sqnr", "weight", single_layer_qconfigs(base, "weight", tasks[::-1]))
+    assert [fn._cache_size() for fn in evaluator.functions.values()] == [1]
 
 
 def test_linear_cka_matches_numpy_feature_form():
