@@ -29,9 +29,12 @@ SCRIPT = textwrap.dedent(
 
 def test_a_second_ctrl_c_quits_during_a_running_computation():
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    # SIGINT as in a terminal: a shell that starts the test run in the background (`make test &`,
+    # CI runners) leaves it ignored, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen(
         [sys.executable, "-c", SCRIPT], env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         assert proc.stdout.readline() == "running\n"
