@@ -24,6 +24,9 @@ resumed stage finds exactly what finished::
                                      written as they go), {weight,act}_bits.json (the choice),
                                      weight.yaml / act.yaml (official format), export.json,
                                      report.json, report.md
+RUN/quantize/<key>/reconstruct/  learned rounding (`mixdq_jax.reconstruction`): settings.json,
+                                 unit_00000.npz per finished unit (rounding bits ``up/<layer>``,
+                                 learned ranges ``range/<layer>``, output MSE before/after)
 """
 
 from __future__ import annotations
@@ -422,3 +425,35 @@ class RunDir:
 
     def recipe_report_paths(self, key: str) -> tuple[Path, Path]:
         return self.recipe_dir(key) / "report.json", self.recipe_dir(key) / "report.md"
+
+    def reconstruction_dir(self, key: str) -> Path:
+        """``RUN/quantize/<key>/reconstruct/``: one recipe's learned rounding, unit by unit."""
+        return self.recipe_dir(key) / "reconstruct"
+
+    def start_reconstruction(self, key: str, settings: Mapping[str, Any]) -> None:
+        """Write a reconstruction's settings, or check a resumed one has the same."""
+        path = self.reconstruction_dir(key) / "settings.json"
+        if path.is_file():
+            old = _load_json(path)
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            if changed:
+                raise ValueError(
+                    f"{path}: this reconstruction was started with other settings "
+                    f"({', '.join(changed)}); use the same options, another --run, or delete "
+                    f"{path.parent}"
+                )
+        else:
+            atomic_write_json(path, dict(settings))
+
+    def reconstructed_unit_path(self, key: str, index: int) -> Path:
+        return self.reconstruction_dir(key) / f"unit_{index:05d}.npz"
+
+    def reconstructed_unit(self, key: str, index: int) -> dict[str, np.ndarray] | None:
+        """A finished unit's arrays, or ``None`` (not yet run; a corrupt file is set aside)."""
+        path = self.reconstructed_unit_path(key, index)
+        if path.is_file() and not _intact(path):
+            set_aside(path)
+        return _load_npz(path) if path.is_file() else None
+
+    def write_reconstructed_unit(self, key: str, index: int, arrays: Mapping[str, Any]) -> None:
+        atomic_write_bytes(self.reconstructed_unit_path(key, index), _npz_bytes(arrays))

@@ -8,7 +8,10 @@ the sweep can run on one machine and the rest on another (copy the run directory
 
 Methods (the paper's rows): ``naive`` (uniform, no BOS handling), ``naive+bos``,
 ``sqnr-mp`` (SQNR-only mixed precision for weights and activations), ``fp8`` (W8A8 only, no
-export), ``mixdq-no-bos``, ``mixdq`` (default).
+export), ``mixdq-no-bos``, ``mixdq`` (default); with learned rounding (a ``reconstruct`` stage
+after ``acts``, block by block, resumable): ``qdiffusion`` (BRECQ + AdaRound + LSQ steps on
+uniform bits), ``ptqd`` (that plus PTQD's noise correction; one sampling step),
+``mixdq+adaround`` (MixDQ's bits with learned rounding).
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from pathlib import Path
 from mixdq_jax.cli import argtypes
 from mixdq_jax.cli.quant_args import add_dtype_arg, resolve_dtype
 
-STAGES = ("calibrate", "sensitivity", "weights", "acts", "export", "report")
+STAGES = ("calibrate", "sensitivity", "weights", "acts", "reconstruct", "export", "report")
 METHOD_NAMES = ("naive", "naive+bos", "sqnr-mp", "fp8", "mixdq-no-bos", "mixdq")
+RECONSTRUCTION_METHOD_NAMES = ("qdiffusion", "ptqd", "mixdq+adaround")
 _count = argtypes.positive_int
 _act_average = argtypes.float_in(4.0, 8.0, "the {4, 8} activation average")
 _percent = argtypes.float_in(0.0, 100.0, "a percentage")
@@ -44,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default="testbed", help="float diffusers folder or testbed")
     p.add_argument("--target", type=_target, required=True, help="W8A8, W5A8, W4A8, W3.66A16, ...")
-    p.add_argument("--method", choices=METHOD_NAMES, default="mixdq")
+    p.add_argument("--method", choices=METHOD_NAMES + RECONSTRUCTION_METHOD_NAMES, default="mixdq")
     p.add_argument("--run", type=Path, required=True, help="run directory (resumable)")
     p.add_argument("--out", type=Path, default=None, help="quantized pipeline folder to write")
     p.add_argument(
@@ -85,6 +89,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         "8 bits (1, the paper's)",
     )  # fmt: skip
     p.add_argument("--stop-after", choices=STAGES, default="report")
+    p.add_argument(
+        "--recon-iters", type=argtypes.nonneg_int, default=20000,
+        help="learned rounding: weight steps per block (20000, BRECQ's)",
+    )  # fmt: skip
+    p.add_argument(
+        "--recon-act-iters", type=argtypes.nonneg_int, default=5000,
+        help="learned rounding: activation step-size steps per block (5000)",
+    )  # fmt: skip
+    p.add_argument(
+        "--recon-lr", type=argtypes.positive_float, default=1e-3,
+        help="learned rounding: Adam step on the rounding variables (1e-3, BRECQ's; raise it "
+        "with fewer --recon-iters)",
+    )  # fmt: skip
+    p.add_argument(
+        "--recon-batch", type=_count, default=32,
+        help="learned rounding: calibration samples per step (32)",
+    )  # fmt: skip
+    p.add_argument(
+        "--recon-blocks", nargs="+", default=(), metavar="MODULE",
+        help="learned rounding: only these blocks or layers (module names, e.g. "
+        "down_blocks.1.attentions.0.transformer_blocks.0); default every one",
+    )  # fmt: skip
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -136,9 +162,11 @@ def run(args: argparse.Namespace) -> int:
     from mixdq_jax.io_utils import exclusive_lock  # noqa: PLC0415
     from mixdq_jax.loader import resolve_model  # noqa: PLC0415
     from mixdq_jax.recipe import METHODS, PRESETS, AllocationKnobs, RecipeConfig  # noqa: PLC0415
+    from mixdq_jax.recipe.config import RECONSTRUCTION_METHODS  # noqa: PLC0415
     from mixdq_jax.recipe.run import check_request  # noqa: PLC0415
+    from mixdq_jax.reconstruction import ReconConfig  # noqa: PLC0415
 
-    method = METHODS[args.method]
+    method = {**METHODS, **RECONSTRUCTION_METHODS}[args.method]
     check_request(args.target, method, args.out)  # before the model loads
     if args.out is not None and args.out.resolve() == args.run.resolve():
         raise ValueError("--out and --run must be different folders")
@@ -151,6 +179,10 @@ def run(args: argparse.Namespace) -> int:
         ),
         steps=args.steps, guidance_scale=args.guidance_scale, height=args.height,
         width=args.width, seed=args.seed, batch_size=args.batch_size, chunk=args.chunk,
+        reconstruction=ReconConfig(
+            iters=args.recon_iters, act_iters=args.recon_act_iters, batch_size=args.recon_batch,
+            lr=args.recon_lr, seed=args.seed, blocks=tuple(args.recon_blocks),
+        ),
     )  # fmt: skip
     if args.out is not None:  # before any work: a refused folder costs nothing
         check_export_folder(resolve_model(args.model), args.out, overwrite=args.overwrite)

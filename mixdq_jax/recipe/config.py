@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from mixdq_jax.quant.qconfig import FLOAT_BITS
 
 _TARGET = re.compile(r"^W(\d+(?:\.\d+)?)A(\d+)$", re.IGNORECASE)
-STAGES: tuple[str, ...] = ("calibrate", "sensitivity", "weights", "acts", "export", "report")
+STAGES: tuple[str, ...] = (
+    "calibrate", "sensitivity", "weights", "acts", "reconstruct", "export", "report",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +61,9 @@ class Method:
     float). Mixed-precision activations keep the most sensitive ``protect_top`` percent of
     layers (per group for ``"mixdq"``) in float. ``bos_aware``: BOS-aware text-embedding
     quantization (sec. 3.1). ``fp8``: FP8 e4m3 instead of the integer grid (W8A8 only).
+    ``rounding``: ``"nearest"``, or ``"adaround"``: the chosen bits reconstructed block by
+    block (BRECQ + AdaRound + LSQ steps, `mixdq_jax.reconstruction`; the recipe's
+    ``reconstruct`` stage). ``ptqd``: PTQD's correction of the correlated output noise.
     """
 
     name: str
@@ -66,6 +72,8 @@ class Method:
     acts: str
     bos_aware: bool
     fp8: bool = False
+    rounding: str = "nearest"
+    ptqd: bool = False
 
     def __post_init__(self) -> None:
         for what, value in (("weight", self.weights), ("activation", self.acts)):
@@ -73,6 +81,20 @@ class Method:
                 raise ValueError(f"method {self.name!r}: unknown {what} allocation {value!r}")
         if self.fp8 and (self.weights, self.acts) != ("uniform", "uniform"):
             raise ValueError(f"method {self.name!r}: FP8 is a uniform format")
+        if self.rounding not in ("nearest", "adaround"):
+            raise ValueError(f"method {self.name!r}: unknown rounding {self.rounding!r}")
+        if self.fp8 and (self.rounding != "nearest" or self.ptqd):
+            raise ValueError(f"method {self.name!r}: FP8 has no learned rounding or PTQD")
+
+    def settings(self) -> dict[str, Any]:
+        """The fields a resumed recipe must match: ``rounding`` and ``ptqd`` only when set,
+        so runs started before those fields existed still resume."""
+        out = asdict(self)
+        if self.rounding == "nearest":
+            del out["rounding"]
+        if not self.ptqd:
+            del out["ptqd"]
+        return out
 
     def supports(self, target: Target) -> str | None:
         """Why this method has no configuration for ``target`` (``None``: it has one)."""
@@ -108,6 +130,24 @@ METHODS: dict[str, Method] = {
         Method(name="mixdq", title="MixDQ", weights="mixdq", acts="mixdq", bos_aware=True),
     )
 }
+
+# The reconstruction-based rows (Table 1's Q-Diffusion, Table 2's PTQD, and MixDQ's bits with
+# learned rounding): `mixdq quantize --method` offers them; they are kept out of ``METHODS``
+# so a default study does not grow by the hours reconstruction takes (the study opts in).
+# Q-Diffusion and PTQD quantize uniformly without BOS handling, as naive PTQ; PTQD is
+# Q-Diffusion's reconstruction plus its noise correction (its experiments start from
+# BRECQ/AdaRound-calibrated models).
+RECONSTRUCTION_METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(name="qdiffusion", title="Q-Diffusion", weights="uniform", acts="uniform",
+               bos_aware=False, rounding="adaround"),
+        Method(name="ptqd", title="PTQD", weights="uniform", acts="uniform", bos_aware=False,
+               rounding="adaround", ptqd=True),
+        Method(name="mixdq+adaround", title="MixDQ + AdaRound", weights="mixdq", acts="mixdq",
+               bos_aware=True, rounding="adaround"),
+    )
+}  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)

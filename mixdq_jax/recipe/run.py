@@ -12,6 +12,8 @@ run stages on different machines (the sweep on a cluster, the rest on a laptop):
    the lowest image MSE vs float on the held-out selection prompts;
 4. ``acts``: the protected layers and the activation candidates given the chosen weights,
    picked the same way (the official pipeline's order: weights first);
+   ``reconstruct`` (methods with learned rounding or PTQD only, `recipe.reconstruct`): the
+   chosen bits reconstructed block by block; later stages run the learned UNet params;
 5. ``export``: the chosen configuration as a quantized pipeline folder (`mixdq export`);
 6. ``report``: chosen and effective bits, stored size, images vs float.
 
@@ -20,7 +22,6 @@ The testbed study (`mixdq_jax.study`) calls the same :class:`Recipe` for every r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from mixdq_jax.allocation import average_bits
 from mixdq_jax.calibrate import CalibConfig, calibrate
+from mixdq_jax.evaluation.bops import compute_cost
 from mixdq_jax.io_utils import atomic_write_json, atomic_write_text
 from mixdq_jax.pipeline import Pipeline
 from mixdq_jax.quant.qconfig import FLOAT_BITS, QConfig, QuantSpec, is_bos_layer
@@ -44,10 +46,13 @@ from mixdq_jax.recipe.allocate import (
     Sensitivities,
     act_candidates,
     bits_summary,
+    fingerprint,
     protected_acts,
     weight_candidates,
 )
 from mixdq_jax.recipe.config import PRESETS, STAGES, Method, Preset, Target
+from mixdq_jax.recipe.reconstruct import needs_reconstruction, reconstruct_stage
+from mixdq_jax.reconstruction import ReconConfig
 from mixdq_jax.rundir import RunDir
 from mixdq_jax.sensitivity import SweepConfig, sweep
 from mixdq_jax.sensitivity.calibration import load_calibration
@@ -62,7 +67,8 @@ class RecipeConfig:
 
     ``calib_prompts`` drive calibration and the sweeps; ``select_prompts`` (held out from
     calibration) pick among candidates by image MSE vs float. ``height``/``width``: ``None``
-    is the model's native size.
+    is the model's native size. ``reconstruction``: the settings of the ``reconstruct``
+    stage (methods with learned rounding).
     """
 
     calib_prompts: tuple[str, ...]
@@ -76,6 +82,7 @@ class RecipeConfig:
     seed: int = 0
     batch_size: int = 8
     chunk: int = 8
+    reconstruction: ReconConfig = field(default_factory=ReconConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "calib_prompts", tuple(self.calib_prompts))
@@ -114,10 +121,6 @@ def check_request(target: Target, method: Method, out: str | Path | None = None)
         raise ValueError("FP8 is a fake-quant baseline: it has no packed export (drop --out)")
 
 
-def _fingerprint(bits: Mapping[str, int]) -> str:
-    return hashlib.sha1(json.dumps(sorted(bits.items())).encode()).hexdigest()[:16]
-
-
 def _log(message: str) -> None:
     print(f"[mixdq quantize] {message}", file=sys.stderr, flush=True)
 
@@ -138,6 +141,7 @@ class Recipe:
         self._evaluator: Evaluator | None = None
         self._reference: np.ndarray | None = None
         self._ranges: dict[str, np.ndarray] | None = None
+        self._learned: dict[str, tuple[Pipeline, dict[str, np.ndarray], Any]] = {}
 
     # ---------------------------------------------------------------- calibrate, sensitivity
     def calibrate(self) -> None:
@@ -196,17 +200,19 @@ class Recipe:
             self._ranges = self.run.act_ranges()
         return self.spec(method, w_bits, a_bits).to_qconfig(self.splits, self._ranges)
 
-    def render(self, qconfig: QConfig | None) -> np.ndarray:
+    def render(self, qconfig: QConfig | None, pipe: Pipeline | None = None) -> np.ndarray:
         """The selection prompts' images (``[N, H, W, 3]`` in [0, 1]); batch ``b`` uses seed
         ``seed + b``. A configuration whose images hold NaN/inf is an error naming the stage
-        (it would otherwise score NaN and win or lose the selection at random)."""
+        (it would otherwise score NaN and win or lose the selection at random). ``pipe``:
+        another pipeline to render with (the learned UNet params of `learned`)."""
         c = self.config
+        pipe = self.pipe if pipe is None else pipe
         prompts = list(c.select_prompts)
         out = []
         for b, start in enumerate(range(0, len(prompts), c.batch_size)):
             out.append(
                 np.asarray(
-                    self.pipe(
+                    pipe(
                         prompts[start : start + c.batch_size],
                         num_inference_steps=c.steps,
                         guidance_scale=c.guidance_scale,
@@ -236,7 +242,7 @@ class Recipe:
     def _settings(self, target: Target, method: Method) -> dict[str, Any]:
         c = self.config
         return {
-            "target": target.name, "method": asdict(method), "preset": asdict(c.preset),
+            "target": target.name, "method": method.settings(), "preset": asdict(c.preset),
             "knobs": asdict(c.knobs), "select_prompts": list(c.select_prompts), "seed": c.seed,
             "steps": c.steps, "guidance_scale": c.guidance_scale,
             "height": self.height, "width": self.width,
@@ -255,7 +261,7 @@ class Recipe:
             return dict(candidates[0])
         state = self.run.candidate_scores(key, kind)
         scores: dict[str, float] = dict(state.get("scores", {}))
-        fingerprints = [_fingerprint(c) for c in candidates]
+        fingerprints = [fingerprint(c) for c in candidates]
         todo = [i for i, f in enumerate(fingerprints) if f not in scores]
         listing = [
             {
@@ -324,6 +330,21 @@ class Recipe:
             spec=self.spec(method, w_bits, a_bits),
         )  # fmt: skip
 
+    # ---------------------------------------------------------------- reconstruct
+    def learned(self, allocation: Allocation) -> tuple[Pipeline, dict[str, np.ndarray], Any]:
+        """Stage ``reconstruct``: ``(pipeline, activation ranges, PTQD noise model or None)``
+        the allocation runs with: the float pipeline and the calibrated ranges, or for a
+        method with learned rounding / PTQD its reconstructed UNet (run or resumed)."""
+        if not needs_reconstruction(allocation.method):
+            return self.pipe, self.run.act_ranges(), None
+        if allocation.key not in self._learned:
+            w, a = allocation.weight_bits, allocation.act_bits
+            self._learned[allocation.key] = reconstruct_stage(
+                self.pipe, self.run, allocation.key, self.qconfig(allocation.method, w, a),
+                allocation.method, self.config.reconstruction,
+            )  # fmt: skip
+        return self._learned[allocation.key]
+
     # ---------------------------------------------------------------- export, report
     def export(
         self, allocation: Allocation, out: str | Path, *, overwrite: bool = False
@@ -345,8 +366,9 @@ class Recipe:
                 meta = None
             if meta is not None and recorded.get("meta") == _jsonable(meta):
                 return meta
+        pipe, ranges, _ = self.learned(allocation)
         meta = export_quantized_pipeline(
-            self.pipe, allocation.spec, out, calib=self.run, overwrite=overwrite
+            pipe, allocation.spec, out, calib=ranges, overwrite=overwrite
         )
         self.run.write_export_record(allocation.key, {"out": str(out), "meta": _jsonable(meta)})
         return meta
@@ -358,8 +380,10 @@ class Recipe:
         from mixdq_jax.metrics import psnr, ssim_global  # noqa: PLC0415
 
         method = allocation.method
-        qconfig = self.qconfig(method, allocation.weight_bits, allocation.act_bits)
-        images, ref = self.render(qconfig) * 255.0, self.reference() * 255.0
+        pipe, ranges, noise = self.learned(allocation)
+        spec = self.spec(method, allocation.weight_bits, allocation.act_bits)
+        qconfig = spec.to_qconfig(self.splits, ranges)
+        images, ref = self.render(qconfig, pipe) * 255.0, self.reference() * 255.0
         unet_config = self.pipe.unet.config
         float_mb = stored_param_bytes(unet_config, None) / 1e6
         # FP8 is fake quantization only: there is no packed export to measure
@@ -372,12 +396,20 @@ class Recipe:
             **bits_summary(allocation.weight_bits, allocation.act_bits, self.layers),
             "unet_mb": unet_mb,
             "float_unet_mb": float_mb,
+            "storage_opt": None if unet_mb is None else float_mb / unet_mb,
+            # the paper's Compute Opt.: bit operations of one UNet forward vs FP16
+            "compute_opt": compute_cost(
+                unet_config, allocation.weight_bits, allocation.act_bits
+            )["compute_opt"],
             "selection_prompts": len(self.config.select_prompts),
             "mse_vs_fp": float(np.mean((images / 255.0 - ref / 255.0) ** 2)),
             "psnr_vs_fp": float(np.mean(psnr(images, ref, axis=(-3, -2, -1)))),
             "ssim_vs_fp": float(np.mean(ssim_global(images, ref))),
             "out": None if out is None else str(out),
         }
+        if needs_reconstruction(method):
+            report["rounding"] = method.rounding
+            report["ptqd_k"] = None if noise is None else noise.k.tolist()
         json_path, md_path = self.run.recipe_report_paths(allocation.key)
         atomic_write_json(json_path, report)
         atomic_write_text(md_path, report_markdown(report))
@@ -411,6 +443,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             f"layers, {report['act_effective_bits']:.3f} effective (the {len(floats)} float "
             "layers counted at 16 bits)",
             _size_line(report),
+            f"- compute: {report['compute_opt']:.2f}x fewer bit operations than FP16 (the "
+            "paper's Compute Opt.; layers with float activations count 16 x 16 bits)",
             f"- images vs float on {report['selection_prompts']} held-out selection prompts: "
             f"MSE {report['mse_vs_fp']:.3g}, PSNR {report['psnr_vs_fp']:.2f} dB, "
             f"SSIM {report['ssim_vs_fp']:.4f}",
@@ -458,6 +492,11 @@ def quantize(
     _log("stage weights, then acts")
     allocation = recipe.allocation(target, method, stop_after=stop_after)
     if allocation is None or stop_after == "acts":
+        return None
+    if needs_reconstruction(method):
+        _log("stage reconstruct")
+        recipe.learned(allocation)
+    if stop_after == "reconstruct":
         return None
     if out is not None:
         _log(f"stage export -> {out}")

@@ -73,6 +73,9 @@ def test_the_command_writes_a_loadable_folder_and_an_honest_report(reference, mo
     assert report["act_effective_bits"] <= 8.0 + 1e-9
     assert 3.5 <= report["weight_avg_bits"] <= 4.02
     assert report["unet_mb"] < report["float_unet_mb"]
+    assert report["storage_opt"] == report["float_unet_mb"] / report["unet_mb"]
+    # W4A8: below uniform W4A8 8x (float-protected layers count 16 x 16), well above 1x
+    assert 2.0 < report["compute_opt"] < 8.0
     assert 0.0 <= report["mse_vs_fp"] < 0.1 and report["ssim_vs_fp"] > 0.5
     quantized = load_pipeline(reference / "out")
     assert quantized.unet_mode is not None  # runs on the packed integer path

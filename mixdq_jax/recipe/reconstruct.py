@@ -1,0 +1,88 @@
+"""The recipe's ``reconstruct`` stage: learned rounding (and PTQD) on the chosen bits.
+
+For a method with ``rounding="adaround"`` (Q-Diffusion, PTQD, MixDQ + AdaRound) the chosen
+configuration is reconstructed unit by unit on the calibration run's UNet inputs (every
+sampling step: `mixdq_jax.reconstruction.samples`), resumable in
+``RUN/quantize/<key>/reconstruct/``. ``ptqd`` then fits PTQD's noise model on the same
+inputs (the calibration's float outputs against the reconstructed model's) and folds the
+one-step correction into ``conv_out``. What comes out is what the later stages already take:
+a pipeline whose float UNet params carry the learned codes, and activation ranges.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixdq_jax.pipeline import Pipeline
+from mixdq_jax.quant.forward import forward
+from mixdq_jax.quant.qconfig import QConfig
+from mixdq_jax.reconstruction import ReconConfig, reconstruct, unet_apply
+from mixdq_jax.reconstruction.ptqd import NoiseModel, fit_noise, fold_into_output_layer
+from mixdq_jax.reconstruction.samples import unet_samples
+from mixdq_jax.rundir import RunDir
+from mixdq_jax.sensitivity.calibration import CalibData, load_calibration
+
+
+def needs_reconstruction(method: Any) -> bool:
+    return method.rounding != "nearest" or method.ptqd
+
+
+def reconstruct_stage(
+    pipe: Pipeline,
+    run: RunDir,
+    key: str,
+    qconfig: QConfig,
+    method: Any,
+    config: ReconConfig,
+    *,
+    progress: bool = True,
+) -> tuple[Pipeline, dict[str, np.ndarray], NoiseModel | None]:
+    """``(pipeline with the learned UNet params, activation ranges, PTQD noise model)`` of one
+    recipe's chosen ``qconfig`` (run or resumed)."""
+    calib = load_calibration(run, pipe)
+    if method.ptqd and calib.steps != 1:
+        raise ValueError(
+            f"method {method.name}: PTQD's correction is folded into conv_out for one sampling "
+            f"step; this run samples {calib.steps} steps (the per-step correction needs a hook "
+            "in the sampling loop the pipeline does not have)"
+        )
+    params, ranges = pipe.params["unet"], dict(run.act_ranges())
+    if method.rounding == "adaround":
+        data = unet_samples(pipe, calib)
+        res = reconstruct(unet_apply(pipe.unet), params, qconfig, data, config=config,
+                          run=run, key=key, progress=progress)  # fmt: skip
+        params, qconfig = res.params, res.qconfig
+        ranges.update(res.act_ranges)
+    elif method.rounding != "nearest":
+        raise ValueError(f"method {method.name!r}: unknown rounding {method.rounding!r}")
+    noise = None
+    if method.ptqd:
+        noise = fit_noise(calib_outputs(calib), quantized_outputs(pipe, params, qconfig, calib))
+        params = fold_into_output_layer(params, noise)
+    return pipe.with_params(unet=params), ranges, noise
+
+
+def calib_outputs(calib: CalibData) -> np.ndarray:
+    """The float UNet outputs ``[steps, N, ...]`` of every calibration batch."""
+    return np.concatenate([b.outputs for b in calib.batches], axis=1)
+
+
+def quantized_outputs(pipe: Pipeline, params: Any, qconfig: QConfig, calib: CalibData):
+    """The UNet outputs ``[steps, N, ...]`` under ``qconfig`` on the calibration inputs."""
+    timesteps = pipe.scheduler.set_timesteps(calib.steps).timesteps
+    run = jax.jit(lambda p, q, x, t, c: forward(pipe.unet, p, q, x, t, c))
+    per_batch = []
+    for batch in calib.batches:
+        pooled = None if batch.pooled is None else jnp.asarray(batch.pooled)
+        cond = pipe.conditioning(jnp.asarray(batch.context), pooled, calib.guidance,
+                                 calib.height, calib.width)  # fmt: skip
+        outs = [
+            np.asarray(run(params, qconfig, jnp.asarray(batch.inputs[s]), timesteps[s], cond))
+            for s in range(batch.inputs.shape[0])
+        ]
+        per_batch.append(np.stack(outs))
+    return np.concatenate(per_batch, axis=1)

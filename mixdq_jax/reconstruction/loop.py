@@ -1,0 +1,397 @@
+"""BRECQ-style reconstruction: AdaRound rounding and LSQ step sizes, one unit at a time.
+
+For each unit (`blocks.find_units`), in call order:
+
+1. **weights** (``iters`` steps): Adam (``lr``) on the unit's AdaRound variables, minimising
+   the unit's output error against the float model (squared error summed over channels,
+   averaged over the rest: BRECQ's ``lp_loss``) plus ``reg_weight`` times the rounding
+   regulariser (off for the first ``warmup`` fraction, then ``beta`` annealed 20 -> 2).
+   Activations run in float in this phase, as in BRECQ's weight pass.
+2. **activation steps** (``act_iters``, only for layers whose activations are quantized):
+   the rounding hard, Adam (``act_lr``, cosine decay to 0) on the LSQ step sizes.
+
+Inputs come from the model quantized so far (earlier units with their learned codes and
+ranges, later ones nearest-rounded; BRECQ's ``asym`` inputs); each step draws
+``batch_size`` calibration samples. A finished unit's hard rounding bits and learned ranges
+are written through the run directory (`RunDir.write_reconstructed_unit`, atomic) and the
+unit is folded into the params (`adaround.fold_codes`), so a killed run resumes at the
+first missing unit and ends with the same codes. The result is an ordinary float params tree and
+ordinary activation ranges: fake quantization, export and the integer path run them
+unchanged.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache, partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from mixdq_jax.quant.qconfig import FLOAT_BITS, QConfig
+from mixdq_jax.reconstruction.adaround import (
+    beta_schedule,
+    fold_codes,
+    init_rounding,
+    learned_codes,
+    nearest_codes,
+    rounding_regularizer,
+)
+from mixdq_jax.reconstruction.blocks import Apply, Unit, capture, find_units
+from mixdq_jax.reconstruction.lsq import init_step, step_range
+from mixdq_jax.reconstruction.mode import LearnedRounding, Rounding
+from mixdq_jax.rundir import RunDir
+
+Array = jax.Array
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReconConfig:
+    """Reconstruction settings; defaults are BRECQ's and Q-Diffusion's. ``blocks``: only
+    these units (module names, e.g. the most sensitive blocks); empty: every unit."""
+
+    iters: int = 20000
+    act_iters: int = 5000
+    batch_size: int = 32
+    lr: float = 1e-3
+    act_lr: float = 4e-5
+    reg_weight: float = 0.01
+    warmup: float = 0.2
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    learn_act_steps: bool = True
+    seed: int = 0
+    blocks: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "blocks", tuple(self.blocks))
+        if self.iters < 0 or self.act_iters < 0 or self.batch_size < 1:
+            raise ValueError("ReconConfig: iters and act_iters must be >= 0, batch_size >= 1")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"ReconConfig: warmup {self.warmup} outside [0, 1)")
+        if min(self.lr, self.act_lr) <= 0.0 or self.reg_weight < 0.0:
+            raise ValueError("ReconConfig: lr and act_lr must be > 0, reg_weight >= 0")
+
+    def settings(self) -> dict[str, Any]:
+        return {**asdict(self), "blocks": list(self.blocks)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reconstruction:
+    """The result: params with the learned codes folded in, the configuration with the
+    learned ranges, those ranges, and per unit the output MSE ``(nearest, learned)``."""
+
+    params: Any
+    qconfig: QConfig
+    act_ranges: dict[str, np.ndarray]
+    mse: dict[str, tuple[float, float]]
+
+
+# ------------------------------------------------------------------------------ params tree
+def _path(tree: Mapping, name: str) -> tuple[str, ...]:
+    node, rest, path = tree, name, []
+    while rest:
+        for key in sorted(node, key=len, reverse=True):
+            if rest == key or rest.startswith(key + "."):
+                node, rest = node[key], rest[len(key) + 1 :]
+                path.append(key)
+                break
+        else:
+            raise KeyError(f"layer {name!r} has no parameters in the params tree")
+    return tuple(path)
+
+
+def _kernel(params: Mapping, name: str) -> Array:
+    node = params
+    for key in _path(params, name):
+        node = node[key]
+    return node["kernel"]
+
+
+def _with_kernel(params: Mapping, name: str, kernel: Array) -> dict:
+    def rec(node: Mapping, rest: tuple[str, ...]) -> dict:
+        out = dict(node)
+        if rest:
+            out[rest[0]] = rec(node[rest[0]], rest[1:])
+        else:
+            out["kernel"] = kernel
+        return out
+
+    return rec(params, _path(params, name))
+
+
+# ------------------------------------------------------------------------------ data
+def _take(data: Any, idx: np.ndarray) -> Any:
+    return jax.tree.map(lambda a: a[idx], data)
+
+
+def _count(data: Any) -> int:
+    sizes = {int(np.shape(a)[0]) for a in jax.tree.leaves(data)}
+    if len(sizes) != 1:
+        raise ValueError(f"calibration data: leaves disagree on the sample count {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _rec_loss(out: Array, target: Array) -> Array:
+    """BRECQ's ``lp_loss``: squared error summed over channels (last axis), mean over the rest."""
+    err = (out.astype(jnp.float32) - target.astype(jnp.float32)) ** 2
+    return jnp.mean(jnp.sum(err, axis=-1))
+
+
+@lru_cache(maxsize=4)
+def _capturing(apply: Apply, names: tuple[str, ...]) -> Any:
+    return jax.jit(lambda p, b: capture(apply, p, b, names, stop_early=True))
+
+
+def float_targets(
+    apply: Apply, params: Any, data: Any, names: Sequence[str], batch_size: int
+) -> dict[str, np.ndarray]:
+    """The float model's outputs of the modules ``names`` on every calibration sample."""
+    run = _capturing(apply, tuple(names))
+    n = _count(data)
+    starts = range(0, n, batch_size)
+    chunks = [run(params, _take(data, np.arange(s, min(s + batch_size, n)))) for s in starts]
+    return {k: np.concatenate([np.asarray(c[k]) for c in chunks]) for k in names}
+
+
+# ------------------------------------------------------------------------------ one unit
+def _act_float(qconfig: QConfig) -> QConfig:
+    """The configuration with every activation float (BRECQ's weight pass)."""
+    layers = {
+        n: replace(lq, a_bits=jnp.full_like(lq.a_bits, FLOAT_BITS))
+        for n, lq in qconfig.layers.items()
+    }
+    return replace(qconfig, layers=layers)
+
+
+@partial(jax.jit, static_argnames=("fmt", "split"))
+def _nearest_v(kernel: Array, bits: Array, fmt: str, split: int | None) -> Array:
+    """Rounding variables whose hard rounding is the fake quantizer's nearest rounding."""
+    codes = nearest_codes(kernel, bits, fmt=fmt, split=split)
+    down = learned_codes(kernel, -jnp.ones(kernel.shape, jnp.float32), bits, fmt=fmt, split=split)
+    return jnp.where(codes > down, 1.0, -1.0)
+
+
+def _pick(cond: Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda n, o: jnp.where(cond, n, o), new, old)
+
+
+class _UnitRun:
+    """One unit's whole reconstruction as a single compiled program: a ``lax.scan`` over the
+    weight steps then the activation-step steps (the phase is data: which qconfig, soft or
+    hard rounding, which optimizer moves), then the evaluation. Batch indices are drawn up
+    front, so a rerun draws the same batches."""
+
+    def __init__(self, apply: Apply, unit: Unit, config: ReconConfig) -> None:
+        self.config = config
+        mode = LearnedRounding()
+
+        def loss(trainable, state, params, batch, target, beta, reg_scale):
+            state = replace(state, v=trainable["v"], a_step=trainable["a_step"])
+            out = capture(
+                apply, params, batch, [unit.name], mode=mode, qconfig=state, stop_early=True
+            )
+            rec = _rec_loss(out[unit.name], target)
+            reg = sum((rounding_regularizer(v, beta) for v in trainable["v"].values()), 0.0)
+            return rec + reg_scale * reg, rec
+
+        self._loss = loss
+        self._grad = jax.value_and_grad(loss, has_aux=True)
+        self.run = jax.jit(self._program)
+
+    def _program(self, trainable, nearest_v, zeros, qc_weights, qc, params, data, targets,
+                 indices, eval_idx):  # fmt: skip
+        c = self.config
+        opt_w = optax.adam(c.lr)
+        opt_a = optax.adam(optax.cosine_decay_schedule(c.act_lr, max(c.act_iters, 1), alpha=0.0))
+
+        def step(carry, xs):
+            tr, state_w, state_a = carry
+            i, idx = xs
+            weights = i < c.iters
+            beta, on = beta_schedule(
+                i, c.iters, warmup=c.warmup, start=c.beta_start, end=c.beta_end
+            )
+            state = Rounding(
+                qconfig=_pick(weights, qc_weights, qc), a_zero=zeros,
+                soft=weights.astype(jnp.float32),
+            )  # fmt: skip
+            reg_scale = jnp.where(on & weights, c.reg_weight, 0.0)
+            batch = jax.tree.map(lambda a: a[idx], data)
+            (_, rec), g = self._grad(tr, state, params, batch, targets[idx], beta, reg_scale)
+            up_w, new_w = opt_w.update(g["v"], state_w, tr["v"])
+            up_a, new_a = opt_a.update(g["a_step"], state_a, tr["a_step"])
+            tr = {
+                "v": _pick(weights, optax.apply_updates(tr["v"], up_w), tr["v"]),
+                "a_step": _pick(weights, tr["a_step"], optax.apply_updates(tr["a_step"], up_a)),
+            }
+            return (tr, _pick(weights, new_w, state_w), _pick(weights, state_a, new_a)), rec
+
+        carry = (trainable, opt_w.init(trainable["v"]), opt_a.init(trainable["a_step"]))
+        steps = jnp.arange(indices.shape[0])
+        (learned, _, _), _ = jax.lax.scan(step, carry, (steps, indices))
+
+        state = Rounding(qconfig=qc, a_zero=zeros, soft=jnp.float32(0.0))
+        batch, target = jax.tree.map(lambda a: a[eval_idx], data), targets[eval_idx]
+        zero = jnp.float32(0.0)
+        nearest = {"v": nearest_v, "a_step": trainable["a_step"]}
+        both = jax.tree.map(lambda a, b: jnp.stack([a, b]), nearest, learned)
+        mse = jax.lax.map(  # one copy of the model in the program, not two
+            lambda tr: self._loss(tr, state, params, batch, target, zero, zero)[1], both
+        )
+        return learned, mse[0], mse[1]
+
+
+@lru_cache(maxsize=16)
+def _unit_run(apply: Apply, unit: Unit, config: ReconConfig) -> _UnitRun:
+    """Compiled programs of a unit, kept for a rerun (a resumed run or another method on
+    the same model)."""
+    return _UnitRun(apply, unit, config)
+
+
+def reconstruct(
+    apply: Apply,
+    params: Any,
+    qconfig: QConfig,
+    data: Any,
+    *,
+    config: ReconConfig = ReconConfig(),
+    units: Sequence[Unit] | None = None,
+    run: RunDir | None = None,
+    key: str = "reconstruct",
+    progress: bool = True,
+) -> Reconstruction:
+    """Learn the rounding (and activation steps) of every quantized unit of ``qconfig``.
+
+    ``apply``: the model (`blocks.unet_apply`); ``params``: its float params; ``data``: a
+    pytree of calibration samples with a leading sample axis (``apply``'s batch);
+    ``units``: default every unit of the configuration's layers (`find_units`); ``run``:
+    the run directory where finished units are written under ``key`` and found again
+    (resume; the settings, units and bits must match the first run's).
+    """
+    if qconfig.weight_format not in ("int", "int_sym"):
+        raise ValueError(f"reconstruction needs integer weights, not {qconfig.weight_format!r}")
+    w_bits, a_bits = qconfig.bits()
+    units = tuple(find_units(list(qconfig.layers)) if units is None else units)
+    if config.blocks:
+        missing = sorted(set(config.blocks) - {u.name for u in units})
+        if missing:
+            raise ValueError(f"reconstruct: no unit named {missing[:10]} (blocks setting)")
+        units = tuple(u for u in units if u.name in config.blocks)
+    unknown = sorted({n for u in units for n in u.layers} - set(qconfig.layers))
+    if unknown:
+        raise ValueError(f"reconstruct: unit layer(s) not in the configuration: {unknown[:10]}")
+    active = [
+        (i, u)
+        for i, u in enumerate(units)
+        if any(w_bits[n] < FLOAT_BITS or a_bits[n] < FLOAT_BITS for n in u.layers)
+    ]
+    n = _count(data)
+    if run is not None:
+        run.start_reconstruction(key, {
+            **config.settings(), "samples": n, "weight_format": qconfig.weight_format,
+            "units": [[u.name, list(u.layers)] for _, u in active],
+            "w_bits": w_bits, "a_bits": a_bits,
+        })  # fmt: skip
+    float_params = params
+    mse: dict[str, tuple[float, float]] = {}
+    ranges: dict[str, np.ndarray] = {}
+    bar = tqdm(active, desc="reconstruction", unit="block", file=sys.stderr, disable=not progress)
+    for i, unit in bar:
+        stored = None if run is None else run.reconstructed_unit(key, i)
+        if stored is None:
+            # the float outputs of this unit only: all units' at once would not fit at SDXL
+            # size (tens of GB for 32 samples)
+            target = float_targets(apply, float_params, data, [unit.name], config.batch_size)
+            stored = _learn_unit(apply, float_params, params, qconfig, data, target[unit.name],
+                                 unit, i, n, config, w_bits, a_bits)  # fmt: skip
+            if run is not None:
+                run.write_reconstructed_unit(key, i, stored)
+        params, qconfig = _apply_unit(float_params, params, qconfig, unit, stored, w_bits)
+        for name in unit.layers:
+            if f"range/{name}" in stored:
+                ranges[name] = np.asarray(stored[f"range/{name}"])
+        mse[unit.name] = (float(stored["mse_nearest"]), float(stored["mse_learned"]))
+    return Reconstruction(params=params, qconfig=qconfig, act_ranges=ranges, mse=mse)
+
+
+def _learn_unit(
+    apply: Apply,
+    float_params: Any,
+    params: Any,
+    qconfig: QConfig,
+    data: Any,
+    target: np.ndarray,
+    unit: Unit,
+    index: int,
+    n: int,
+    config: ReconConfig,
+    w_bits: Mapping[str, int],
+    a_bits: Mapping[str, int],
+) -> dict[str, np.ndarray]:
+    fmt = qconfig.weight_format
+    v, v_nearest, steps_init, zeros = {}, {}, {}, {}
+    for name in unit.layers:
+        lq = qconfig.layers[name]
+        if w_bits[name] < FLOAT_BITS:
+            kernel = _kernel(float_params, name)
+            v[name] = init_rounding(kernel, w_bits[name], fmt=fmt, split=lq.split)
+            v_nearest[name] = _nearest_v(kernel, w_bits[name], fmt=fmt, split=lq.split)
+        if config.learn_act_steps and a_bits[name] < FLOAT_BITS:
+            steps_init[name], zeros[name] = init_step(lq.a_range, a_bits[name])
+    rng = np.random.default_rng([config.seed, index])
+    size = min(config.batch_size, n)
+    if not v:  # nothing to round: only the activation phase runs
+        config = replace(config, iters=0)
+    if not steps_init:
+        config = replace(config, act_iters=0)
+    rows = [
+        np.sort(rng.choice(n, size=size, replace=False))
+        for _ in range(config.iters + config.act_iters)
+    ]
+    indices = jnp.asarray(np.stack(rows) if rows else np.zeros((0, size), np.int64))
+    trainable = {"v": v, "a_step": dict(steps_init)}
+    trainable, mse_nearest, mse_learned = _unit_run(apply, unit, config).run(
+        trainable, v_nearest, zeros, _act_float(qconfig), qconfig, params,
+        jax.tree.map(jnp.asarray, data), jnp.asarray(target), indices, jnp.arange(size),
+    )  # fmt: skip
+    out = {"mse_nearest": np.float64(mse_nearest), "mse_learned": np.float64(mse_learned)}
+    for name, vv in trainable["v"].items():
+        out[f"up/{name}"] = np.asarray(vv >= 0, np.uint8)
+    for name, s in trainable["a_step"].items():
+        out[f"range/{name}"] = np.asarray(step_range(s, zeros[name], a_bits[name]), np.float32)
+    return out
+
+
+def _apply_unit(
+    float_params: Any,
+    params: Any,
+    qconfig: QConfig,
+    unit: Unit,
+    stored: Mapping[str, np.ndarray],
+    w_bits: Mapping[str, int],
+) -> tuple[Any, QConfig]:
+    """Fold a finished unit's codes into the params and its ranges into the configuration."""
+    layers = dict(qconfig.layers)
+    for name in unit.layers:
+        lq = layers[name]
+        if f"up/{name}" in stored:
+            kernel = _kernel(float_params, name)
+            v = jnp.where(jnp.asarray(stored[f"up/{name}"]) > 0, 1.0, -1.0)
+            if v.shape != kernel.shape:
+                raise ValueError(
+                    f"stored rounding of {name!r} has shape {v.shape}, the kernel {kernel.shape}"
+                    ": the run was reconstructed for another model"
+                )
+            folded = fold_codes(kernel, v, w_bits[name], fmt=qconfig.weight_format,
+                                split=lq.split, name=name)  # fmt: skip
+            params = _with_kernel(params, name, folded)
+        if f"range/{name}" in stored:
+            layers[name] = replace(lq, a_range=jnp.asarray(stored[f"range/{name}"], jnp.float32))
+    return params, replace(qconfig, layers=layers)

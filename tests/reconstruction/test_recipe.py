@@ -1,0 +1,114 @@
+"""`mixdq quantize --method ptqd` end to end on a tiny SDXL (Q-Diffusion's reconstruction,
+then PTQD): the reconstruct stage runs between acts and export, the exported folder holds the
+learned codes and PTQD's correction folded into conv_out, and runs on the integer path."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixdq_jax.api import load_pipeline
+from mixdq_jax.cli import main
+from mixdq_jax.cli import quantize as cli
+from mixdq_jax.deploy.packed import node_at, quantize_weight_codes, unpacked_codes
+from mixdq_jax.quant import forward
+from mixdq_jax.recipe import METHODS, RECONSTRUCTION_METHODS
+from mixdq_jax.reconstruction import learned_codes
+from mixdq_jax.rundir import RunDir
+from mixdq_jax.sensitivity.calibration import load_calibration
+from tests.tiny_models import build_sdxl
+
+PROMPTS = ["a red cube", "a blue ball on grass", "a cat", "two green cones"]
+# one level (71 layers): quick to compile, still SDXL-shaped (text_time, cross-attention)
+SMALL_UNET = dict(
+    layers_per_block=1, block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+    up_block_types=("CrossAttnUpBlock2D",), transformer_layers_per_block=(1,),
+    attention_head_dim=(2,),
+)  # fmt: skip
+BLOCK = "down_blocks.0.resnets.0"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recon_recipe")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    return build_sdxl(root / "pipe", unet_overrides=SMALL_UNET), root / "prompts.txt"
+
+
+def test_the_cli_offers_the_reconstruction_rows():
+    assert tuple(RECONSTRUCTION_METHODS) == cli.RECONSTRUCTION_METHOD_NAMES
+    assert RECONSTRUCTION_METHODS["ptqd"].ptqd and not RECONSTRUCTION_METHODS["qdiffusion"].ptqd
+    assert RECONSTRUCTION_METHODS["mixdq+adaround"].weights == "mixdq"
+    assert all(m.rounding == "adaround" for m in RECONSTRUCTION_METHODS.values())
+    # runs of the older rows, started before these fields existed, still resume
+    assert {"rounding", "ptqd"}.isdisjoint(METHODS["mixdq"].settings())
+    assert RECONSTRUCTION_METHODS["ptqd"].settings()["ptqd"] is True
+
+
+@pytest.fixture(scope="module")
+def quantized(model, tmp_path_factory):
+    """The command's run directory and quantized folder."""
+    pipe_dir, prompts = model
+    root = tmp_path_factory.mktemp("ptqd")
+    run, out = root / "run", root / "out"
+    code = main(["quantize", "--model", str(pipe_dir), "--prompts", str(prompts),
+                 "--method", "ptqd", "--target", "W4A8", "--num-calib", "2",
+                 "--num-select", "1", "--batch-size", "2", "--recon-iters", "4",
+                 "--recon-act-iters", "2", "--recon-batch", "2", "--recon-blocks", BLOCK,
+                 "--run", str(run), "--out", str(out), "--stop-after", "export"])  # fmt: skip
+    assert code == 0
+    return run, out
+
+
+@pytest.fixture(scope="module")
+def float_pipe(model):
+    return load_pipeline(model[0])
+
+
+def test_the_folder_holds_the_learned_codes_and_ptqd_and_runs_on_the_integer_path(
+    quantized, float_pipe
+):
+    run, out = quantized
+    settings = json.loads((run / "quantize" / "W4A8_ptqd" / "reconstruct" /
+                           "settings.json").read_text())  # fmt: skip
+    assert settings["iters"] == 4 and settings["blocks"] == [BLOCK]
+    stored = RunDir(run).reconstructed_unit("W4A8_ptqd", 0)
+    assert stored is not None and float(stored["mse_learned"]) > 0
+
+    quantized = load_pipeline(out)
+    plan, packed = quantized.unet_mode.plan, quantized.params["unet"]
+    learned_any = False
+    for key in stored:
+        if not key.startswith("up/"):
+            continue
+        name = key[3:]
+        kernel = node_at(float_pipe.params["unet"], name)["kernel"]
+        v = jnp.where(jnp.asarray(stored[key]) > 0, 1.0, -1.0)
+        want = np.asarray(learned_codes(kernel, v, 4)).reshape(-1, kernel.shape[-1]) - 8
+        got = np.asarray(unpacked_codes(node_at(packed, name)["q0"]["w"], plan.layers[name]))
+        np.testing.assert_array_equal(got.reshape(want.shape), want)
+        learned_any = True
+    assert learned_any
+    # PTQD: conv_out's codes are the float kernel's, every channel's scale divided by 1 + k
+    kernel = float_pipe.params["unet"]["conv_out"]["kernel"]
+    codes, scale, _ = quantize_weight_codes(kernel, 4, symmetric=False)
+    lp = plan.layers["conv_out"]
+    node = packed["conv_out"]["q0"]
+    got = np.asarray(unpacked_codes(node["w"], lp)).reshape(-1, kernel.shape[-1])
+    np.testing.assert_array_equal(got, np.asarray(codes).reshape(got.shape))
+    ratio = np.asarray(scale) / np.asarray(node["w_scale"])  # 1 + k
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-5)
+    assert abs(ratio[0] - 1.0) > 1e-6
+    # the integer path runs the folder: one UNet evaluation on calibration-shaped inputs
+    batch = load_calibration(run, float_pipe).batches[0]
+    cond = float_pipe.conditioning(jnp.asarray(batch.context), jnp.asarray(batch.pooled), 0.0,
+                                   *float_pipe.image_size)  # fmt: skip
+    t = RunDir(run).batch_arrays(0, "timesteps")["timesteps"][0]
+    unet, mode = quantized.unet, quantized.unet_mode
+    eps = jax.jit(lambda p: forward(unet, p, None, batch.inputs[0], t, cond, mode=mode))(packed)
+    err = np.linalg.norm(np.asarray(eps) - batch.outputs[0]) / np.linalg.norm(batch.outputs[0])
+    assert err < 0.5, err
