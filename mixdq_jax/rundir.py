@@ -122,6 +122,21 @@ def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
+def _start(path: Path, settings: Mapping[str, Any], what: str) -> None:
+    """Write a stage's settings, or check that a resumed one has the same (naming the
+    changed fields)."""
+    if path.is_file():
+        old = _load_json(path)
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if changed:
+            raise ValueError(
+                f"{path}: {what} was started with other settings ({', '.join(changed)}); use "
+                f"the same options, another --run, or delete {path.parent}"
+            )
+    else:
+        atomic_write_json(path, dict(settings))
+
+
 @dataclass(frozen=True)
 class RunDir:
     """The files of one run, rooted at ``path``."""
@@ -350,18 +365,7 @@ class RunDir:
 
     def start_recipe(self, key: str, settings: Mapping[str, Any]) -> None:
         """Write a recipe's settings, or check a resumed one has the same."""
-        path = self.recipe_dir(key) / "settings.json"
-        if path.is_file():
-            old = _load_json(path)
-            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            if changed:
-                raise ValueError(
-                    f"{path}: this run's {key} recipe was started with other settings "
-                    f"({', '.join(changed)}); use the same options, another --run, or delete "
-                    f"{path.parent}"
-                )
-        else:
-            atomic_write_json(path, dict(settings))
+        _start(self.recipe_dir(key) / "settings.json", settings, f"this run's {key} recipe")
 
     def candidate_scores_path(self, key: str, kind: str) -> Path:
         return self.recipe_dir(key) / f"{kind}_candidates.json"
@@ -432,18 +436,7 @@ class RunDir:
 
     def start_reconstruction(self, key: str, settings: Mapping[str, Any]) -> None:
         """Write a reconstruction's settings, or check a resumed one has the same."""
-        path = self.reconstruction_dir(key) / "settings.json"
-        if path.is_file():
-            old = _load_json(path)
-            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            if changed:
-                raise ValueError(
-                    f"{path}: this reconstruction was started with other settings "
-                    f"({', '.join(changed)}); use the same options, another --run, or delete "
-                    f"{path.parent}"
-                )
-        else:
-            atomic_write_json(path, dict(settings))
+        _start(self.reconstruction_dir(key) / "settings.json", settings, "this reconstruction")
 
     def reconstructed_unit_path(self, key: str, index: int) -> Path:
         return self.reconstruction_dir(key) / f"unit_{index:05d}.npz"

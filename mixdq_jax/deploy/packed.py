@@ -155,7 +155,7 @@ class DeployPlan:
 
 
 # ------------------------------------------------------------------------------ tree access
-def _path_of(tree: Mapping, name: str) -> tuple[str, ...]:
+def path_of(tree: Mapping, name: str) -> tuple[str, ...]:
     """Keys leading to a module's node; module names themselves contain dots."""
     node, rest, path = tree, name, []
     while rest:
@@ -171,7 +171,7 @@ def _path_of(tree: Mapping, name: str) -> tuple[str, ...]:
 
 def node_at(tree: Mapping, name: str) -> Mapping:
     node = tree
-    for key in _path_of(tree, name):
+    for key in path_of(tree, name):
         node = node[key]
     return node
 
@@ -304,7 +304,7 @@ def pack_unet_params(
     if float_dtype is not None:
         out = jax.tree.map(lambda a: _cast_float(a, float_dtype), out)
     for name, lp in plan.layers.items():
-        path = _path_of(params, name)
+        path = path_of(params, name)
         node = node_at(params, name)
         fd = float_dtype if float_dtype is not None else node["kernel"].dtype
         packed = pack_layer(node, lp, act_ranges.get(name), x_bos, fd)
@@ -324,7 +324,7 @@ def pack_unet_params_by_layer(
     for the whole tree: the temporaries of one layer are alive at a time (at SDXL size the
     whole-tree program needed memory for every layer's codes at once). Same result."""
     act_ranges = act_ranges or {}
-    planned = {_path_of(params, name): name for name in plan.layers}
+    planned = {path_of(params, name): name for name in plan.layers}
     rest = _without(params, planned)
     cast = jax.jit(lambda t: jax.tree.map(lambda a: _cast_float(a, float_dtype), t))
     out = cast(rest) if float_dtype is not None else dict(rest)

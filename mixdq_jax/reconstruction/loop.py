@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from mixdq_jax.deploy.packed import node_at, path_of
 from mixdq_jax.quant.qconfig import FLOAT_BITS, QConfig
 from mixdq_jax.reconstruction.adaround import (
     beta_schedule,
@@ -94,24 +95,8 @@ class Reconstruction:
 
 
 # ------------------------------------------------------------------------------ params tree
-def _path(tree: Mapping, name: str) -> tuple[str, ...]:
-    node, rest, path = tree, name, []
-    while rest:
-        for key in sorted(node, key=len, reverse=True):
-            if rest == key or rest.startswith(key + "."):
-                node, rest = node[key], rest[len(key) + 1 :]
-                path.append(key)
-                break
-        else:
-            raise KeyError(f"layer {name!r} has no parameters in the params tree")
-    return tuple(path)
-
-
 def _kernel(params: Mapping, name: str) -> Array:
-    node = params
-    for key in _path(params, name):
-        node = node[key]
-    return node["kernel"]
+    return node_at(params, name)["kernel"]
 
 
 def _with_kernel(params: Mapping, name: str, kernel: Array) -> dict:
@@ -123,7 +108,7 @@ def _with_kernel(params: Mapping, name: str, kernel: Array) -> dict:
             out["kernel"] = kernel
         return out
 
-    return rec(params, _path(params, name))
+    return rec(params, path_of(params, name))
 
 
 # ------------------------------------------------------------------------------ data
