@@ -37,8 +37,8 @@ from mixdq_jax.evaluation.image_reward_model import (
     BLIPVisionConfig,
     ImageRewardNet,
 )
+from mixdq_jax.evaluation.weights_file import read_state_dict
 from weights_convert.convert import torch_to_flax
-from weights_convert.safetensors_io import load_safetensors
 
 METRIC = "ImageReward"
 EXPECTED = (
@@ -107,22 +107,6 @@ class ImageRewardScorer:
         return (raw - REWARD_MEAN) / REWARD_STD
 
 
-def _read_state(file: Path) -> dict[str, np.ndarray]:
-    if file.suffix == ".safetensors":
-        return load_safetensors(file)
-    try:
-        import torch  # noqa: PLC0415  (optional: only the released .pt needs it)
-    except ImportError as err:
-        raise ImportError(
-            f'{file}: reading a .pt file needs torch; pip install -e ".[eval]", or convert it '
-            "once to ImageReward.safetensors with the same tensor names"
-        ) from err
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    return {k: v.float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
-
-
 def _configs(state: dict, med: dict, where: str):
     """Vision config from the tensor shapes, text config from med_config.json, head layers."""
     vis = "blip.visual_encoder."
@@ -176,7 +160,7 @@ def load_image_reward(path: str | Path | None) -> ImageRewardScorer:
         med = json.loads(med_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{med_file}: not valid JSON ({err})") from err
-    state = {k: v for k, v in _read_state(weights).items()
+    state = {k: v for k, v in read_state_dict(weights).items()
              if k.startswith(_PREFIXES) and not k.endswith("position_ids")}  # fmt: skip
     vision, text, head = _configs(state, med, str(weights))
     if text.max_position_embeddings < MAX_TOKENS:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixdq_jax.evaluation.errors import MissingWeightsError
+from mixdq_jax.evaluation.weights_file import read_state_dict
 
 INPUT_SIZE = 299
 FEATURES = 2048
@@ -139,29 +140,6 @@ def state_dict_shapes() -> dict[str, tuple[int, ...]]:
 
 
 # ------------------------------------------------------------------------------ weights
-def _read_tensors(path: Path) -> dict[str, np.ndarray]:
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.numpy import load_file  # noqa: PLC0415
-
-        return dict(load_file(str(path)))
-    if suffix == ".npz":
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
-    try:
-        import torch  # noqa: PLC0415
-    except ImportError as err:
-        raise ImportError(
-            f'{path}: reading a PyTorch .pth needs torch: pip install -e ".[eval]" (or save '
-            "the tensors once as .safetensors with the same names)"
-        ) from err
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping):
-        raise MissingWeightsError("fid", path, expected="an Inception state dict",
-                                  source=WEIGHTS_SOURCE)  # fmt: skip
-    return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, "detach")}
-
-
 def load_inception(path: str | os.PathLike | None) -> dict[str, jax.Array]:
     """The network's params (NHWC convs, BN as scale and shift) from the user's weights file;
     a missing file or one without the FID Inception's tensors is a `MissingWeightsError`."""
@@ -169,7 +147,7 @@ def load_inception(path: str | os.PathLike | None) -> dict[str, jax.Array]:
     if path is None or not Path(path).is_file():
         raise MissingWeightsError("fid", path, expected=expected, source=WEIGHTS_SOURCE)
     path = Path(path)
-    tensors = _read_tensors(path)
+    tensors = read_state_dict(path)
     shapes = state_dict_shapes()
     missing = [k for k in shapes if k not in tensors]
     wrong = [k for k in shapes if k in tensors and tuple(tensors[k].shape) != shapes[k]]

@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixdq_jax.evaluation.errors import MissingWeightsError
+from mixdq_jax.evaluation.weights_file import read_state_dict
 from weights_convert.convert import torch_to_flax
-from weights_convert.safetensors_io import load_safetensors
 
 METRIC = "LPIPS"
 EXPECTED = (
@@ -136,20 +136,6 @@ class LPIPS:
         return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
 
-def _read_state(file: Path) -> dict[str, np.ndarray]:
-    if file.suffix == ".safetensors":
-        return load_safetensors(file)
-    try:
-        import torch  # noqa: PLC0415  (optional: only the released .pth files need it)
-    except ImportError as err:
-        raise ImportError(
-            f'{file}: reading a .pth file needs torch; pip install -e ".[eval]", or convert '
-            "it once to .safetensors with the same tensor names"
-        ) from err
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() for k, v in state.items()}
-
-
 def _find(folder: Path, patterns: tuple[str, ...]) -> Path | None:
     for pattern in patterns:
         hits = sorted(folder.glob(pattern))
@@ -169,7 +155,7 @@ def load_lpips(path: str | Path | None) -> LPIPS:
         raise MissingWeightsError(METRIC, folder, expected=EXPECTED, source=SOURCE)
     state, sources = {}, {}
     for file, prefix, keep in ((backbone, "net.", "features."), (linear, "", "lin")):
-        for key, value in _read_state(file).items():
+        for key, value in read_state_dict(file).items():
             if key.startswith(keep):
                 state[prefix + key] = value
                 sources[prefix + key] = str(file)
