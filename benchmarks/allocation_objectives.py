@@ -41,7 +41,6 @@ import numpy as np
 from scipy import stats
 
 from mixdq_jax.allocation import (
-    OFFICIAL_CANDIDATES,
     average_bits,
     naive_sorting,
     perturb,
@@ -57,6 +56,7 @@ from mixdq_jax.recipe import METHODS, AllocationKnobs, Target
 from mixdq_jax.recipe.allocate import weight_candidates
 from mixdq_jax.sensitivity.calibration import load_calibration
 from mixdq_jax.sensitivity.evaluator import Evaluator
+from mixdq_jax.study.baselines import layer_candidates
 from mixdq_jax.study.config import StudyConfig
 from mixdq_jax.study.run import study_recipe
 from mixdq_jax.testbed.evaluate import evaluate
@@ -72,8 +72,7 @@ def _key(bits: Mapping[str, int]) -> str:
 def _allocations(recipe, sens, budget: float, n_random: int) -> tuple[list[dict], dict]:
     """The allocations to measure at ``budget`` and each layer's candidate bits."""
     layers, mixdq = recipe.layers, METHODS["mixdq"]
-    content_c, quality_c = OFFICIAL_CANDIDATES["weight"]
-    cands = {n: content_c for n in layers.content} | {n: quality_c for n in layers.quality}
+    cands = layer_candidates(recipe)
     target = Target(weight_bits=budget, act_bits=FLOAT_BITS)
     out: list[dict] = []
     for objective in OBJECTIVES:
