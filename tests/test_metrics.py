@@ -42,7 +42,7 @@ def test_global_ssim_matches_skimage_full_window(size, sample_covariance):
     assert float(ssim_global(xf, yf, data_range=1.0)) == pytest.approx(ref, abs=2e-6)
 
 
-def _np_global_ssim(x, y, data_range):  # the paper's formula, sample (co)variances
+def np_global_ssim(x, y, data_range):  # the paper's formula, sample (co)variances
     x, y = x.astype(np.float64), y.astype(np.float64)
     out = []
     for c in range(x.shape[-1]):
@@ -61,7 +61,7 @@ def test_global_ssim_non_square_batched_and_vmapped():
     rng = np.random.default_rng(1)
     xs, ys = zip(*[_pair(rng, (24, 40, 3), 20.0) for _ in range(4)], strict=True)
     xs, ys = np.stack(xs), np.stack(ys)
-    refs = [_np_global_ssim(a, b, 255.0) for a, b in zip(xs, ys, strict=True)]
+    refs = [np_global_ssim(a, b, 255.0) for a, b in zip(xs, ys, strict=True)]
     np.testing.assert_allclose(ssim_global(xs, ys), refs, atol=2e-6)
     vm = jax.jit(jax.vmap(lambda a, b: ssim_global(a, b)))(xs, ys)
     np.testing.assert_allclose(vm, refs, atol=2e-6)

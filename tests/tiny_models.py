@@ -197,3 +197,49 @@ def build_sd15(folder: Path) -> Path:
     for f in ("vocab.json", "merges.txt"):  # the file layout of real SD1.5 / sdxl-turbo folders
         shutil.copy(tmp / "tokenizer" / f, folder / "tokenizer" / f)
     return folder
+
+
+def build_clip(folder: Path) -> Path:
+    """A tiny random transformers CLIP folder (model, processor, real-format tokenizer), as
+    ``--clip-model`` takes it. torchmetrics accepts a local folder only when its path
+    contains "openai": name the folder accordingly."""
+    import transformers
+
+    vocab = write_clip_tokenizer(folder)
+    config = transformers.CLIPConfig(
+        text_config=dict(
+            vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77,
+            bos_token_id=0, eos_token_id=2,  # as in the released openai configs
+        ),
+        vision_config=dict(
+            hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+            image_size=30, patch_size=6, hidden_act="gelu",
+        ),
+        projection_dim=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.CLIPModel(config).eval().save_pretrained(folder)
+    processor = transformers.CLIPProcessor(
+        image_processor=transformers.CLIPImageProcessor(
+            size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}
+        ),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(folder),
+    )
+    processor.save_pretrained(folder)
+    return folder
+
+
+def clip_cosines(model, processor, images, prompts):
+    """transformers' CLIPModel directly: image and text features (77 tokens at most),
+    unit-normalised, dot product; ``images`` uint8 ``[N, H, W, 3]``."""
+    pixels = [torch.from_numpy(im).permute(2, 0, 1).contiguous() for im in images]
+    with torch.no_grad():
+        pixels = processor(images=pixels, return_tensors="pt")["pixel_values"]
+        img = model.get_image_features(pixel_values=pixels).pooler_output
+        text = processor(text=prompts, return_tensors="pt", padding=True)
+        ids, mask = text["input_ids"][:, :77], text["attention_mask"][:, :77]
+        txt = model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+    img = img / img.norm(dim=-1, keepdim=True)
+    txt = txt / txt.norm(dim=-1, keepdim=True)
+    return (img * txt).sum(-1).double().numpy()

@@ -6,6 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
+from mixdq_jax.cli.metric_args import add_report_eval_args, report_eval
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the MixDQ study (calibrate, sweep, allocate, evaluate)")
@@ -26,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="sampling steps: 1 (Euler-A trailing, default) or 2/4 (LCM, the paper's LCM rows)",
     )
     p.add_argument("--seed", type=int, default=0)
+    add_report_eval_args(p)
     p.set_defaults(func=run)
 
 
@@ -33,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from mixdq_jax.io_utils import exclusive_lock  # noqa: PLC0415
     from mixdq_jax.study import StudyConfig, run_study  # noqa: PLC0415
 
+    evaluation = report_eval(args)  # the metrics' weights checked before any work
     start = time.perf_counter()
     with exclusive_lock(args.out, "run directory"):
         report = run_study(
@@ -43,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
                 num_calib=args.num_calib,
                 seed=args.seed,
                 steps=args.steps,
+                evaluation=evaluation,
             )
         )
     minutes = (time.perf_counter() - start) / 60

@@ -21,6 +21,7 @@ from mixdq_jax.cli.argtypes import (
     positive_int,
     seed,
 )
+from mixdq_jax.cli.metric_args import add_weight_args, metric_weights
 from mixdq_jax.cli.quant_args import (
     add_dtype_arg,
     add_quant_args,
@@ -84,33 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--num drawn with --prompt-seed (and a random caption per COCO image)",
     )  # fmt: skip
     g.add_argument("--prompt-seed", type=seed, default=0, help="seed of --select random")
-    g.add_argument("--reference-images", type=Path, default=None,
-                   help="FID: folder of real images (COCO val2014)")  # fmt: skip
-    g.add_argument(
-        "--inception-weights",
-        type=Path,
-        default=None,
-        help="FID: weights-inception-2015-12-05-6726825d.pth (or .safetensors)",
-    )
-    g.add_argument(
-        "--clip-model",
-        type=Path,
-        default=None,
-        help="CLIP score: a transformers CLIP folder (openai/clip-vit-large-patch14)",
-    )
-    g.add_argument(
-        "--imagereward-weights",
-        type=Path,
-        default=None,
-        help="ImageReward: folder with ImageReward.pt, med_config.json and bert-base-uncased's "
-        "vocab.txt",
-    )
-    g.add_argument(
-        "--lpips-weights",
-        type=Path,
-        default=None,
-        help="LPIPS: folder with torchvision's AlexNet weights and LPIPS v0.1 alex.pth",
-    )
+    add_weight_args(g)
     g.add_argument(
         "--height",
         type=positive_int,
@@ -214,7 +189,6 @@ def run_paper(args: argparse.Namespace) -> int:
     from mixdq_jax.evaluation.images import GenerationSettings  # noqa: PLC0415
     from mixdq_jax.evaluation.run import (  # noqa: PLC0415
         EvalRequest,
-        MetricWeights,
         check_weights,
         evaluate_model,
         parse_metrics,
@@ -230,11 +204,7 @@ def run_paper(args: argparse.Namespace) -> int:
     if args.seed + len(prompts.prompts) - 1 > MAX_SEED:
         raise ValueError(f"--seed {args.seed}: image i uses seed+i, and {len(prompts.prompts)} "
                          f"prompts go past {MAX_SEED}")  # fmt: skip
-    weights = MetricWeights(
-        inception=args.inception_weights, clip_model=args.clip_model,
-        imagereward=args.imagereward_weights, lpips=args.lpips_weights,
-        reference_images=args.reference_images,
-    )  # fmt: skip
+    weights = metric_weights(args)
     check_weights(metrics, weights)  # before loading the model
     subject, float_model = _subject(args)
     native_h, native_w = subject.pipe.image_size

@@ -72,6 +72,42 @@ class MetricWeights:
     reference_images: Path | None = None
 
 
+def implied_metrics(weights: MetricWeights) -> tuple[str, ...]:
+    """The metrics the given weights allow: SSIM and PSNR vs float always (they need none),
+    LPIPS / CLIP score / ImageReward when their network is given, FID with the Inception
+    weights and the real images."""
+    given = {
+        "lpips": weights.lpips is not None,
+        "clip": weights.clip_model is not None,
+        "imagereward": weights.imagereward is not None,
+        "fid": weights.inception is not None and weights.reference_images is not None,
+        "ssim": True,
+        "psnr": True,
+    }
+    return tuple(m for m in METRICS if given[m])
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportEval:
+    """The paper's metrics in a report (`mixdq quantize`, the study): on which prompts,
+    which metrics, with which weights. ``cache``: float images and FID statistics (default
+    `images.cache_root`)."""
+
+    prompts: PromptSet
+    metrics: tuple[str, ...]
+    weights: MetricWeights = MetricWeights()
+    batch: int = 8
+    cache: Path | None = None
+
+
+def report_values(result: dict[str, Any]) -> dict[str, Any]:
+    """What a report shows of `evaluate_model`'s result: the computed metrics, the number of
+    prompts and where the images are."""
+    values = {k: result[k] for k in RESULT_KEYS if result.get(k) is not None}
+    values["prompts"] = result["settings"]["prompts"]["num"]
+    return values
+
+
 @dataclass(frozen=True, kw_only=True)
 class EvalRequest:
     metrics: tuple[str, ...]
@@ -306,8 +342,11 @@ __all__ = [
     "RESULT_KEYS",
     "EvalRequest",
     "MetricWeights",
+    "ReportEval",
     "Subject",
     "check_weights",
     "evaluate_model",
+    "implied_metrics",
     "parse_metrics",
+    "report_values",
 ]

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -57,6 +57,9 @@ from mixdq_jax.rundir import RunDir
 from mixdq_jax.sensitivity import SweepConfig, sweep
 from mixdq_jax.sensitivity.calibration import load_calibration
 from mixdq_jax.sensitivity.evaluator import Evaluator
+
+if TYPE_CHECKING:
+    from mixdq_jax.evaluation.run import ReportEval
 
 NO_BOS_SWEEPS = "sensitivity-nobos"
 
@@ -373,9 +376,15 @@ class Recipe:
         self.run.write_export_record(allocation.key, {"out": str(out), "meta": _jsonable(meta)})
         return meta
 
-    def report(self, allocation: Allocation, out: str | Path | None = None) -> dict[str, Any]:
+    def report(
+        self,
+        allocation: Allocation,
+        out: str | Path | None = None,
+        evaluation: ReportEval | None = None,
+    ) -> dict[str, Any]:
         """Stage ``report``: bits (effective ones count float layers at 16), the stored
-        UNet size, and the selection images vs float; ``report.json`` and ``report.md``."""
+        UNet size, and the selection images vs float; with ``evaluation`` also the paper's
+        metrics (`evaluate`); ``report.json`` and ``report.md``."""
         from mixdq_jax.deploy.memory import stored_param_bytes  # noqa: PLC0415
         from mixdq_jax.metrics import psnr, ssim_global  # noqa: PLC0415
 
@@ -410,10 +419,78 @@ class Recipe:
         if needs_reconstruction(method):
             report["rounding"] = method.rounding
             report["ptqd_k"] = None if noise is None else noise.k.tolist()
+        if evaluation is not None:
+            report["evaluation"] = self.evaluate(allocation, evaluation, pipe=pipe,
+                                                 qconfig=qconfig)  # fmt: skip
         json_path, md_path = self.run.recipe_report_paths(allocation.key)
         atomic_write_json(json_path, report)
         atomic_write_text(md_path, report_markdown(report))
         return report
+
+
+    def evaluate(
+        self,
+        allocation: Allocation | None,
+        evaluation: ReportEval,
+        *,
+        pipe: Pipeline | None = None,
+        qconfig: QConfig | None = None,
+        out: Path | None = None,
+    ) -> dict[str, Any]:
+        """The paper's metrics of one configuration (`mixdq_jax.evaluation.run`): images and
+        ``metrics.json`` in ``out`` (default ``RUN/quantize/<key>/evaluation/``), resumable;
+        the float model's images, for the "vs float" metrics, from the shared cache.
+        ``allocation=None``: the float model itself. Returns `report_values`."""
+        from mixdq_jax.evaluation.bops import efficiency  # noqa: PLC0415
+        from mixdq_jax.evaluation.images import GenerationSettings, model_fingerprint  # noqa: PLC0415
+        from mixdq_jax.evaluation.run import (  # noqa: PLC0415
+            EvalRequest,
+            Subject,
+            evaluate_model,
+            report_values,
+        )
+
+        c = self.config
+        run_id = {"dtype": str(np.dtype(self.pipe.unet.dtype)),
+                  "scheduler": type(self.pipe.scheduler).__name__}  # fmt: skip
+        identity = {**model_fingerprint(self.pipe.source), **run_id}
+        latent = (self.height // self.pipe.vae_scale_factor,
+                  self.width // self.pipe.vae_scale_factor)  # fmt: skip
+        cost = efficiency(self.pipe.unet.config, latent=latent,
+                          spec=None if allocation is None else allocation.spec)  # fmt: skip
+        if allocation is None:
+            quantization, load_float = "float", None
+            out = out or self.run.path / "quantize" / "float_evaluation"
+        else:
+            quantization = {
+                "recipe": allocation.key,
+                "bits": fingerprint({"w": allocation.weight_bits, "a": allocation.act_bits,
+                                     "method": allocation.method.settings(),
+                                     "preset": asdict(c.preset)}),
+            }  # fmt: skip
+            load_float = self._float_pipe
+            out = out or self.run.recipe_dir(allocation.key) / "evaluation"
+        generation = GenerationSettings(
+            steps=c.steps, seed=c.seed, height=self.height, width=self.width,
+            guidance_scale=c.guidance_scale, batch=evaluation.batch,
+        )  # fmt: skip
+        subject = Subject(
+            pipe=self.pipe if pipe is None else pipe, identity=identity,
+            quantization=quantization, qconfig=qconfig, float_identity=identity,
+            load_float=load_float,
+        )  # fmt: skip
+        _log(f"evaluation of {quantization if allocation is None else allocation.key} on "
+             f"{len(evaluation.prompts.prompts)} prompts -> {out}")  # fmt: skip
+        result = evaluate_model(
+            subject, evaluation.prompts, out,
+            request=EvalRequest(metrics=evaluation.metrics, weights=evaluation.weights,
+                                generation=generation, metric_batch=evaluation.batch),
+            efficiency=cost, cache=evaluation.cache,
+        )  # fmt: skip
+        return {**report_values(result), "out": str(out)}
+
+    def _float_pipe(self) -> Pipeline:
+        return self.pipe
 
 
 def _jsonable(obj: Any) -> Any:
@@ -428,6 +505,21 @@ def _size_line(report: Mapping[str, Any]) -> str:
         f"- UNet as stored: {report['unet_mb']:.2f} MB (float16: "
         f"{report['float_unet_mb']:.2f} MB, {ratio:.2f}x smaller)"
     )
+
+
+_EVAL_LABELS = (
+    ("fid", "FID", "{:.2f}"), ("clip_score", "CLIP score", "{:.4f}"),
+    ("imagereward", "ImageReward", "{:.3f}"), ("lpips_vs_fp", "LPIPS vs float", "{:.4f}"),
+    ("ssim_vs_fp", "SSIM vs float", "{:.4f}"), ("psnr_vs_fp", "PSNR vs float", "{:.2f} dB"),
+)  # fmt: skip
+
+
+def _evaluation_lines(values: Mapping[str, Any] | None) -> list[str]:
+    if not values:
+        return []
+    shown = [f"{label} {fmt.format(values[k])}" for k, label, fmt in _EVAL_LABELS if k in values]
+    return [f"- the paper's metrics on {values['prompts']} evaluation prompts: "
+            f"{', '.join(shown)} (`{values['out']}/metrics.json`)"]  # fmt: skip
 
 
 def report_markdown(report: Mapping[str, Any]) -> str:
@@ -448,6 +540,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             f"- images vs float on {report['selection_prompts']} held-out selection prompts: "
             f"MSE {report['mse_vs_fp']:.3g}, PSNR {report['psnr_vs_fp']:.2f} dB, "
             f"SSIM {report['ssim_vs_fp']:.4f}",
+            *_evaluation_lines(report.get("evaluation")),
             *([f"- float activation layers: {', '.join(floats)}"] if floats else []),
             *([f"- quantized folder: `{report['out']}`"] if report["out"] else []),
             "",
@@ -465,9 +558,11 @@ def quantize(
     out: str | Path | None = None,
     stop_after: str = "report",
     overwrite: bool = False,
+    evaluation: ReportEval | None = None,
 ) -> dict[str, Any] | None:
     """Run (or resume) the recipe for one (target, method) up to ``stop_after``; returns the
-    report, or ``None`` when stopped earlier. Without ``out`` the export stage is skipped;
+    report, or ``None`` when stopped earlier. ``evaluation``: the paper's metrics in the
+    report (`Recipe.evaluate`). Without ``out`` the export stage is skipped;
     ``out`` is checked before any work (`mixdq_jax.deploy.check_export_folder`: new, empty or
     an earlier export, unless ``overwrite``)."""
     if stop_after not in STAGES:
@@ -504,4 +599,4 @@ def quantize(
     if stop_after == "export":
         return None
     _log("stage report")
-    return recipe.report(allocation, out)
+    return recipe.report(allocation, out, evaluation)

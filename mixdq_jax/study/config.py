@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mixdq_jax.recipe import METHODS, Method, Target
+
+if TYPE_CHECKING:
+    from mixdq_jax.evaluation.run import ReportEval
 
 DEFAULT_TARGETS = tuple(
     Target.parse(name) for name in ("W8A8", "W5A8", "W4A8", "W4A16", "W3.66A16")
@@ -20,7 +24,9 @@ ABLATION = ("naive", "naive+bos", "sqnr-mp", "mixdq")
 
 @dataclass(frozen=True, kw_only=True)
 class StudyConfig:
-    """What the study runs. Defaults fit the testbed in minutes on a laptop CPU."""
+    """What the study runs. Defaults fit the testbed in minutes on a laptop CPU.
+    ``evaluation``: the paper's metrics for every row as well (on another model than the
+    testbed, instead of the testbed's judge, which scores testbed images only)."""
 
     model: str = "testbed"
     run_dir: Path = Path("runs/demo")
@@ -32,3 +38,9 @@ class StudyConfig:
     targets: tuple[Target, ...] = DEFAULT_TARGETS
     methods: tuple[Method, ...] = tuple(METHODS.values())
     chunk: int = 16
+    evaluation: ReportEval | None = None
+
+    @property
+    def judged(self) -> bool:
+        """Whether the testbed's judge scores the rows."""
+        return self.evaluation is None or self.model == "testbed"

@@ -41,6 +41,50 @@ _HEADER = [
 ]
 
 
+# the paper's metrics (`mixdq_jax.evaluation.run`): key, column, digits
+_PAPER_COLUMNS = (
+    ("fid", "FID", 2), ("clip_score", "CLIP score", 4), ("imagereward", "ImageReward", 3),
+    ("lpips_vs_fp", "LPIPS vs FP", 4), ("ssim_vs_fp", "SSIM vs FP", 4),
+    ("psnr_vs_fp", "PSNR vs FP", 2),
+)  # fmt: skip
+
+
+def _paper_table(config: StudyConfig, results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Table 1 with the paper's metrics: only the columns some row computed."""
+    rows = [("-", "float", "float")] + [
+        (t.name, m.title, f"{t.name}_{m.name}") for t in config.targets for m in config.methods
+    ]
+    papers = {key: results.get(key, {}).get("paper") for _, _, key in rows}
+    cols = [c for c in _PAPER_COLUMNS if any(v and c[0] in v for v in papers.values())]
+    if not cols:
+        return []
+    fp = papers["float"] or {}
+    lines = [
+        "## Table 1 with the paper's metrics",
+        "",
+        f"{fp.get('prompts', '?')} evaluation prompts per row (`paper_eval/<row>/`: images and "
+        "metrics.json; `mixdq evaluate --prompts` computes the same); vs FP: against the float "
+        "model's images on the same prompts and seeds.",
+        "",
+        "| setting | method | W bits | A bits (eff.) | "
+        + " | ".join(c[1] for c in cols) + " | UNet MB | BOPs saving |",
+        "|---|---|---|---|" + "---|" * len(cols) + "---|---|",
+    ]  # fmt: skip
+    for setting, title, key in rows:
+        m, paper = results.get(key, {}), papers[key]
+        if paper is None:
+            continue
+        w = "16" if key == "float" else f"{m['weight_avg_bits']:.2f}"
+        a = "16" if key == "float" else _fmt(m["act_effective_bits"], 2)
+        values = [_fmt(paper.get(k), d) if k in paper else "-" for k, _, d in cols]
+        mb = m.get("unet_mb")
+        lines.append(
+            f"| {setting} | {title} | {w} | {a} | {' | '.join(values)} | "
+            f"{'-' if mb is None else f'{mb:.2f}'} | {_fmt(m.get('compute_opt'), 2)} |"
+        )
+    return [*lines, ""]
+
+
 BASELINES = ("mixdq", "naive_sorting", "random", "perturb_20")
 
 
@@ -82,17 +126,13 @@ def table(
 ) -> str:
     """report.md: Table 1 (every target x method, the float model first) and Table 3 (the
     W8A8 ablation, one technique added per row)."""
-    fp = results["float"]
-    float_row = (
-        f"| - | float | 16 | 16 | - | {_fmt(fp['content_score'])} | "
-        f"{_fmt(fp['frechet_distance'], 2)} | 1 | - | {fp['unet_mb']:.2f} | 1.00 |"
-    )
     lines = [
-        "# MixDQ study on the testbed",
+        f"# MixDQ study on {'the testbed' if config.model == 'testbed' else config.model}",
         "",
         f"Model `{config.model}`, {config.steps} step(s), {config.num_calib} calibration "
-        f"captions, {config.num_select} held-out selection captions, {config.num_eval} "
-        f"held-out test captions (seed {config.seed}). Run time {seconds / 60:.1f} min (this "
+        f"captions, {config.num_select} held-out selection captions"
+        + (f", {config.num_eval} held-out test captions" if config.judged else "")
+        + f" (seed {config.seed}). Run time {seconds / 60:.1f} min (this "
         "run; stages found on disk are not recomputed).",
         "",
         "Every row is the recipe of `mixdq quantize --target T --method M`. W bits: average "
@@ -104,28 +144,32 @@ def table(
         "(per Dense/Conv MACs x w_bits x a_bits; a layer with float activations counts 16 x "
         "16, so weight-only rows read 1.00; `mixdq_jax.evaluation.bops`).",
         "",
-        "## Table 1: every target and method",
-        "",
-        *_HEADER,
-        float_row,
     ]
-    for target in config.targets:
-        for method in config.methods:
-            m = results.get(f"{target.name}_{method.name}", {})
-            lines.append(_row(target.name, method.title, m))
     methods = {m.name: m for m in config.methods}
-    ablation = [n for n in ABLATION if n in methods]
-    if any(t.name == "W8A8" for t in config.targets) and ablation:
-        lines += ["", "## Table 3: ablation at W8A8", "", *_HEADER, float_row]
-        for name in ablation:
-            m = results.get(f"W8A8_{name}", {})
-            lines.append(_row("W8A8", methods[name].title, m))
+    if config.judged:
+        fp = results["float"]
+        float_row = (
+            f"| - | float | 16 | 16 | - | {_fmt(fp['content_score'])} | "
+            f"{_fmt(fp['frechet_distance'], 2)} | 1 | - | {fp['unet_mb']:.2f} | 1.00 |"
+        )
+        lines += ["## Table 1: every target and method", "", *_HEADER, float_row]
+        for target in config.targets:
+            for method in config.methods:
+                m = results.get(f"{target.name}_{method.name}", {})
+                lines.append(_row(target.name, method.title, m))
+        ablation = [n for n in ABLATION if n in methods]
+        if any(t.name == "W8A8" for t in config.targets) and ablation:
+            lines += ["", "## Table 3: ablation at W8A8", "", *_HEADER, float_row]
+            for name in ablation:
+                m = results.get(f"W8A8_{name}", {})
+                lines.append(_row("W8A8", methods[name].title, m))
+        lines.append("")
+    lines += _paper_table(config, results)
     lines += ["", *_fig8_table(pareto or {})]
     lines += [
         "Chosen bits, candidates and settings of each row: `quantize/<row>/`.",
         "",
-        "![grid](grid.png)",
-        "",
+        *(["![grid](grid.png)", ""] if config.judged else []),
         "![sensitivity](sensitivity.png)",
         "",
         "![pareto](pareto.png)",
@@ -147,14 +191,18 @@ def write_report(
     import matplotlib  # noqa: PLC0415  (only the report needs it)
 
     matplotlib.use("Agg")
-    from matplotlib import pyplot as plt  # noqa: PLC0415
-
     report.mkdir(parents=True, exist_ok=True)
     atomic_write_text(report / "report.md", table(config, results, seconds, pareto))
     metrics = {**results, "allocation_baselines": allocation_baselines(pareto)}
     atomic_write_json(report / "metrics.json", metrics)
 
-    # image grid: rows = methods, same captions and seeds
+    if config.judged:
+        _grid(report, config, images)
+    _plots(report, sens, pareto)
+
+
+def _grid(report: Path, config: StudyConfig, images: Mapping[str, np.ndarray]) -> None:
+    """Rows = methods, the same captions and seeds."""
     scenes = data.sample_scenes(config.num_eval, seed=2024, split="test")
     cols = 8
     keys = ["float"] + [
@@ -166,6 +214,14 @@ def write_report(
     grid = np.concatenate([images[k][:cols] for k in keys])
     captions = [f"{k}: {c}" for k in keys for c in scenes.captions[:cols]]
     save_grid(report / "grid.png", grid, captions, columns=cols)
+
+
+def _plots(
+    report: Path,
+    sens: Mapping[tuple[str, str], Mapping[str, tuple[float, ...]]],
+    pareto: Mapping[str, Mapping[str, Any]],
+) -> None:
+    from matplotlib import pyplot as plt  # noqa: PLC0415
 
     # sensitivity long tail (paper Fig. 2a): sorted per-layer SQNR at W4 and A4
     fig, ax = plt.subplots(figsize=(7, 3.5))

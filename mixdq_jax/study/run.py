@@ -11,6 +11,8 @@ they are already there, so a killed study resumes where it stopped:
     RUN/quantize/<row>/             each row's candidates, chosen bits, settings
     RUN/configs/<row>.pareto.json   Fig. 8 data: the pick, its candidates, the baselines
     RUN/eval/<row>.json, .npy       testbed metrics and images of each evaluated row
+    RUN/paper_eval/<row>/           with `StudyConfig.evaluation`: the paper's metrics
+                                    (images/, metrics.json; `mixdq_jax.evaluation.run`)
     RUN/report/                     report.md, grid.png, sensitivity.png, pareto.png
 """
 
@@ -83,31 +85,45 @@ def run_study(config: StudyConfig) -> Path:
 
     _stage("4/5 evaluation on held-out test captions")
     kw = dict(split="test", steps=config.steps, num=config.num_eval, seed=config.seed)
-    float_eval = run.cached_eval("float", lambda: evaluate(pipe, **kw))
-    results: dict[str, dict[str, Any]] = {"float": dict(float_eval["metrics"])}
-    results["float"]["unet_mb"] = stored_param_bytes(pipe.unet.config, None) / 1e6
-    results["float"]["compute_opt"] = 1.0
-    images: dict[str, np.ndarray] = {"float": float_eval["images"]}
+    results: dict[str, dict[str, Any]] = {
+        "float": {"unet_mb": stored_param_bytes(pipe.unet.config, None) / 1e6, "compute_opt": 1.0}
+    }
+    images: dict[str, np.ndarray] = {}
+    if config.judged:
+        float_eval = run.cached_eval("float", lambda: evaluate(pipe, **kw))
+        results["float"].update(float_eval["metrics"])
+        images["float"] = float_eval["images"]
+    if config.evaluation is not None:
+        results["float"]["paper"] = recipe.evaluate(
+            None, config.evaluation, out=run.path / "paper_eval" / "float"
+        )
     for key, row in rows.items():
         if isinstance(row, str):
             results[key] = {"skipped": row}
             continue
         qc = recipe.qconfig(row.method, row.weight_bits, row.act_bits)
-        out = run.cached_eval(
-            key,
-            lambda qc=qc: evaluate(pipe, reference_images=float_eval["images"], qconfig=qc, **kw),
-        )
         # FP8 is fake quantization only: no packed export to measure
         unet_mb = None if row.method.fp8 else stored_param_bytes(pipe.unet.config, row.spec) / 1e6
         results[key] = {
-            **out["metrics"],
             **bits_summary(row.weight_bits, row.act_bits, recipe.layers),
             "unet_mb": unet_mb,
             "compute_opt": compute_cost(
                 pipe.unet.config, row.weight_bits, row.act_bits
             )["compute_opt"],
         }
-        images[key] = out["images"]
+        if config.judged:
+            out = run.cached_eval(
+                key,
+                lambda qc=qc: evaluate(
+                    pipe, reference_images=float_eval["images"], qconfig=qc, **kw
+                ),
+            )
+            results[key].update(out["metrics"])
+            images[key] = out["images"]
+        if config.evaluation is not None:
+            results[key]["paper"] = recipe.evaluate(
+                row, config.evaluation, qconfig=qc, out=run.path / "paper_eval" / key
+            )
 
     _stage("5/5 report")
     write_report(run.report_dir, config, results, images, sens, pareto, time.perf_counter() - start)

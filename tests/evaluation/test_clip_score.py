@@ -18,7 +18,7 @@ from mixdq_jax.evaluation.clip_score import (
     torchmetrics_clip_score,
 )
 from tests.evaluation.torchmetrics_import import import_torchmetrics
-from tests.tiny_models import write_clip_tokenizer
+from tests.tiny_models import build_clip, clip_cosines
 
 RTOL = 1e-4
 LONG = "a small green square to the right of a yellow triangle " * 8  # > 77 tokens
@@ -27,31 +27,7 @@ PROMPTS = ["a photo of a red circle on a blue background", LONG, "an astronaut r
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    # torchmetrics accepts local folders only when the path contains "openai"
-    folder = tmp_path_factory.mktemp("clip") / "openai-clip-tiny"
-    vocab = write_clip_tokenizer(folder)
-    config = transformers.CLIPConfig(
-        text_config=dict(
-            vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77,
-            bos_token_id=0, eos_token_id=2,  # as in the released openai configs
-        ),
-        vision_config=dict(
-            hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
-            image_size=30, patch_size=6, hidden_act="gelu",
-        ),
-        projection_dim=16,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.CLIPModel(config).eval().save_pretrained(folder)
-    processor = transformers.CLIPProcessor(
-        image_processor=transformers.CLIPImageProcessor(
-            size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}
-        ),
-        tokenizer=transformers.CLIPTokenizer.from_pretrained(folder),
-    )
-    processor.save_pretrained(folder)
-    return folder
+    return build_clip(tmp_path_factory.mktemp("clip") / "openai-clip-tiny")
 
 
 @pytest.fixture(scope="module")
@@ -90,17 +66,7 @@ class _Transformers5Features(torch.nn.Module):
 
 
 def _reference_cosines(torch_clip, images, prompts):
-    """transformers' CLIPModel directly: features, unit-normalised, dot product."""
-    model, processor = torch_clip
-    with torch.no_grad():
-        pixels = processor(images=_chw(images), return_tensors="pt")["pixel_values"]
-        img = model.get_image_features(pixel_values=pixels).pooler_output
-        text = processor(text=prompts, return_tensors="pt", padding=True)
-        ids, mask = text["input_ids"][:, :77], text["attention_mask"][:, :77]
-        txt = model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
-    img = img / img.norm(dim=-1, keepdim=True)
-    txt = txt / txt.norm(dim=-1, keepdim=True)
-    return (img * txt).sum(-1).double().numpy()
+    return clip_cosines(*torch_clip, images, prompts)
 
 
 @pytest.mark.filterwarnings("ignore:Encountered caption longer")  # torchmetrics' own warning

@@ -6,6 +6,7 @@ metric networks are tested against their references in their own files."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import jax
@@ -230,3 +231,37 @@ def test_parse_metrics_and_cli_errors(tmp_path, capsys):
     args = ["evaluate", "--prompts", str(prompts), "--out", str(tmp_path / "o")]
     assert main([*args, "--metrics", "clip"]) == 2  # before any model is loaded
     assert "CLIP score: needs" in capsys.readouterr().err
+
+
+def test_the_command_on_the_testbed_matches_generate(tmp_path):
+    """`mixdq evaluate --prompts` end to end on the shipped testbed: its images are the ones
+    `mixdq generate` makes with the same options (image i: seed + i), the float images come
+    from the cache, and SSIM/PSNR are the paper's formula and skimage's on those files."""
+    from tests.test_metrics import np_global_ssim
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square on the left\na green triangle\n")
+    common = ["--model", "testbed", "--seed", "5"]
+    args = ["evaluate", *common, "--prompts", str(prompts), "--metrics", "psnr,ssim",
+            "--weight-bits", "4", "--batch", "2", "--out", str(tmp_path / "eval"),
+            "--cache", str(tmp_path / "cache")]  # fmt: skip
+    assert main(args) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    index = json.loads((tmp_path / "eval" / "images" / "index.json").read_text())
+    assert [e["seed"] for e in index] == [5, 6, 7]
+
+    def pngs(folder):
+        return np.stack([read_png(p) for p in sorted(Path(folder).glob("*.png"))])
+
+    ours, cached = pngs(tmp_path / "eval" / "images"), pngs(metrics["settings"]["float_images"])
+    for name, quant, made in (("w4", ["--weight-bits", "4"], ours), ("fp", [], cached)):
+        assert main(["generate", *common, "--prompts-file", str(prompts), *quant,
+                     "--out", str(tmp_path / name)]) == 0  # fmt: skip
+        assert np.abs(pngs(tmp_path / name).astype(int) - made.astype(int)).max() <= 1
+    ssim = np.mean([np_global_ssim(a, b, 255) for a, b in zip(ours, cached, strict=True)])
+    psnr = np.mean([peak_signal_noise_ratio(b, a, data_range=255)
+                    for a, b in zip(ours, cached, strict=True)])  # fmt: skip
+    assert metrics["ssim_vs_fp"] == pytest.approx(ssim, rel=1e-5)
+    assert metrics["psnr_vs_fp"] == pytest.approx(psnr, rel=1e-5)
+    assert metrics["storage"]["storage_opt"] > 3.0 and metrics["compute"]["compute_opt"] == 1.0
+    assert metrics["fid"] is None and metrics["settings"]["metrics"] == ["ssim", "psnr"]

@@ -188,3 +188,63 @@ def test_fp8_is_fake_quant_only_and_the_report_says_so(reference, pipe, tmp_path
     report = quantize(pipe, tmp_path / "run", _config(), **kw)
     assert report["unet_mb"] is None and report["act_effective_bits"] == 8.0
     assert "no packed export" in recipe_run.report_markdown(report)
+
+
+EVAL_PROMPTS = ["a red cube on grass", "two blue balls", "a green cone"]
+
+
+def test_the_report_carries_the_papers_metrics(reference, model, tmp_path):
+    """`mixdq quantize --eval-prompts`: the report's SSIM/PSNR and CLIP score are those of the
+    chosen model's images, made as `mixdq generate` makes them from the chosen bits files,
+    against the float model's, scored by skimage and transformers' CLIPModel."""
+    import transformers
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from mixdq_jax.evaluation.images import read_png
+    from tests.test_metrics import np_global_ssim
+    from tests.tiny_models import build_clip, clip_cosines
+
+    pipe_dir, prompts = model
+    run = tmp_path / "run"
+    shutil.copytree(reference / "run", run)
+    (tmp_path / "eval.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
+    clip = build_clip(tmp_path / "openai-clip-tiny")
+    args = ["quantize", "--model", str(pipe_dir), "--prompts", str(prompts), *ARGS, "--run",
+            str(run), "--eval-prompts", str(tmp_path / "eval.txt"), "--eval-batch", "2",
+            "--eval-cache", str(tmp_path / "cache"), "--clip-model", str(clip)]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((run / RECIPE / "report.json").read_text())
+    values = report["evaluation"]
+    assert values["prompts"] == 3 and set(values) >= {"ssim_vs_fp", "psnr_vs_fp", "clip_score"}
+    assert "lpips_vs_fp" not in values and "fid" not in values  # no weights given for them
+    assert "3 evaluation prompts" in (run / RECIPE / "report.md").read_text()
+
+    # the same images, the way a user makes them: `mixdq generate` with the chosen bits
+    out = {}
+    for name, quant in (("float", []), ("quant", [
+        "--weight-bits", str(run / RECIPE / "weight.yaml"),
+        "--act-bits", str(run / RECIPE / "act.yaml"), "--calib", str(run),
+    ])):  # fmt: skip
+        assert main(["generate", "--model", str(pipe_dir), "--prompts-file",
+                     str(tmp_path / "eval.txt"), "--out", str(tmp_path / name), *quant]) == 0
+        out[name] = np.stack([read_png(p) for p in sorted((tmp_path / name).glob("*.png"))])
+    def pngs(folder):
+        return np.stack([read_png(p) for p in sorted(Path(folder).glob("*.png"))])
+
+    ours = pngs(Path(values["out"], "images"))
+    settings = json.loads(Path(values["out"], "metrics.json").read_text())["settings"]
+    float_images = pngs(settings["float_images"])
+    assert ours.shape == out["quant"].shape == (3, *load_pipeline(pipe_dir).image_size, 3)
+    for made, user in ((ours, out["quant"]), (float_images, out["float"])):
+        assert np.abs(made.astype(int) - user.astype(int)).max() <= 1
+    assert np.abs(ours.astype(int) - float_images.astype(int)).max() > 1  # quantized differs
+
+    ssim = np.mean([np_global_ssim(a, b, 255) for a, b in zip(ours, float_images, strict=True)])
+    psnr = np.mean([peak_signal_noise_ratio(b, a, data_range=255)
+                    for a, b in zip(ours, float_images, strict=True)])  # fmt: skip
+    assert values["ssim_vs_fp"] == pytest.approx(ssim, rel=1e-5)
+    assert values["psnr_vs_fp"] == pytest.approx(psnr, rel=1e-5)
+    reference_clip = clip_cosines(transformers.CLIPModel.from_pretrained(clip).eval(),
+                                  transformers.CLIPProcessor.from_pretrained(clip), ours,
+                                  EVAL_PROMPTS)  # fmt: skip
+    assert values["clip_score"] == pytest.approx(float(reference_clip.mean()), rel=1e-4)

@@ -41,3 +41,32 @@ def test_tables_list_every_row_and_the_w8a8_ablation_in_order():
     assert "| W3.66A16 | naive PTQ | n/a |" in table1
     rows = [line.split("|")[2].strip() for line in table3.splitlines() if line.startswith("| W8A8")]
     assert rows == [METHODS[n].title for n in ("naive", "naive+bos", "sqnr-mp", "mixdq")]
+
+
+def test_the_papers_metrics_replace_the_judge_on_another_model():
+    """With `StudyConfig.evaluation` on a model other than the testbed, Table 1 holds the
+    paper's metrics (only the columns some row computed) and no judge columns."""
+    methods = (METHODS["naive"], METHODS["mixdq"])
+    config = StudyConfig(model="/models/sdxl-turbo", targets=(Target.parse("W8A8"),),
+                         methods=methods, evaluation=object())  # fmt: skip
+    assert not config.judged and StudyConfig().judged
+    paper = {"prompts": 1024, "clip_score": 0.2612, "ssim_vs_fp": 0.91, "psnr_vs_fp": 23.456}
+    results = {
+        "float": {"unet_mb": 5135.0, "compute_opt": 1.0, "paper": {"prompts": 1024,
+                                                                   "clip_score": 0.2634}},
+        "W8A8_naive": {**_metrics(8, 8, 0, 2570.0), "paper": paper},
+        "W8A8_mixdq": {**_metrics(8, 7.99, 3, 2580.0), "paper": {**paper, "fid": 21.5}},
+    }  # fmt: skip
+    for row in ("W8A8_naive", "W8A8_mixdq"):
+        for judge in ("content_score", "frechet_distance", "ssim_vs_fp", "psnr_vs_fp"):
+            del results[row][judge]
+    text = table(config, results, 60.0)
+    assert "## Table 1: every target" not in text and "content score" not in text
+    assert "grid.png" not in text and "1024 evaluation prompts" in text
+    header = next(line for line in text.splitlines() if line.startswith("| setting"))
+    assert header == ("| setting | method | W bits | A bits (eff.) | FID | CLIP score | "
+                      "SSIM vs FP | PSNR vs FP | UNet MB | BOPs saving |")  # fmt: skip
+    assert "| - | float | 16 | 16 | - | 0.2634 | - | - | 5135.00 | 1.00 |" in text
+    naive = "| W8A8 | naive PTQ | 8.00 | 8.00 | - | 0.2612 | 0.9100 | 23.46 | 2570.00 | 4.00 |"
+    assert naive in text
+    assert "| W8A8 | MixDQ | 8.00 | 7.99 | 21.50 | 0.2612 |" in text
