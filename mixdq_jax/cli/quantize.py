@@ -11,7 +11,10 @@ Methods (the paper's rows): ``naive`` (uniform, no BOS handling), ``naive+bos``,
 export), ``mixdq-no-bos``, ``mixdq`` (default); with learned rounding (a ``reconstruct`` stage
 after ``acts``, block by block, resumable): ``qdiffusion`` (BRECQ + AdaRound + LSQ steps on
 uniform bits), ``ptqd`` (that plus PTQD's noise correction; one sampling step),
-``mixdq+adaround`` (MixDQ's bits with learned rounding).
+``mixdq+adaround`` (MixDQ's bits with learned rounding), ``edadm`` (EDA-DM: Q-Diffusion's
+reconstruction with calibration samples spread over the sampling steps by TDAC, every sample
+at one step, and fine-grained block reconstruction: the inner layers' output errors added to
+the block loss at weight 0.5).
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import argparse
 from pathlib import Path
 
 from mixdq_jax.cli import argtypes
+from mixdq_jax.cli.metric_args import add_report_eval_args, report_eval
 from mixdq_jax.cli.quant_args import add_dtype_arg, resolve_dtype
 
 STAGES = ("calibrate", "sensitivity", "weights", "acts", "reconstruct", "export", "report")
 METHOD_NAMES = ("naive", "naive+bos", "sqnr-mp", "fp8", "mixdq-no-bos", "mixdq")
-RECONSTRUCTION_METHOD_NAMES = ("qdiffusion", "ptqd", "mixdq+adaround")
+RECONSTRUCTION_METHOD_NAMES = ("qdiffusion", "ptqd", "mixdq+adaround", "edadm")
 _count = argtypes.positive_int
 _act_average = argtypes.float_in(4.0, 8.0, "the {4, 8} activation average")
 _percent = argtypes.float_in(0.0, 100.0, "a percentage")
@@ -126,6 +130,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--lora-scale", type=argtypes.finite_float, default=1.0)
     add_dtype_arg(p)
+    add_report_eval_args(p)
     p.set_defaults(func=run)
 
 
@@ -171,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None and args.out.resolve() == args.run.resolve():
         raise ValueError("--out and --run must be different folders")
     calib, select = prompts_for(args.model, args.prompts, args.num_calib, args.num_select)
+    evaluation = report_eval(args)  # the metrics' weights checked before any work
     objective = args.objective or ("official" if args.preset == "official" else "noise")
     config = RecipeConfig(
         calib_prompts=calib, select_prompts=select, preset=PRESETS[args.preset],
@@ -190,10 +196,10 @@ def run(args: argparse.Namespace) -> int:
         locks.enter_context(exclusive_lock(args.run, "run directory"))
         if args.out is not None:
             locks.enter_context(exclusive_lock(args.out, "output folder"))
-        return _quantize(args, config, method)
+        return _quantize(args, config, method, evaluation)
 
 
-def _quantize(args: argparse.Namespace, config, method) -> int:
+def _quantize(args: argparse.Namespace, config, method, evaluation) -> int:
     from mixdq_jax.api import load_pipeline  # noqa: PLC0415
     from mixdq_jax.recipe import quantize  # noqa: PLC0415
     from mixdq_jax.recipe.run import report_markdown  # noqa: PLC0415
@@ -207,7 +213,7 @@ def _quantize(args: argparse.Namespace, config, method) -> int:
     )  # fmt: skip
     report = quantize(
         pipe, args.run, config, target=args.target, method=method, out=args.out,
-        stop_after=args.stop_after, overwrite=args.overwrite,
+        stop_after=args.stop_after, overwrite=args.overwrite, evaluation=evaluation,
     )  # fmt: skip
     if report is None:
         print(f"stopped after stage {args.stop_after}; run the same command to go on")

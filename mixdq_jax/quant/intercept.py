@@ -90,26 +90,56 @@ class Mode(abc.ABC):
         """The layer's output (``call.original()`` for the model as written)."""
 
 
+class ModuleReached(Exception):  # noqa: N818 - control flow, not an error
+    """Raised inside the model by ``intercept(..., stop_at=NAME)`` when module ``NAME`` is
+    called, before it runs: the module (unbound: ``module.apply`` runs it alone) and the
+    call's arguments."""
+
+    def __init__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        super().__init__(f"module {'.'.join(module.path) or module.name} reached")
+        self.module, self.args, self.kwargs = module.clone(parent=None), args, kwargs
+
+
 @contextlib.contextmanager
-def intercept(mode: Mode, qconfig: Any = None, *, check_coverage: bool = True) -> Iterator[Records]:
+def intercept(
+    mode: Mode,
+    qconfig: Any = None,
+    *,
+    check_coverage: bool = True,
+    prefix: str = "",
+    stop_at: str | None = None,
+) -> Iterator[Records]:
     """Run ``mode`` at every quantizable layer of the Flax model applied inside the block.
 
     ``check_coverage``: on exit, raise ``ValueError`` naming the layers the mode expects that
-    were never called.
+    were never called. ``prefix``: the model applied is the submodule of that name (one
+    UNet block run alone, as reconstruction does), so its layers are named
+    ``prefix.<path>`` as in the whole model. ``stop_at``: raise `ModuleReached` when the
+    module of that name is called (its inputs, computed by the model up to it in ``mode``).
     """
     if not isinstance(mode, Mode):
         raise ValueError(f"mode must be a mixdq_jax.quant.Mode instance, got {mode!r}")
     wanted = mode.layers(qconfig)
     wanted = None if wanted is None else frozenset(wanted)
     records = Records()
+    handling: list[str] = []  # the layer a mode is handling: its own math is not a layer call
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
+        if (
+            stop_at is not None
+            and not handling
+            and context.method_name == "__call__"
+            and ".".join((prefix, *module.path) if prefix else module.path) == stop_at
+        ):
+            raise ModuleReached(module, args, kwargs)
         if context.method_name != "__call__" or not isinstance(module, nn.Dense | nn.Conv):
+            return next_fun(*args, **kwargs)
+        if handling:  # `LayerCall.apply` inside a mode: a clone of the layer being handled
             return next_fun(*args, **kwargs)
         if module.is_initializing() and not mode.on_init:
             return next_fun(*args, **kwargs)
-        name = ".".join(module.path)
+        name = ".".join((prefix, *module.path) if prefix else module.path)
         if wanted is not None and name not in wanted:
             return next_fun(*args, **kwargs)
         if len(args) != 1 or kwargs:
@@ -122,7 +152,11 @@ def intercept(mode: Mode, qconfig: Any = None, *, check_coverage: bool = True) -
             x=args[0],
             original=lambda: next_fun(*args, **kwargs),
         )
-        return mode.handle(call, qconfig, records)
+        handling.append(name)
+        try:
+            return mode.handle(call, qconfig, records)
+        finally:
+            handling.pop()
 
     with nn.intercept_methods(interceptor):
         yield records

@@ -64,6 +64,10 @@ class Method:
     ``rounding``: ``"nearest"``, or ``"adaround"``: the chosen bits reconstructed block by
     block (BRECQ + AdaRound + LSQ steps, `mixdq_jax.reconstruction`; the recipe's
     ``reconstruct`` stage). ``ptqd``: PTQD's correction of the correlated output noise.
+    ``calib_select``: EDA-DM's temporal distribution alignment calibration (the reconstruction
+    samples chosen per sampling step, `mixdq_jax.reconstruction.calib_select`; a no-op at one
+    step). ``layer_loss_weight``: EDA-DM's fine-grained block reconstruction (the layers'
+    output errors added to the block's at this weight; ``ReconConfig.layer_loss_weight``).
     """
 
     name: str
@@ -74,6 +78,8 @@ class Method:
     fp8: bool = False
     rounding: str = "nearest"
     ptqd: bool = False
+    calib_select: bool = False
+    layer_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for what, value in (("weight", self.weights), ("activation", self.acts)):
@@ -85,15 +91,27 @@ class Method:
             raise ValueError(f"method {self.name!r}: unknown rounding {self.rounding!r}")
         if self.fp8 and (self.rounding != "nearest" or self.ptqd):
             raise ValueError(f"method {self.name!r}: FP8 has no learned rounding or PTQD")
+        if self.layer_loss_weight < 0.0:
+            raise ValueError(f"method {self.name!r}: negative layer_loss_weight")
+        if (self.calib_select or self.layer_loss_weight) and self.rounding != "adaround":
+            raise ValueError(
+                f"method {self.name!r}: calibration selection and layer losses are parts of "
+                "the reconstruction (rounding='adaround')"
+            )
 
     def settings(self) -> dict[str, Any]:
-        """The fields a resumed recipe must match: ``rounding`` and ``ptqd`` only when set,
-        so runs started before those fields existed still resume."""
+        """The fields a resumed recipe must match: ``rounding``, ``ptqd``, ``calib_select``
+        and ``layer_loss_weight`` only when set, so runs started before those fields existed
+        still resume."""
         out = asdict(self)
         if self.rounding == "nearest":
             del out["rounding"]
         if not self.ptqd:
             del out["ptqd"]
+        if not self.calib_select:
+            del out["calib_select"]
+        if self.layer_loss_weight == 0.0:
+            del out["layer_loss_weight"]
         return out
 
     def supports(self, target: Target) -> str | None:
@@ -136,7 +154,9 @@ METHODS: dict[str, Method] = {
 # so a default study does not grow by the hours reconstruction takes (the study opts in).
 # Q-Diffusion and PTQD quantize uniformly without BOS handling, as naive PTQ; PTQD is
 # Q-Diffusion's reconstruction plus its noise correction (its experiments start from
-# BRECQ/AdaRound-calibrated models).
+# BRECQ/AdaRound-calibrated models). EDA-DM is Q-Diffusion's reconstruction with its two
+# parts: calibration samples chosen per step (TDAC) and layer losses inside each block (FBR,
+# weight 0.5: the public code's Stable Diffusion setting).
 RECONSTRUCTION_METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -146,6 +166,8 @@ RECONSTRUCTION_METHODS: dict[str, Method] = {
                rounding="adaround", ptqd=True),
         Method(name="mixdq+adaround", title="MixDQ + AdaRound", weights="mixdq", acts="mixdq",
                bos_aware=True, rounding="adaround"),
+        Method(name="edadm", title="EDA-DM", weights="uniform", acts="uniform", bos_aware=False,
+               rounding="adaround", calib_select=True, layer_loss_weight=0.5),
     )
 }  # fmt: skip
 

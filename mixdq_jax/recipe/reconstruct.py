@@ -5,12 +5,16 @@ configuration is reconstructed unit by unit on the calibration run's UNet inputs
 sampling step: `mixdq_jax.reconstruction.samples`), resumable in
 ``RUN/quantize/<key>/reconstruct/``. ``ptqd`` then fits PTQD's noise model on the same
 inputs (the calibration's float outputs against the reconstructed model's) and folds the
-one-step correction into ``conv_out``. What comes out is what the later stages already take:
-a pipeline whose float UNet params carry the learned codes, and activation ranges.
+one-step correction into ``conv_out``. ``edadm`` (EDA-DM) first keeps the calibration samples
+its TDAC chooses per sampling step (every sample at one step) and reconstructs with its
+layer losses (``ReconConfig.layer_loss_weight`` from the method). What comes out is what the
+later stages already take: a pipeline whose float UNet params carry the learned codes, and
+activation ranges.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import jax
@@ -21,8 +25,9 @@ from mixdq_jax.pipeline import Pipeline
 from mixdq_jax.quant.forward import forward
 from mixdq_jax.quant.qconfig import QConfig
 from mixdq_jax.reconstruction import ReconConfig, reconstruct, unet_apply
+from mixdq_jax.reconstruction.calib_select import CalibSelect, feature_fn, select
 from mixdq_jax.reconstruction.ptqd import NoiseModel, fit_noise, fold_into_output_layer
-from mixdq_jax.reconstruction.samples import unet_samples
+from mixdq_jax.reconstruction.samples import sample_positions, unet_samples
 from mixdq_jax.rundir import RunDir
 from mixdq_jax.sensitivity.calibration import CalibData, load_calibration
 
@@ -53,6 +58,10 @@ def reconstruct_stage(
     params, ranges = pipe.params["unet"], dict(run.act_ranges())
     if method.rounding == "adaround":
         data = unet_samples(pipe, calib)
+        if method.calib_select:
+            data = tdac_samples(pipe, calib, data, seed=config.seed)
+        if method.layer_loss_weight:
+            config = replace(config, layer_loss_weight=method.layer_loss_weight)
         res = reconstruct(unet_apply(pipe.unet), params, qconfig, data, config=config,
                           run=run, key=key, progress=progress)  # fmt: skip
         params, qconfig = res.params, res.qconfig
@@ -64,6 +73,15 @@ def reconstruct_stage(
         noise = fit_noise(calib_outputs(calib), quantized_outputs(pipe, params, qconfig, calib))
         params = fold_into_output_layer(params, noise)
     return pipe.with_params(unet=params), ranges, noise
+
+
+def tdac_samples(pipe: Pipeline, calib: CalibData, data: Any, *, seed: int = 0) -> Any:
+    """EDA-DM's TDAC: the samples of ``data`` (`unet_samples`) it keeps, one per trajectory,
+    spread over the steps by the float UNet's latent feature maps; all of them at one step."""
+    step_of, trajectory_of = sample_positions(calib)
+    features = feature_fn(unet_apply(pipe.unet), pipe.params["unet"], data)
+    keep = select(step_of, trajectory_of, features, CalibSelect(seed=seed))
+    return data if keep.size == step_of.size else jax.tree.map(lambda a: a[keep], data)
 
 
 def calib_outputs(calib: CalibData) -> np.ndarray:

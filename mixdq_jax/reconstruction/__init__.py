@@ -1,7 +1,7 @@
 """Reconstruction-based quantization: AdaRound rounding and LSQ step sizes learned block by
-block (BRECQ, Q-Diffusion), and PTQD's noise correction. Everything ends as data the rest of
-the library already runs: a float params tree whose nearest rounding is the learned codes,
-and ordinary activation ranges (see `loop`)."""
+block (BRECQ, Q-Diffusion), EDA-DM's calibration selection and layer losses, and PTQD's noise
+correction. Everything ends as data the rest of the library already runs: a float params tree
+whose nearest rounding is the learned codes, and ordinary activation ranges (see `loop`)."""
 
 from mixdq_jax.reconstruction.adaround import (
     beta_schedule,
@@ -14,12 +14,14 @@ from mixdq_jax.reconstruction.adaround import (
     rounding_regularizer,
 )
 from mixdq_jax.reconstruction.blocks import BLOCK_PATTERN, Unit, capture, find_units, unet_apply
+from mixdq_jax.reconstruction.calib_select import CalibSelect
 from mixdq_jax.reconstruction.loop import ReconConfig, Reconstruction, reconstruct
 from mixdq_jax.reconstruction.lsq import init_step, lsq_fake_quant, step_range
 from mixdq_jax.reconstruction.mode import LearnedRounding, Rounding
 
 __all__ = [
     "BLOCK_PATTERN",
+    "CalibSelect",
     "LearnedRounding",
     "ReconConfig",
     "Reconstruction",

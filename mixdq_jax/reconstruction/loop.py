@@ -6,6 +6,10 @@ For each unit (`blocks.find_units`), in call order:
    the unit's output error against the float model (squared error summed over channels,
    averaged over the rest: BRECQ's ``lp_loss``) plus ``reg_weight`` times the rounding
    regulariser (off for the first ``warmup`` fraction, then ``beta`` annealed 20 -> 2).
+   ``layer_loss_weight`` > 0 adds EDA-DM's fine-grained block reconstruction (FBR): that
+   weight times the sum of the same error at the outputs of the unit's layers (all but the
+   last, whose output the block loss already covers), against the float model's layer
+   outputs on the same samples (computed each step, so no per-layer targets are stored).
    Activations run in float in this phase, as in BRECQ's weight pass.
 2. **activation steps** (``act_iters``, only for layers whose activations are quantized):
    the rounding hard, Adam (``act_lr``, cosine decay to 0) on the LSQ step sizes.
@@ -35,6 +39,7 @@ import optax
 from tqdm import tqdm
 
 from mixdq_jax.deploy.packed import node_at, path_of
+from mixdq_jax.quant.modes import FakeQuant
 from mixdq_jax.quant.qconfig import FLOAT_BITS, QConfig
 from mixdq_jax.reconstruction.adaround import (
     beta_schedule,
@@ -44,7 +49,7 @@ from mixdq_jax.reconstruction.adaround import (
     nearest_codes,
     rounding_regularizer,
 )
-from mixdq_jax.reconstruction.blocks import Apply, Unit, capture, find_units
+from mixdq_jax.reconstruction.blocks import Apply, Unit, UnitCall, capture, find_units, unit_inputs
 from mixdq_jax.reconstruction.lsq import init_step, step_range
 from mixdq_jax.reconstruction.mode import LearnedRounding, Rounding
 from mixdq_jax.rundir import RunDir
@@ -69,6 +74,7 @@ class ReconConfig:
     learn_act_steps: bool = True
     seed: int = 0
     blocks: tuple[str, ...] = ()
+    layer_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "blocks", tuple(self.blocks))
@@ -78,9 +84,16 @@ class ReconConfig:
             raise ValueError(f"ReconConfig: warmup {self.warmup} outside [0, 1)")
         if min(self.lr, self.act_lr) <= 0.0 or self.reg_weight < 0.0:
             raise ValueError("ReconConfig: lr and act_lr must be > 0, reg_weight >= 0")
+        if self.layer_loss_weight < 0.0:
+            raise ValueError("ReconConfig: layer_loss_weight must be >= 0")
 
     def settings(self) -> dict[str, Any]:
-        return {**asdict(self), "blocks": list(self.blocks)}
+        """The fields a resumed reconstruction must match; ``layer_loss_weight`` only when
+        set, so runs started before it existed still resume."""
+        out = {**asdict(self), "blocks": list(self.blocks)}
+        if self.layer_loss_weight == 0.0:
+            del out["layer_loss_weight"]
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,32 +182,43 @@ def _pick(cond: Array, new: Any, old: Any) -> Any:
 
 class _UnitRun:
     """One unit's whole reconstruction as a single compiled program: a ``lax.scan`` over the
-    weight steps then the activation-step steps (the phase is data: which qconfig, soft or
-    hard rounding, which optimizer moves), then the evaluation. Batch indices are drawn up
-    front, so a rerun draws the same batches."""
+    weight steps then the activation-step steps (the phase is data: which qconfig, which
+    inputs, soft or hard rounding, which optimizer moves), then the evaluation. Each step runs
+    the unit alone (`blocks.UnitCall`) on its inputs captured once from the model quantized so
+    far: with float activations for the weight phase, quantized for the activation phase and
+    the evaluation. Batch indices are drawn up front, so a rerun draws the same batches."""
 
-    def __init__(self, apply: Apply, unit: Unit, config: ReconConfig) -> None:
+    def __init__(self, unit: Unit, config: ReconConfig) -> None:
         self.config = config
+        self.call: UnitCall | None = None  # set from the first `unit_inputs`, before tracing
         mode = LearnedRounding()
+        inner = fbr_layers(unit) if config.layer_loss_weight > 0.0 else ()
 
-        def loss(trainable, state, params, batch, target, beta, reg_scale):
+        def loss(trainable, state, params, inputs, target, beta, reg_scale, float_params,
+                 float_inputs):  # fmt: skip
             state = replace(state, v=trainable["v"], a_step=trainable["a_step"])
-            out = capture(
-                apply, params, batch, [unit.name], mode=mode, qconfig=state, stop_early=True
-            )
+            out = self.call.run(params, inputs, mode=mode, qconfig=state, layers=inner)
             rec = _rec_loss(out[unit.name], target)
             reg = sum((rounding_regularizer(v, beta) for v in trainable["v"].values()), 0.0)
-            return rec + reg_scale * reg, rec
+            total = rec + reg_scale * reg
+            if inner:  # EDA-DM's FBR: the float block's layer outputs on the float inputs
+                ref = self.call.run(float_params, float_inputs, layers=inner)
+                layers = [_rec_loss(out[n], jax.lax.stop_gradient(ref[n])) for n in inner]
+                total = total + config.layer_loss_weight * sum(layers[1:], layers[0])
+            return total, rec
 
         self._loss = loss
         self._grad = jax.value_and_grad(loss, has_aux=True)
         self.run = jax.jit(self._program)
 
-    def _program(self, trainable, nearest_v, zeros, qc_weights, qc, params, data, targets,
-                 indices, eval_idx):  # fmt: skip
+    def _program(self, trainable, nearest_v, zeros, qc_weights, qc, params, inputs_w, inputs_a,
+                 targets, indices, eval_idx, float_params, float_inputs):  # fmt: skip
         c = self.config
         opt_w = optax.adam(c.lr)
         opt_a = optax.adam(optax.cosine_decay_schedule(c.act_lr, max(c.act_iters, 1), alpha=0.0))
+
+        def take(arrays, idx):
+            return [a[idx] for a in arrays]
 
         def step(carry, xs):
             tr, state_w, state_a = carry
@@ -208,8 +232,9 @@ class _UnitRun:
                 soft=weights.astype(jnp.float32),
             )  # fmt: skip
             reg_scale = jnp.where(on & weights, c.reg_weight, 0.0)
-            batch = jax.tree.map(lambda a: a[idx], data)
-            (_, rec), g = self._grad(tr, state, params, batch, targets[idx], beta, reg_scale)
+            inputs = _pick(weights, take(inputs_w, idx), take(inputs_a, idx))
+            (_, rec), g = self._grad(tr, state, params, inputs, targets[idx], beta, reg_scale,
+                                     float_params, take(float_inputs, idx))  # fmt: skip
             up_w, new_w = opt_w.update(g["v"], state_w, tr["v"])
             up_a, new_a = opt_a.update(g["a_step"], state_a, tr["a_step"])
             tr = {
@@ -223,21 +248,29 @@ class _UnitRun:
         (learned, _, _), _ = jax.lax.scan(step, carry, (steps, indices))
 
         state = Rounding(qconfig=qc, a_zero=zeros, soft=jnp.float32(0.0))
-        batch, target = jax.tree.map(lambda a: a[eval_idx], data), targets[eval_idx]
-        zero = jnp.float32(0.0)
+        inputs, target = take(inputs_a, eval_idx), targets[eval_idx]
+        float_in, zero = take(float_inputs, eval_idx), jnp.float32(0.0)
         nearest = {"v": nearest_v, "a_step": trainable["a_step"]}
         both = jax.tree.map(lambda a, b: jnp.stack([a, b]), nearest, learned)
-        mse = jax.lax.map(  # one copy of the model in the program, not two
-            lambda tr: self._loss(tr, state, params, batch, target, zero, zero)[1], both
-        )
+        mse = jax.lax.map(  # one copy of the unit in the program, not two
+            lambda tr: self._loss(tr, state, params, inputs, target, zero, zero, float_params,
+                                  float_in)[1],
+            both,
+        )  # fmt: skip
         return learned, mse[0], mse[1]
+
+
+def fbr_layers(unit: Unit) -> tuple[str, ...]:
+    """The layers whose outputs EDA-DM's fine-grained loss matches: every layer of the unit
+    but the last (as the public code; a single-layer unit has none)."""
+    return tuple(n for n in unit.layers[:-1] if n != unit.name)
 
 
 @lru_cache(maxsize=16)
 def _unit_run(apply: Apply, unit: Unit, config: ReconConfig) -> _UnitRun:
     """Compiled programs of a unit, kept for a rerun (a resumed run or another method on
     the same model)."""
-    return _UnitRun(apply, unit, config)
+    return _UnitRun(unit, config)
 
 
 def reconstruct(
@@ -342,9 +375,27 @@ def _learn_unit(
     ]
     indices = jnp.asarray(np.stack(rows) if rows else np.zeros((0, size), np.int64))
     trainable = {"v": v, "a_step": dict(steps_init)}
-    trainable, mse_nearest, mse_learned = _unit_run(apply, unit, config).run(
-        trainable, v_nearest, zeros, _act_float(qconfig), qconfig, params,
-        jax.tree.map(jnp.asarray, data), jnp.asarray(target), indices, jnp.arange(size),
+    # the unit's inputs, once: the model quantized so far (earlier units learned, later
+    # ones nearest), activations float for the weight phase, as configured for the rest
+    qc_weights = _act_float(qconfig)
+    fake = FakeQuant()
+    call, inputs_w = unit_inputs(apply, params, data, unit.name, config.batch_size,
+                                 mode=fake, qconfig=qc_weights)  # fmt: skip
+    inputs_a = inputs_w
+    if any(b < FLOAT_BITS for b in a_bits.values()):
+        _, inputs_a = unit_inputs(apply, params, data, unit.name, config.batch_size, mode=fake,
+                                  qconfig=qconfig)  # fmt: skip
+    float_inputs: list[np.ndarray] = []
+    if config.layer_loss_weight > 0.0 and fbr_layers(unit):
+        _, float_inputs = unit_inputs(apply, float_params, data, unit.name, config.batch_size)
+    if target.shape[0] != n:
+        raise ValueError(f"unit {unit.name!r}: {target.shape[0]} outputs for {n} samples (a "
+                         "module called more than once cannot be reconstructed alone)")  # fmt: skip
+    program = _unit_run(apply, unit, config)
+    program.call = call
+    trainable, mse_nearest, mse_learned = program.run(
+        trainable, v_nearest, zeros, qc_weights, qconfig, params, inputs_w, inputs_a,
+        jnp.asarray(target), indices, jnp.arange(size), float_params, float_inputs,
     )  # fmt: skip
     out = {"mse_nearest": np.float64(mse_nearest), "mse_learned": np.float64(mse_learned)}
     for name, vv in trainable["v"].items():

@@ -44,6 +44,19 @@ def unet_samples(pipe: Pipeline, calib: CalibData) -> dict[str, Any]:
     return _concat(parts)
 
 
+def sample_positions(calib: CalibData) -> tuple[np.ndarray, np.ndarray]:
+    """``(step, trajectory)`` of every sample of `unet_samples` (same order): the sampling
+    step and the UNet row over all calibration batches (one row = one trajectory)."""
+    steps, trajectories, offset = [], [], 0
+    for batch in calib.batches:
+        n_steps, rows = batch.inputs.shape[:2]
+        for s in range(n_steps):
+            steps.append(np.full((rows,), s, np.int64))
+            trajectories.append(offset + np.arange(rows, dtype=np.int64))
+        offset += rows
+    return np.concatenate(steps), np.concatenate(trajectories)
+
+
 def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, first in parts[0].items():

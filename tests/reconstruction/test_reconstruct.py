@@ -201,3 +201,57 @@ def test_bad_requests_are_named():
     fp8 = QuantSpec(weight_bits=8, fp8=True).to_qconfig(["fc"])
     with pytest.raises(ValueError, match="integer weights"):
         reconstruct(_apply(model), params, fp8, {"x": x}, progress=False)
+
+
+def test_a_unit_of_each_kind_runs_alone_as_inside_the_sdxl_unet(tmp_path):
+    """Reconstruction steps run each unit alone on its captured inputs (`unit_inputs`,
+    `UnitCall.run`): on a tiny SDXL UNet at W4A8 a unit's output, and every layer's inside it,
+    equals what the whole model computes at that module (flax's capture_intermediates)."""
+    import jax.numpy as jnp
+
+    from mixdq_jax.api import load_pipeline
+    from mixdq_jax.quant import FakeQuant
+    from mixdq_jax.quant.registry import layer_splits, unet_layers
+    from mixdq_jax.reconstruction import unet_apply
+    from mixdq_jax.reconstruction.blocks import capture, unit_inputs
+    from tests.tiny_models import build_sdxl
+
+    pipe = load_pipeline(build_sdxl(tmp_path / "pipe", unet_overrides=dict(
+        layers_per_block=1, transformer_layers_per_block=(1, 1))))  # fmt: skip
+    h, w = pipe.image_size
+    rng = np.random.default_rng(0)
+    context, pooled = pipe.encode_prompt(pipe.tokenize(["a red cube", "a cat", "two cones"]))
+    cond = pipe.conditioning(context, pooled, 0.0, h, w)
+    f = pipe.vae_scale_factor
+    data = {
+        "sample": rng.normal(size=(3, pipe.unet.config.in_channels, h // f, w // f)).astype(
+            np.float32),
+        "t": np.array([999.0, 500.0, 20.0], np.float32),
+        **jax.tree.map(np.asarray, cond),
+    }  # fmt: skip
+    splits = layer_splits(unet_layers(pipe.unet.config))
+    observed = {n: np.array([[-3.0, 3.0]] * (1 if s is None else 2), np.float32)
+                for n, s in splits.items()}  # fmt: skip
+    qconfig = QuantSpec(weight_bits=4, act_bits=8).to_qconfig(splits, observed)
+    apply, params = unet_apply(pipe.unet), pipe.params["unet"]
+    units = find_units(list(splits))
+    assert len(units) > 10 and any(u.name == "conv_in" for u in units)
+    # one of each kind (every unit costs two compilations): single layers in and out, a down
+    # ResBlock, a transformer block, an up ResBlock (its shortcut's input split in two)
+    kinds = [lambda n: n == "time_embedding.linear_1", lambda n: n == "conv_out",
+             lambda n: n.startswith("down_blocks") and ".resnets." in n,
+             lambda n: "transformer_blocks" in n,
+             lambda n: n.startswith("up_blocks") and ".resnets." in n]  # fmt: skip
+    chosen = [next(u for u in units if kind(u.name)) for kind in kinds]
+    assert any(splits[n] is not None for n in chosen[-1].layers)
+    for unit in chosen:
+        inner = tuple(n for n in unit.layers if n != unit.name)
+        whole = capture(apply, params, data, [unit.name, *inner], mode=FakeQuant(),
+                        qconfig=qconfig, stop_early=True)  # fmt: skip
+        call, arrays = unit_inputs(apply, params, data, unit.name, 2, mode=FakeQuant(),
+                                   qconfig=qconfig)  # fmt: skip
+        alone = call.run(params, [jnp.asarray(a) for a in arrays], mode=FakeQuant(),
+                         qconfig=qconfig, layers=inner)  # fmt: skip
+        for name in (unit.name, *inner):
+            np.testing.assert_allclose(np.asarray(alone[name]), np.asarray(whole[name]),
+                                       rtol=1e-4, atol=1e-4, err_msg=name)  # fmt: skip
