@@ -17,10 +17,12 @@ ACT_ITERS=${RECON_ACT_ITERS:-125}
 LR=${RECON_LR:-5e-3}
 COMMON=(--model testbed --num-calib 16 --num-select 8 --batch-size 16 --chunk 16
         --recon-iters "$ITERS" --recon-act-iters "$ACT_ITERS" --recon-batch 16 --recon-lr "$LR")
-ROWS=${ROWS:-"naive W8A16
-qdiffusion W8A16
-naive W4A16
+# in the order of the questions they answer: Q-Diffusion vs naive at W4A16, MixDQ with learned
+# rounding at W3.66A16, Table 2 at W8A8, then W4A8 and W8A16
+ROWS=${ROWS:-"naive W4A16
 qdiffusion W4A16
+mixdq W3.66A16
+mixdq+adaround W3.66A16
 naive W8A8
 qdiffusion W8A8
 ptqd W8A8
@@ -30,8 +32,8 @@ naive W4A8
 qdiffusion W4A8
 mixdq W4A8
 mixdq+adaround W4A8
-mixdq W3.66A16
-mixdq+adaround W3.66A16"}
+naive W8A16
+qdiffusion W8A16"}
 mkdir -p "$OUT"
 
 while read -r method target; do
@@ -60,6 +62,8 @@ lines = [f"Reconstruction: {iters} weight steps and {act_iters} activation-step 
 for row in rows:
     method, target = row.split()
     name = f"{method}-{target}"
+    if not (out / f"eval-{name}/metrics.json").is_file():
+        continue  # not run yet (the loop above stopped or was killed)
     rep = json.loads((out / f"run/quantize/{target}_{method}/report.json").read_text())
     m = json.loads((out / f"eval-{name}/metrics.json").read_text())
     seconds = int((out / f"{name}.seconds").read_text())

@@ -64,7 +64,7 @@ def _load_npz(path: Path, *names: str) -> dict[str, np.ndarray]:
     """Arrays of an ``.npz`` (all, or ``names``), or a CorruptFileError naming the file."""
     try:
         with np.load(path) as data:
-            return {k: data[k] for k in (names or data.files)}
+            return {k: _readable(data[k]) for k in (names or data.files)}
     except FileNotFoundError:
         raise
     except _READ_ERRORS as err:
@@ -116,9 +116,25 @@ def set_aside(path: Path) -> Path:
     return target
 
 
+def _portable(a: Any) -> np.ndarray:
+    """An array as ``.npz`` can hold it: bfloat16 (and other ml_dtypes floats, which numpy
+    stores as opaque bytes that load as ``V2``) widened to float32, exactly."""
+    a = np.asarray(a)
+    return a.astype(np.float32) if a.dtype.kind == "V" and a.dtype.names is None else a
+
+
+def _readable(a: np.ndarray) -> np.ndarray:
+    """A bfloat16 array written by an older version (opaque ``V2`` bytes) as float32."""
+    if a.dtype.kind == "V" and a.dtype.names is None and a.dtype.itemsize == 2:
+        import ml_dtypes  # noqa: PLC0415  (a dependency of jax)
+
+        return a.view(ml_dtypes.bfloat16).astype(np.float32)
+    return a
+
+
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **{k: _portable(a) for k, a in arrays.items()})
     return buf.getvalue()
 
 

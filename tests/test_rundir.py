@@ -31,6 +31,28 @@ def test_calibration_files_round_trip(tmp_path):
     assert not list(run.calib_dir.glob("*.tmp*"))  # atomic writes leave no temp files
 
 
+def test_bfloat16_calibration_reads_back_as_float32(tmp_path):
+    """numpy stores bfloat16 as opaque 2-byte records (dtype V2) that nothing can compute
+    with: a bfloat16 run (`--dtype bfloat16`) writes float32, and the V2 files an older
+    version wrote read back as float32 with the same values."""
+    import ml_dtypes
+
+    run = RunDir(tmp_path / "run")
+    values = np.array([[1.5, -2.25], [3.0e-3, 65504.0]], np.float32)
+    bf16 = values.astype(ml_dtypes.bfloat16)
+    run.write_batch(0, {"unet_outputs": bf16}, {"conv_in": np.array([[-1.0, 2.0]])})
+    got = run.references()["unet_outputs"]
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, bf16.astype(np.float32))
+    legacy = tmp_path / "legacy.npz"
+    np.savez(legacy, unet_outputs=bf16)  # what numpy writes for bfloat16 itself
+    with np.load(legacy) as data:
+        assert data["unet_outputs"].dtype == np.dtype("V2")
+    run.batch_path(1).write_bytes(legacy.read_bytes())
+    np.testing.assert_array_equal(run.batch_arrays(1, "unet_outputs")["unet_outputs"],
+                                  bf16.astype(np.float32))  # fmt: skip
+
+
 def test_batch_without_a_stored_key_is_a_clear_error(tmp_path):
     run = RunDir(tmp_path)
     run.start_calibration({"config": {}})

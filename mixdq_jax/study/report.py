@@ -163,8 +163,9 @@ def table(
             for name in ablation:
                 m = results.get(f"W8A8_{name}", {})
                 lines.append(_row("W8A8", methods[name].title, m))
-        lines.append("")
-    lines += _paper_table(config, results)
+    paper = _paper_table(config, results)
+    if paper:
+        lines += ["", *paper] if config.judged else paper
     lines += ["", *_fig8_table(pareto or {})]
     lines += [
         "Chosen bits, candidates and settings of each row: `quantize/<row>/`.",
