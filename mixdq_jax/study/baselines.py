@@ -60,6 +60,13 @@ def _median(points: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _current(cached: Mapping[str, Any]) -> bool:
+    """Whether a cached file has this layout (files of schema 2 written before the predicted
+    noise was added lack it: recomputed, not a KeyError in the report)."""
+    points = [*cached.get("candidates", []), cached.get("mixdq") or {}]
+    return cached.get("schema") == SCHEMA and all("predicted_noise" in p for p in points)
+
+
 def allocation_baselines(recipe: Recipe, allocation: Allocation, seed: int) -> dict[str, Any]:
     """The pick, every candidate it was picked from, and the baselines at the pick's bits
     (cached in ``RUN/configs/<row>.pareto.json``)."""
@@ -67,7 +74,7 @@ def allocation_baselines(recipe: Recipe, allocation: Allocation, seed: int) -> d
     path = run.pareto_path(key)
     if path.is_file():
         cached = json.loads(path.read_text())
-        if cached.get("schema") == SCHEMA:
+        if _current(cached):
             return cached
     sqnr = recipe.sensitivities()["weight", "sqnr"]
     state = run.candidate_scores(key, "weight")

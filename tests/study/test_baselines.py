@@ -83,6 +83,15 @@ def test_baselines_share_the_picks_bits_and_candidates(tmp_path):
     # cached: a second call renders nothing
     again = baselines.allocation_baselines(recipe, allocation, seed=0)
     assert again == json.loads(json.dumps(out)) and len(recipe.rendered) == 12
+    # a schema-2 file written before the predicted noise existed is recomputed, not a
+    # KeyError in the report (a run directory of an earlier version resumes)
+    path = recipe.run.pareto_path(allocation.key)
+    older = json.loads(path.read_text())
+    for point in [*older["candidates"], older["mixdq"]]:
+        del point["predicted_noise"]
+    path.write_text(json.dumps(older))
+    assert baselines.allocation_baselines(recipe, allocation, seed=0) == again
+    assert len(recipe.rendered) == 24
     metrics = allocation_baselines({"W4A16": out})
     assert set(metrics["W4A16"]) == {"mixdq", "naive_sorting", "random", "perturb_20"}
     assert set(metrics["W4A16"]["random"]) == {"avg_bits", "image_mse"}
