@@ -36,6 +36,11 @@ naive W8A16
 qdiffusion W8A16"}
 mkdir -p "$OUT"
 
+if [ ! -f "$OUT/eval-float/metrics.json" ]; then  # the float model on the same captions
+  "$MIXDQ" evaluate --model testbed --num 256 --out "$OUT/eval-float" > "$OUT/eval-float.log" \
+    2>&1 < /dev/null
+fi
+
 while read -r method target; do
   name="$method-$target"
   if [ ! -f "$OUT/$name.seconds" ]; then
@@ -59,6 +64,9 @@ lines = [f"Reconstruction: {iters} weight steps and {act_iters} activation-step 
          f"block, batch 16, Adam at {lr}. Judge on 256 held-out test captions.", "",
          "| method | target | W bits | A bits (eff.) | content score | Frechet dist. | "
          "SSIM vs FP | PSNR vs FP | quantize time |", "|---|---|---|---|---|---|---|---|---|"]
+fp = json.loads((out / "eval-float/metrics.json").read_text())
+lines.append(f"| float | - | 16 | 16 | {fp['content_score']:.3f} | {fp['frechet_distance']:.1f} "
+             "| 1 | - | - |")
 for row in rows:
     method, target = row.split()
     name = f"{method}-{target}"
