@@ -177,6 +177,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--out and --run must be different folders")
     calib, select = prompts_for(args.model, args.prompts, args.num_calib, args.num_select)
     evaluation = report_eval(args)  # the metrics' weights checked before any work
+    if evaluation is not None and args.lora is not None:  # the LoRA keys the cached images
+        from dataclasses import replace  # noqa: PLC0415
+
+        lora = {"lora": str(args.lora), "lora_scale": args.lora_scale}
+        evaluation = replace(evaluation, identity=lora)
     objective = args.objective or ("official" if args.preset == "official" else "noise")
     config = RecipeConfig(
         calib_prompts=calib, select_prompts=select, preset=PRESETS[args.preset],

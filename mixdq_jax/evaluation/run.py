@@ -91,13 +91,15 @@ def implied_metrics(weights: MetricWeights) -> tuple[str, ...]:
 class ReportEval:
     """The paper's metrics in a report (`mixdq quantize`, the study): on which prompts,
     which metrics, with which weights. ``cache``: float images and FID statistics (default
-    `images.cache_root`)."""
+    `images.cache_root`); ``identity``: what keys the model's images besides its files (a
+    LoRA fused at load), so the float images of another fusion are not reused."""
 
     prompts: PromptSet
     metrics: tuple[str, ...]
     weights: MetricWeights = MetricWeights()
     batch: int = 8
     cache: Path | None = None
+    identity: dict[str, Any] | None = None  # what else makes the model (a fused LoRA)
 
 
 def report_values(result: dict[str, Any]) -> dict[str, Any]:

@@ -453,7 +453,7 @@ class Recipe:
         c = self.config
         run_id = {"dtype": str(np.dtype(self.pipe.unet.dtype)),
                   "scheduler": type(self.pipe.scheduler).__name__}  # fmt: skip
-        identity = {**model_fingerprint(self.pipe.source), **run_id}
+        identity = {**model_fingerprint(self.pipe.source), **run_id, **(evaluation.identity or {})}
         latent = (self.height // self.pipe.vae_scale_factor,
                   self.width // self.pipe.vae_scale_factor)  # fmt: skip
         cost = efficiency(self.pipe.unet.config, latent=latent,
