@@ -102,6 +102,14 @@ class ReportEval:
     identity: dict[str, Any] | None = None  # what else makes the model (a fused LoRA)
 
 
+# how the reports show the computed metrics: key, label, decimals
+REPORT_COLUMNS = (
+    ("fid", "FID", 2), ("clip_score", "CLIP score", 4), ("imagereward", "ImageReward", 3),
+    ("lpips_vs_fp", "LPIPS vs FP", 4), ("ssim_vs_fp", "SSIM vs FP", 4),
+    ("psnr_vs_fp", "PSNR vs FP", 2),
+)  # fmt: skip
+
+
 def report_values(result: dict[str, Any]) -> dict[str, Any]:
     """What a report shows of `evaluate_model`'s result: the computed metrics, the number of
     prompts and where the images are."""
@@ -341,6 +349,7 @@ def _carry_over(path: Path, result: dict[str, Any], metrics: Sequence[str]) -> N
 
 __all__ = [
     "METRICS",
+    "REPORT_COLUMNS",
     "RESULT_KEYS",
     "EvalRequest",
     "MetricWeights",

@@ -507,17 +507,12 @@ def _size_line(report: Mapping[str, Any]) -> str:
     )
 
 
-_EVAL_LABELS = (
-    ("fid", "FID", "{:.2f}"), ("clip_score", "CLIP score", "{:.4f}"),
-    ("imagereward", "ImageReward", "{:.3f}"), ("lpips_vs_fp", "LPIPS vs float", "{:.4f}"),
-    ("ssim_vs_fp", "SSIM vs float", "{:.4f}"), ("psnr_vs_fp", "PSNR vs float", "{:.2f} dB"),
-)  # fmt: skip
-
-
 def _evaluation_lines(values: Mapping[str, Any] | None) -> list[str]:
     if not values:
         return []
-    shown = [f"{label} {fmt.format(values[k])}" for k, label, fmt in _EVAL_LABELS if k in values]
+    from mixdq_jax.evaluation.run import REPORT_COLUMNS  # noqa: PLC0415
+
+    shown = [f"{label} {values[k]:.{d}f}" for k, label, d in REPORT_COLUMNS if k in values]
     return [f"- the paper's metrics on {values['prompts']} evaluation prompts: "
             f"{', '.join(shown)} (`{values['out']}/metrics.json`)"]  # fmt: skip
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from mixdq_jax.evaluation.run import REPORT_COLUMNS
 from mixdq_jax.io_utils import atomic_write_json, atomic_write_text
 from mixdq_jax.study.config import ABLATION, StudyConfig
 from mixdq_jax.testbed import data
@@ -41,21 +42,13 @@ _HEADER = [
 ]
 
 
-# the paper's metrics (`mixdq_jax.evaluation.run`): key, column, digits
-_PAPER_COLUMNS = (
-    ("fid", "FID", 2), ("clip_score", "CLIP score", 4), ("imagereward", "ImageReward", 3),
-    ("lpips_vs_fp", "LPIPS vs FP", 4), ("ssim_vs_fp", "SSIM vs FP", 4),
-    ("psnr_vs_fp", "PSNR vs FP", 2),
-)  # fmt: skip
-
-
 def _paper_table(config: StudyConfig, results: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Table 1 with the paper's metrics: only the columns some row computed."""
     rows = [("-", "float", "float")] + [
         (t.name, m.title, f"{t.name}_{m.name}") for t in config.targets for m in config.methods
     ]
     papers = {key: results.get(key, {}).get("paper") for _, _, key in rows}
-    cols = [c for c in _PAPER_COLUMNS if any(v and c[0] in v for v in papers.values())]
+    cols = [c for c in REPORT_COLUMNS if any(v and c[0] in v for v in papers.values())]
     if not cols:
         return []
     fp = papers["float"] or {}
