@@ -7,7 +7,8 @@
 # W4A8. All rows share one run directory (calibration and sweeps are computed once); each row's
 # quantize time is recorded when it runs (a resumed row keeps its first time). Reconstruction
 # settings (RECON_*) are smaller than BRECQ's 20000 steps to fit a 2-core CPU; the README states
-# them. Writes $OUT/summary.md. Resumable: run it again after a kill.
+# them. STEPS (default 1) samples that many steps (the testbed's LCM sampler above one, in
+# quantize and evaluate alike). Writes $OUT/summary.md. Resumable: run it again after a kill.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MIXDQ=${MIXDQ:-.venv/bin/mixdq}
@@ -15,7 +16,8 @@ OUT=${OUT:-runs/reconstruction_testbed}
 ITERS=${RECON_ITERS:-500}
 ACT_ITERS=${RECON_ACT_ITERS:-125}
 LR=${RECON_LR:-5e-3}
-COMMON=(--model testbed --num-calib 16 --num-select 8 --batch-size 16 --chunk 16
+STEPS=${STEPS:-1}
+COMMON=(--model testbed --steps "$STEPS" --num-calib 16 --num-select 8 --batch-size 16 --chunk 16
         --recon-iters "$ITERS" --recon-act-iters "$ACT_ITERS" --recon-batch 16 --recon-lr "$LR")
 # in the order of the questions they answer: Q-Diffusion vs naive at W4A16, MixDQ with learned
 # rounding at W3.66A16, Table 2 at W8A8, then W4A8 and W8A16
@@ -37,7 +39,7 @@ qdiffusion W8A16"}
 mkdir -p "$OUT"
 
 if [ ! -f "$OUT/eval-float/metrics.json" ]; then  # the float model on the same captions
-  "$MIXDQ" evaluate --model testbed --num 256 --out "$OUT/eval-float" > "$OUT/eval-float.log" \
+  "$MIXDQ" evaluate --model testbed --steps "$STEPS" --num 256 --out "$OUT/eval-float" > "$OUT/eval-float.log" \
     2>&1 < /dev/null
 fi
 
@@ -50,18 +52,19 @@ while read -r method target; do
     echo $(( $(date +%s) - start )) > "$OUT/$name.seconds"
   fi
   if [ ! -f "$OUT/eval-$name/metrics.json" ]; then
-    "$MIXDQ" evaluate --model "$OUT/$name" --num 256 --out "$OUT/eval-$name" \
+    "$MIXDQ" evaluate --model "$OUT/$name" --steps "$STEPS" --num 256 --out "$OUT/eval-$name" \
       > "$OUT/eval-$name.log" 2>&1 < /dev/null
   fi
 done <<< "$ROWS"
 
-"${MIXDQ%mixdq}python" - "$OUT" "$ROWS" "$ITERS" "$ACT_ITERS" "$LR" <<'PY'
+"${MIXDQ%mixdq}python" - "$OUT" "$ROWS" "$ITERS" "$ACT_ITERS" "$LR" "$STEPS" <<'PY'
 import json, sys
 from pathlib import Path
 out, rows = Path(sys.argv[1]), sys.argv[2].splitlines()
-iters, act_iters, lr = sys.argv[3:6]
+iters, act_iters, lr, steps = sys.argv[3:7]
 lines = [f"Reconstruction: {iters} weight steps and {act_iters} activation-step steps per "
-         f"block, batch 16, Adam at {lr}. Judge on 256 held-out test captions.", "",
+         f"block, batch 16, Adam at {lr}. {steps} sampling step(s). Judge on 256 held-out "
+         "test captions.", "",
          "| method | target | W bits | A bits (eff.) | content score | Frechet dist. | "
          "SSIM vs FP | PSNR vs FP | quantize time |", "|---|---|---|---|---|---|---|---|---|"]
 fp = json.loads((out / "eval-float/metrics.json").read_text())

@@ -26,6 +26,7 @@ from mixdq_jax.models.vae import AutoencoderKL
 from mixdq_jax.quant.forward import forward
 from mixdq_jax.quant.intercept import Mode
 from mixdq_jax.quant.modes import default_mode
+from mixdq_jax.schedulers.noise_correction import NoiseModel, StepCorrection
 from mixdq_jax.tokenizer import CLIPTokenizer
 
 
@@ -70,6 +71,8 @@ class Pipeline:
     they can be replaced (quantized, sharded) without rebuilding the modules. ``unet_mode`` is
     how the UNet's layers run when it is fixed by the params themselves (the deployed integer
     path of a packed UNet); ``None``: float, or fake quantization when a ``qconfig`` is passed.
+    ``noise_model``: PTQD's correction of the quantized UNet's output noise, applied in every
+    sampling step (`mixdq_jax.schedulers.noise_correction`); only for its own schedule.
     """
 
     kind: str  # "sdxl" or "sd"
@@ -80,6 +83,7 @@ class Pipeline:
     params: Mapping[str, Any]
     force_zeros_for_empty_prompt: bool = True
     unet_mode: Mode | None = None
+    noise_model: NoiseModel | None = None
     source: str = ""
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -131,15 +135,28 @@ class Pipeline:
         plan = self.scheduler.set_timesteps(num_inference_steps)
         cfg = self.uses_cfg(guidance_scale)
         mode = self.mode_for(qconfig)
+        correction = self.step_correction(plan)
         key = ("denoise", num_inference_steps, cfg, type(mode).__name__)
         fn = self._cache.get(key)
         if fn is None:
             fn = self._cache[key] = jax.jit(partial(self._denoise, cfg=cfg, mode=mode))
         cond = self.conditioning(context, pooled, guidance_scale, height, width)
         g = jnp.float32(guidance_scale)
-        args = (self.params["unet"], qconfig, plan, latents, cond, g, noise_key)
+        args = (self.params["unet"], qconfig, plan, latents, cond, g, noise_key, correction)
         with first_call("the UNet sampling loop", fn, *args):
             return fn(*args)
+
+    def step_correction(self, plan: Any) -> StepCorrection | None:
+        """The per-step arrays of :attr:`noise_model` on ``plan`` (None without one); a clear
+        error when the model was fitted on another schedule."""
+        if self.noise_model is None:
+            return None
+        return self.noise_model.for_plan(self.scheduler, plan)
+
+    def with_noise_model(self, model: NoiseModel | None) -> Pipeline:
+        """A copy that applies PTQD's ``model`` in its sampling loop (compiled functions are
+        rebuilt)."""
+        return replace(self, noise_model=model, _cache={})
 
     def mode_for(self, qconfig: Any) -> Mode:
         """The UNet's layer mode for a ``qconfig`` argument (see ``unet_mode``)."""
@@ -178,12 +195,15 @@ class Pipeline:
             timestep_cond = guidance_scale_embedding(w, self.unet.config.time_cond_proj_dim)
         return {"context": context, "added": added, "timestep_cond": timestep_cond}
 
-    def sample_step(self, params, qconfig, plan, i, x, cond, g, key, *, cfg, mode=None):
+    def sample_step(
+        self, params, qconfig, plan, i, x, cond, g, key, correction=None, *, cfg, mode=None
+    ):
         """One denoising step: ``(x_next, model_input, model_output, records)``.
 
         ``mode``: the UNet's layer mode (default: :meth:`mode_for` ``qconfig``); a collecting
         mode (calibration's ``Observe``) returns its per-layer records, else ``records`` is
-        None.
+        None. ``correction``: PTQD's (:meth:`step_correction`), on the guided output and the
+        step's fresh noise; ``model_output`` stays the UNet's own.
         """
         mode = self.mode_for(qconfig) if mode is None else mode
         inp = jnp.concatenate([x, x]) if cfg else x
@@ -196,6 +216,8 @@ class Pipeline:
             uncond, text = jnp.split(guided, 2)
             guided = uncond + g * (text - uncond)
         noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
+        if correction is not None:
+            guided, noise = correction.output(guided, i), correction.noise(noise, i)
         x_next = self.scheduler.step(plan, guided, i, x, noise).astype(x.dtype)
         return x_next, inp, out, records
 
@@ -216,9 +238,11 @@ class Pipeline:
             fn = self._cache[key] = jax.jit(partial(self.sample_step, cfg=cfg, mode=mode))
         return fn
 
-    def _denoise(self, params, qconfig, plan, latents, cond, g, key, *, cfg, mode):
+    def _denoise(self, params, qconfig, plan, latents, cond, g, key, correction, *, cfg, mode):
         def body(i, x):
-            step = self.sample_step(params, qconfig, plan, i, x, cond, g, key, cfg=cfg, mode=mode)
+            step = self.sample_step(
+                params, qconfig, plan, i, x, cond, g, key, correction, cfg=cfg, mode=mode
+            )
             return step[0]
 
         x = latents * plan.init_noise_sigma

@@ -144,6 +144,111 @@ def test_sd15_lcm_four_steps_matches_diffusers(sd15_dir, monkeypatch):
     assert np.abs(ours - ref).max() <= ATOL
 
 
+def _ptqd_model(plan, channels, std):
+    """A PTQD noise model for ``plan`` (our side; the diffusers side reads the same numbers)."""
+    from mixdq_jax.schedulers.noise_correction import NoiseModel  # noqa: PLC0415
+
+    n = plan.num_inference_steps
+    rng = np.random.default_rng(11)
+    return NoiseModel(timesteps=np.asarray(plan.timesteps, np.float64),
+                      k=rng.uniform(-0.1, 0.1, n), bias=rng.normal(size=(n, channels)) * 0.05,
+                      std=np.asarray(std, np.float64))  # fmt: skip
+
+
+def _ptqd_in_diffusers(monkeypatch, ref, module, seed, model, coeff, noise_std):
+    """PTQD as its paper describes it, on a diffusers pipeline: the UNet's output of step ``i``
+    becomes ``(eps - mu_i) / (1 + k_i)`` and the step's fresh noise is scaled so that its
+    variance plus the carried residual ``coeff_i^2 std_i^2 / (1 + k_i)^2`` is the scheduler's
+    ``noise_std_i^2`` (none when the residual alone exceeds it)."""
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput  # noqa: PLC0415
+
+    carried = (coeff * model.std / (1 + model.k)) ** 2
+    factor = [np.sqrt(max(b * b - c, 0.0)) / b if b > 0 else 1.0
+              for b, c in zip(noise_std, carried, strict=True)]  # fmt: skip
+    calls = {"unet": 0, "noise": 0}
+    forward = ref.unet.forward
+
+    def corrected(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        i = calls["unet"]
+        calls["unet"] += 1
+        eps = out[0] if isinstance(out, tuple) else out.sample
+        bias = torch.tensor(model.bias[i], dtype=eps.dtype).view(1, -1, 1, 1)
+        eps = (eps - bias) / float(1 + model.k[i])
+        return (eps,) if isinstance(out, tuple) else UNet2DConditionOutput(sample=eps)
+
+    _, key = seed_keys(seed)
+
+    def fake_randn(shape_, generator=None, device=None, dtype=None, layout=None):
+        i = calls["noise"]
+        calls["noise"] += 1
+        noise = np.asarray(jax.random.normal(jax.random.fold_in(key, i), tuple(shape_)))
+        return torch.from_numpy(noise * np.float32(factor[i])).to(dtype or torch.float32)
+
+    monkeypatch.setattr(ref.unet, "forward", corrected)
+    monkeypatch.setattr(module, "randn_tensor", fake_randn)
+    return calls, factor
+
+
+def test_ptqds_correction_in_the_loop_matches_diffusers_with_ptqd(
+    sdxl_dir, sdxl_pipe, sd15_dir, monkeypatch
+):
+    """Euler ancestral with CFG (SDXL) and LCM (SD1.5): our loop with a noise model equals
+    diffusers' pipeline with PTQD's correction applied to its UNet output and step noise, the
+    per-step factors computed here from diffusers' own scheduler values."""
+    from diffusers.schedulers import scheduling_euler_ancestral_discrete as ea  # noqa: PLC0415
+    from diffusers.schedulers import scheduling_lcm  # noqa: PLC0415
+
+    latents = _latents((1, 4, 16, 16), seed=1)
+    kw = dict(num_inference_steps=3, guidance_scale=4.0, height=32, width=32)
+    model = _ptqd_model(sdxl_pipe.scheduler.set_timesteps(3), 4, [0.1, 1.0, 0.2])
+    ours = sdxl_pipe.with_noise_model(model)(PROMPTS[:1], latents=latents, seed=7, **kw)
+    plain = sdxl_pipe(PROMPTS[:1], latents=latents, seed=7, **kw)
+    ref_pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref_pipe.scheduler.set_timesteps(3)
+    sig = ref_pipe.scheduler.sigmas.double().numpy()
+    up = np.sqrt(sig[1:] ** 2 * (sig[:-1] ** 2 - sig[1:] ** 2) / sig[:-1] ** 2)
+    down = np.sqrt(sig[1:] ** 2 - up**2)
+    calls, factor = _ptqd_in_diffusers(monkeypatch, ref_pipe, ea, 7, model, down - sig[:-1], up)
+    assert 0 < factor[0] < 1 and factor[1] == 0  # partly and wholly absorbed
+    with torch.no_grad():
+        ref = ref_pipe(prompt=PROMPTS[:1], latents=torch.from_numpy(latents), output_type="np",
+                       **kw).images  # fmt: skip
+    assert calls == {"unet": 3, "noise": 3}
+    assert np.abs(ours - ref).max() <= ATOL
+    assert np.abs(ours - plain).max() > 100 * ATOL  # the correction does change the images
+
+    lcm = load_pipeline(sd15_dir, scheduler="LCMScheduler")
+    latents = _latents((2, 4, 16, 16), seed=3)
+    kw = dict(num_inference_steps=4, guidance_scale=1.0, height=32, width=32)
+    model = _ptqd_model(lcm.scheduler.set_timesteps(4), 4, [0.2, 0.2, 0.2, 0.05])
+    ours = lcm.with_noise_model(model)(PROMPTS, latents=latents, seed=5, **kw)
+    ref_pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd15_dir)
+    ref_pipe.scheduler = diffusers.LCMScheduler.from_config(ref_pipe.scheduler.config)
+    ref_pipe.set_progress_bar_config(disable=True)
+    sched = ref_pipe.scheduler
+    sched.set_timesteps(4)
+    t = sched.timesteps.numpy()
+    a = sched.alphas_cumprod.double().numpy()[t]
+    a_prev = np.append(a[1:], 1.0)  # the last step does not re-noise
+    c_out = np.asarray([sched.get_scalings_for_boundary_condition_discrete(int(s))[1]
+                        for s in t], np.float64)  # fmt: skip
+    coeff = np.where(np.arange(4) < 3, np.sqrt(a_prev), 1.0) * c_out * -np.sqrt((1 - a) / a)
+    noise_std = np.where(np.arange(4) < 3, np.sqrt(1 - a_prev), 0.0)
+    calls, factor = _ptqd_in_diffusers(monkeypatch, ref_pipe, scheduling_lcm, 5, model, coeff,
+                                       noise_std)  # fmt: skip
+    assert 0 < min(factor[:3]) < 1
+    with torch.no_grad():
+        ref = ref_pipe(prompt=PROMPTS, latents=torch.from_numpy(latents), output_type="np",
+                       **kw).images  # fmt: skip
+    assert calls == {"unet": 4, "noise": 3}
+    assert np.abs(ours - ref).max() <= ATOL
+    with pytest.raises(ValueError, match=r"fitted for 4 sampling step\(s\)"):
+        lcm.with_noise_model(model)(PROMPTS, latents=latents, num_inference_steps=2,
+                                    guidance_scale=1.0, height=32, width=32)  # fmt: skip
+
+
 def test_sd15_euler_cfg_with_negative_prompt_matches_diffusers(sd15_dir):
     latents = _latents((2, 4, 16, 24), seed=4)
     kw = dict(num_inference_steps=3, guidance_scale=7.5, height=32, width=48)

@@ -10,7 +10,8 @@ Methods (the paper's rows): ``naive`` (uniform, no BOS handling), ``naive+bos``,
 ``sqnr-mp`` (SQNR-only mixed precision for weights and activations), ``fp8`` (W8A8 only, no
 export), ``mixdq-no-bos``, ``mixdq`` (default); with learned rounding (a ``reconstruct`` stage
 after ``acts``, block by block, resumable): ``qdiffusion`` (BRECQ + AdaRound + LSQ steps on
-uniform bits), ``ptqd`` (that plus PTQD's noise correction; one sampling step),
+uniform bits), ``ptqd`` (that plus PTQD's noise correction: folded into
+``conv_out`` at one step, in the sampling loop and the exported folder at several),
 ``mixdq+adaround`` (MixDQ's bits with learned rounding), ``edadm`` (EDA-DM: Q-Diffusion's
 reconstruction with calibration samples spread over the sampling steps by TDAC, every sample
 at one step, and fine-grained block reconstruction: the inner layers' output errors added to

@@ -6,13 +6,17 @@ Folder layout written by :func:`export_quantized_pipeline` (``mixdq export``)::
     OUT/unet/config.json                                                 the diffusers config
     OUT/unet/mixdq_unet.safetensors     packed weights, scales, float params ("/"-joined paths)
     OUT/unet/mixdq_quant.json           format version, per-layer plan, spec, activation ranges,
-                                        the weights file's size and sha256
+                                        the weights file's size and sha256, PTQD's noise
+                                        model (``noise_model``, a multi-step PTQD export)
     OUT/.mixdq_export.json              the files the export wrote (written first; see
                                         `mixdq_jax.deploy.export_folder`)
 
-Loading checks the format version, the file size (truncation), the checksum (a file from
-another export) and every tensor's name, shape and dtype against the packed tree the plan and
-config imply, so a damaged or mismatched checkpoint is a clear :class:`QuantCheckpointError`.
+A folder with a noise model is written as format version :data:`NOISE_MODEL_VERSION`
+(older readers refuse it instead of sampling without the correction); others keep
+:data:`FORMAT_VERSION`. Loading checks the format version, the file size (truncation), the
+checksum (a file from another export) and every tensor's name, shape and dtype against the
+packed tree the plan and config imply, so a damaged or mismatched checkpoint is a clear
+:class:`QuantCheckpointError`.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from mixdq_jax.loader import assemble, load_components, resolve_model
 from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, param_shapes
 from mixdq_jax.pipeline import Pipeline
 from mixdq_jax.quant.build import Calibration, qconfig_for
+from mixdq_jax.schedulers.noise_correction import NoiseModel
 from weights_convert.checkpoint import CheckpointError, read_json
 from weights_convert.safetensors_io import (
     SafetensorsError,
@@ -59,6 +64,8 @@ FORMAT_NAME = "mixdq-jax-quantized-unet"
 META_FILE = "mixdq_quant.json"
 WEIGHTS_FILE = "mixdq_unet.safetensors"
 _SEP = "/"
+# the version of an export whose sampling loop must apply a noise model
+NOISE_MODEL_VERSION = FORMAT_VERSION + 1
 EXPORT_UNET_FILES = ("unet/config.json", f"unet/{WEIGHTS_FILE}", f"unet/{META_FILE}")
 
 
@@ -157,8 +164,10 @@ def save_quantized_unet(
     float_dtype: Any,
     spec: Mapping[str, Any] | None = None,
     source: str = "",
+    noise_model: NoiseModel | None = None,
 ) -> dict[str, Any]:
-    """Write ``config.json``, the packed tensors and the metadata; returns the metadata."""
+    """Write ``config.json``, the packed tensors and the metadata; returns the metadata.
+    ``noise_model``: PTQD's correction the sampling loop of this UNet applies."""
     unet_dir = Path(unet_dir)
     unet_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(unet_dir / "config.json", dict(unet_config))
@@ -169,7 +178,7 @@ def save_quantized_unet(
     )
     meta = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if noise_model is None else NOISE_MODEL_VERSION,
         "weights_file": WEIGHTS_FILE,
         "weights_bytes": weights.stat().st_size,
         "weights_sha256": _sha256(weights),
@@ -182,6 +191,8 @@ def save_quantized_unet(
         "plan": plan.as_dict(),
         "act_ranges": {n: np.asarray(r).tolist() for n, r in act_ranges.items()},
     }
+    if noise_model is not None:
+        meta["noise_model"] = noise_model.as_dict()
     atomic_write_json(unet_dir / META_FILE, meta)  # written last: marks a complete export
     return meta
 
@@ -259,6 +270,7 @@ def export_quantized_pipeline(
         float_dtype=float_dtype,
         spec=spec_summary(spec),
         source=str(folder.src),
+        noise_model=pipe.noise_model,
     )
     finish_export(folder)
     return meta
@@ -270,15 +282,31 @@ def read_quant_meta(unet_dir: str | os.PathLike) -> dict[str, Any]:
     if meta.get("format") != FORMAT_NAME:
         raise QuantCheckpointError(f"{path}: not a {FORMAT_NAME} file")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, NOISE_MODEL_VERSION):
         raise QuantCheckpointError(
             f"{path}: format version {version!r} is not supported by this mixdq-jax "
-            f"(reads version {FORMAT_VERSION}); re-export the model"
+            f"(reads versions {FORMAT_VERSION} and {NOISE_MODEL_VERSION}); re-export the model"
         )
     for key in ("weights_file", "weights_bytes", "weights_sha256", "plan", "float_dtype"):
         if key not in meta:
             raise QuantCheckpointError(f"{path}: missing field {key!r}")
+    if (version == NOISE_MODEL_VERSION) != ("noise_model" in meta):
+        raise QuantCheckpointError(
+            f"{path}: format version {version} "
+            + ("needs a 'noise_model'" if version == NOISE_MODEL_VERSION else "has no")
+            + " field 'noise_model'; re-export the model"
+        )
     return meta
+
+
+def read_noise_model(unet_dir: str | os.PathLike, meta: Mapping[str, Any]) -> NoiseModel | None:
+    """The PTQD noise model an export stores (None without one), checked."""
+    if "noise_model" not in meta:
+        return None
+    try:
+        return NoiseModel.from_dict(meta["noise_model"], what="noise_model")
+    except ValueError as e:
+        raise QuantCheckpointError(f"{Path(unet_dir) / META_FILE}: {e}") from None
 
 
 def load_quantized_unet(
@@ -360,9 +388,11 @@ def load_quantized_pipeline(
     )
     unet_cfg = UNetConfig.from_dict(read_json(folder / "unet" / "config.json", what="unet config"))
     dtype = jnp.dtype(dtype)
-    return assemble(
+    pipe = assemble(
         folder, base, scheduler,
         unet=UNet2DConditionModel(config=unet_cfg, dtype=dtype, param_dtype=dtype),
         unet_params=unet_params,
         unet_mode=Deployed(plan=unet_plan, backend=backend),
     )  # fmt: skip
+    noise = read_noise_model(folder / "unet", meta)
+    return pipe if noise is None else pipe.with_noise_model(noise)

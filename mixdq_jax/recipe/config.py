@@ -63,7 +63,8 @@ class Method:
     quantization (sec. 3.1). ``fp8``: FP8 e4m3 instead of the integer grid (W8A8 only).
     ``rounding``: ``"nearest"``, or ``"adaround"``: the chosen bits reconstructed block by
     block (BRECQ + AdaRound + LSQ steps, `mixdq_jax.reconstruction`; the recipe's
-    ``reconstruct`` stage). ``ptqd``: PTQD's correction of the correlated output noise.
+    ``reconstruct`` stage). ``ptqd``: PTQD's correction of the output noise (its correlated
+    part and mean; with several sampling steps also its variance, in the sampling loop).
     ``calib_select``: EDA-DM's temporal distribution alignment calibration (the reconstruction
     samples chosen per sampling step, `mixdq_jax.reconstruction.calib_select`; a no-op at one
     step). ``layer_loss_weight``: EDA-DM's fine-grained block reconstruction (the layers'

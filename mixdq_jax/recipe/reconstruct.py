@@ -4,12 +4,13 @@ For a method with ``rounding="adaround"`` (Q-Diffusion, PTQD, MixDQ + AdaRound) 
 configuration is reconstructed unit by unit on the calibration run's UNet inputs (every
 sampling step: `mixdq_jax.reconstruction.samples`), resumable in
 ``RUN/quantize/<key>/reconstruct/``. ``ptqd`` then fits PTQD's noise model on the same
-inputs (the calibration's float outputs against the reconstructed model's) and folds the
-one-step correction into ``conv_out``. ``edadm`` (EDA-DM) first keeps the calibration samples
-its TDAC chooses per sampling step (every sample at one step) and reconstructs with its
-layer losses (``ReconConfig.layer_loss_weight`` from the method). What comes out is what the
-later stages already take: a pipeline whose float UNet params carry the learned codes, and
-activation ranges.
+inputs (the calibration's float outputs against the reconstructed model's): one step folds
+the correction into ``conv_out``, several steps apply it in the sampling loop (the
+pipeline's ``noise_model``, which the export stores). ``edadm`` (EDA-DM) first keeps the
+calibration samples its TDAC chooses per sampling step (every sample at one step) and
+reconstructs with its layer losses (``ReconConfig.layer_loss_weight`` from the method).
+What comes out is what the later stages already take: a pipeline whose float UNet params
+carry the learned codes, and activation ranges.
 """
 
 from __future__ import annotations
@@ -49,12 +50,6 @@ def reconstruct_stage(
     """``(pipeline with the learned UNet params, activation ranges, PTQD noise model)`` of one
     recipe's chosen ``qconfig`` (run or resumed)."""
     calib = load_calibration(run, pipe)
-    if method.ptqd and calib.steps != 1:
-        raise ValueError(
-            f"method {method.name}: PTQD's correction is folded into conv_out for one sampling "
-            f"step; this run samples {calib.steps} steps (the per-step correction needs a hook "
-            "in the sampling loop the pipeline does not have)"
-        )
     params, ranges = pipe.params["unet"], dict(run.act_ranges())
     if method.rounding == "adaround":
         data = unet_samples(pipe, calib)
@@ -68,11 +63,14 @@ def reconstruct_stage(
         ranges.update(res.act_ranges)
     elif method.rounding != "nearest":
         raise ValueError(f"method {method.name!r}: unknown rounding {method.rounding!r}")
-    noise = None
-    if method.ptqd:
-        noise = fit_noise(calib_outputs(calib), quantized_outputs(pipe, params, qconfig, calib))
-        params = fold_into_output_layer(params, noise)
-    return pipe.with_params(unet=params), ranges, noise
+    if not method.ptqd:
+        return pipe.with_params(unet=params), ranges, None
+    timesteps = pipe.scheduler.set_timesteps(calib.steps).timesteps
+    noise = fit_noise(calib_outputs(calib), quantized_outputs(pipe, params, qconfig, calib),
+                      timesteps=timesteps)  # fmt: skip
+    if calib.steps == 1:  # a linear map of the output: free inside conv_out
+        return pipe.with_params(unet=fold_into_output_layer(params, noise)), ranges, noise
+    return pipe.with_params(unet=params).with_noise_model(noise), ranges, noise
 
 
 def tdac_samples(pipe: Pipeline, calib: CalibData, data: Any, *, seed: int = 0) -> Any:

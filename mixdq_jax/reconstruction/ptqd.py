@@ -1,58 +1,44 @@
-"""PTQD (He et al. 2023): correct the quantization noise of the noise prediction.
+"""PTQD (He et al. 2023): fit the quantization noise of the noise prediction.
 
 PTQD splits the quantized model's output error ``D = eps_q - eps`` into a part correlated with
 the float output and a residual: ``D = k eps + D'`` (``k`` by least-squares regression of
 ``D`` on ``eps`` over every element of the calibration outputs, per sampling step). Then
 ``eps_q = (1 + k) eps + D'`` and the correlated part is undone by
 ``eps_hat = (eps_q - mu) / (1 + k)``, ``mu`` being the residual's channel-wise mean (PTQD's
-bias correction). What is left is ``D' / (1 + k)`` with variance ``sigma^2 / (1 + k)^2``; a
-stochastic sampler that adds fresh noise after the step can absorb it by adding less
-(:func:`reduced_noise_std`, PTQD's variance schedule calibration). A deterministic sampler,
-or a single step (SDXL-turbo), only takes the correlated correction (the paper says so).
+bias correction). What is left is ``D' / (1 + k)`` with variance ``sigma^2 / (1 + k)^2``,
+which a stochastic sampler absorbs by adding less fresh noise (PTQD's variance schedule
+calibration). How the sampling loop applies both: `mixdq_jax.schedulers.noise_correction`.
 
 Where the paper leaves a choice:
 
 - the regression has an intercept (the error's mean is not forced to 0) and the slope is
   pooled over channels; the residual's mean is then taken per channel (the "bias" of the
   uncorrelated part) and removed, its variance pooled;
-- the correction is a linear function of the output, so for one step it is folded into the
-  last layer (:func:`fold_into_output_layer`: ``conv_out``'s kernel and bias, per output
-  channel): the per-channel weight grid is scale-invariant, so the weight codes do not change
-  and the exported folder carries the correction with no new code on the integer path. Several
-  steps need a per-step correction in the sampling loop, which the pipeline has no hook for;
-  folding refuses them.
+- with one sampling step (SDXL-turbo) only the correlated correction applies (the paper says
+  so) and it is a linear function of the output, so it is folded into the last layer
+  (:func:`fold_into_output_layer`: ``conv_out``'s kernel and bias, per output channel): the
+  per-channel weight grid is scale-invariant, so the weight codes do not change and the
+  correction costs nothing at run time. Several steps keep the model beside the UNet (the
+  pipeline's ``noise_model``, stored in the exported folder).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-
-@dataclass(frozen=True, kw_only=True)
-class NoiseModel:
-    """Per sampling step: ``k`` ``[steps]``, the residual's channel means ``bias``
-    ``[steps, C]`` and its standard deviation ``std`` ``[steps]`` (after the bias)."""
-
-    k: np.ndarray
-    bias: np.ndarray
-    std: np.ndarray
-
-    def as_arrays(self) -> dict[str, np.ndarray]:
-        return {"k": self.k, "bias": self.bias, "std": self.std}
-
-    @classmethod
-    def from_arrays(cls, arrays: Mapping[str, Any]) -> NoiseModel:
-        return cls(**{k: np.asarray(arrays[k], np.float64) for k in ("k", "bias", "std")})
+from mixdq_jax.schedulers.noise_correction import NoiseModel
 
 
-def fit_noise(float_out: Any, quant_out: Any, *, channel_axis: int = 1) -> NoiseModel:
+def fit_noise(
+    float_out: Any, quant_out: Any, *, timesteps: Any, channel_axis: int = 1
+) -> NoiseModel:
     """PTQD's noise model from ``[steps, N, ...]`` float and quantized UNet outputs on the same
-    inputs (``channel_axis`` counts within one step's ``[N, ...]`` array: 1 for NCHW)."""
+    inputs at the schedule's ``timesteps`` ``[steps]`` (``channel_axis`` counts within one
+    step's ``[N, ...]`` array: 1 for NCHW)."""
     eps = np.asarray(float_out, np.float64)
     eps_q = np.asarray(quant_out, np.float64)
     if eps.shape != eps_q.shape or eps.ndim < 3:
@@ -73,24 +59,10 @@ def fit_noise(float_out: Any, quant_out: Any, *, channel_axis: int = 1) -> Noise
         ks.append(k)
         biases.append(bias)
         stds.append(float(np.std(residual - bias)))
-    return NoiseModel(k=np.asarray(ks), bias=np.stack(biases), std=np.asarray(stds))
-
-
-def correct(eps_q: Any, model: NoiseModel, step: int, *, channel_axis: int = 1) -> np.ndarray:
-    """``(eps_q - bias) / (1 + k)`` at sampling step ``step``."""
-    eps_q = np.asarray(eps_q, np.float64)
-    shape = [1] * eps_q.ndim
-    shape[channel_axis] = -1
-    return (eps_q - model.bias[step].reshape(shape)) / (1.0 + model.k[step])
-
-
-def reduced_noise_std(noise_std: float, eps_coeff: float, model: NoiseModel, step: int) -> float:
-    """The fresh-noise standard deviation a stochastic step should add so that, with the
-    residual quantization noise it already carries (``eps_coeff``: the noise prediction's
-    coefficient in the step's update), the total variance is the scheduler's:
-    ``sqrt(max(noise_std^2 - eps_coeff^2 std^2 / (1 + k)^2, 0))``."""
-    carried = (eps_coeff * model.std[step] / (1.0 + model.k[step])) ** 2
-    return float(np.sqrt(max(noise_std**2 - carried, 0.0)))
+    return NoiseModel(
+        timesteps=np.asarray(timesteps, np.float64).reshape(-1), k=np.asarray(ks),
+        bias=np.stack(biases), std=np.asarray(stds),
+    )  # fmt: skip
 
 
 def fold_into_output_layer(

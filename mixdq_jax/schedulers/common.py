@@ -66,6 +66,8 @@ class Scheduler(Protocol):
         noise: Array | None,
     ) -> Array: ...
 
+    def output_terms(self, plan: SchedulePlan) -> tuple[np.ndarray, np.ndarray]: ...
+
 
 def step_value(plan: SchedulePlan, name: str, i: Array | int) -> jax.Array:
     """Per-step constant ``name`` at step ``i`` (``i`` may be a tracer)."""

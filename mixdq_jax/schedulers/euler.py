@@ -99,6 +99,13 @@ class EulerDiscreteScheduler(SigmaInputScaling, DiscreteSchedulerConfig):
             steps=steps,
         )
 
+    def output_terms(self, plan: SchedulePlan) -> tuple[np.ndarray, np.ndarray]:
+        """Per step, the factors of the model output and of the fresh noise in the next
+        latents (``x_next = ... + a * model_output + b * noise``); deterministic: ``b = 0``."""
+        return euler_output_coefficient(self.prediction_type, plan), np.zeros_like(
+            np.asarray(plan.steps["dt"], np.float64)
+        )
+
     def step(
         self,
         plan: SchedulePlan,
@@ -124,6 +131,18 @@ class EulerDiscreteScheduler(SigmaInputScaling, DiscreteSchedulerConfig):
         derivative = exact_div(sample - pred_original, sigma)
         prev = sample + derivative * step_value(plan, "dt", i)
         return prev.astype(out_dtype)
+
+
+def euler_output_coefficient(prediction_type: str, plan: SchedulePlan) -> np.ndarray:
+    """The model output's factor in an Euler step ``x + dt (x - x0(out)) / sigma``, per step:
+    ``dt`` for epsilon, ``-v_out dt / sigma`` for v, ``-dt / sigma`` for a sample prediction."""
+    dt = np.asarray(plan.steps["dt"], np.float64)
+    sigma = np.asarray(plan.steps["sigma"], np.float64)
+    if prediction_type == "epsilon":
+        return dt
+    if prediction_type == "v_prediction":
+        return -np.asarray(plan.steps["v_out"], np.float64) * dt / sigma
+    return -dt / sigma
 
 
 def _karras_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:

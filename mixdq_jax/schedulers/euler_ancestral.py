@@ -27,6 +27,7 @@ from mixdq_jax.schedulers.common import (
     step_value,
     train_sigmas,
 )
+from mixdq_jax.schedulers.euler import euler_output_coefficient
 
 _F32 = np.float32
 
@@ -63,6 +64,13 @@ class EulerAncestralDiscreteScheduler(SigmaInputScaling, DiscreteSchedulerConfig
             sigmas=sigmas,
             init_noise_sigma=euler_init_noise_sigma(sigmas, self.timestep_spacing),
             steps=steps,
+        )
+
+    def output_terms(self, plan: SchedulePlan) -> tuple[np.ndarray, np.ndarray]:
+        """Per step, the factors of the model output and of the fresh noise in the next
+        latents (``x_next = ... + a * model_output + b * noise``): Euler's and ``sigma_up``."""
+        return euler_output_coefficient(self.prediction_type, plan), np.asarray(
+            plan.steps["sigma_up"], np.float64
         )
 
     def step(

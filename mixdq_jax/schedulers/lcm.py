@@ -105,6 +105,23 @@ class LCMScheduler(DiscreteSchedulerConfig):
             steps=steps,
         )
 
+    def output_terms(self, plan: SchedulePlan) -> tuple[np.ndarray, np.ndarray]:
+        """Per step, the factors of the model output and of the fresh noise in the next
+        latents (``x_next = ... + a * model_output + b * noise``): ``c_out`` times the output's
+        factor in ``x0`` (re-noised by ``sqrt_alpha_prev`` but at the last step), and
+        ``sqrt_beta_prev`` (0 at the last step). With ``clip_sample`` the step is not affine
+        in the output; ``a`` is then its value inside the clipping range."""
+        f = {k: np.asarray(v, np.float64) for k, v in plan.steps.items()}
+        if self.prediction_type == "epsilon":
+            in_x0 = -f["sqrt_beta"] / f["sqrt_alpha"]
+        elif self.prediction_type == "sample":
+            in_x0 = np.ones_like(f["c_out"])
+        else:  # v_prediction
+            in_x0 = -f["sqrt_beta"]
+        last = np.arange(plan.num_inference_steps) == plan.num_inference_steps - 1
+        renoise = np.where(last, 1.0, f["sqrt_alpha_prev"])
+        return f["c_out"] * in_x0 * renoise, np.where(last, 0.0, f["sqrt_beta_prev"])
+
     def init_noise_sigma(self, plan: SchedulePlan) -> Array:
         return plan.init_noise_sigma
 

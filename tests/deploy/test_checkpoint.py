@@ -23,6 +23,7 @@ from mixdq_jax.deploy import (
     load_quantized_pipeline,
     load_quantized_unet,
 )
+from mixdq_jax.deploy.checkpoint import read_noise_model, read_quant_meta
 from mixdq_jax.deploy.layers import Deployed
 from mixdq_jax.deploy.memory import stored_param_bytes
 from mixdq_jax.quant import QuantSpec
@@ -134,6 +135,17 @@ def test_version_and_format_checks(exported, tmp_path):
     _patch_meta(unet, format_version=99)
     with pytest.raises(QuantCheckpointError, match="format version 99"):
         load_quantized_unet(unet)
+    # a PTQD noise model comes only with the version that says the loop must apply it
+    _patch_meta(unet, format_version=2)
+    with pytest.raises(QuantCheckpointError, match="version 2 needs a 'noise_model'"):
+        load_quantized_unet(unet)
+    noise = {"timesteps": [999.0], "k": [0.1], "bias": [[0.0] * 4], "std": [0.1]}
+    _patch_meta(unet, format_version=1, noise_model=noise)
+    with pytest.raises(QuantCheckpointError, match="version 1 has no field 'noise_model'"):
+        load_quantized_unet(unet)
+    _patch_meta(unet, format_version=2, noise_model={**noise, "k": [0.1, 0.2]})
+    with pytest.raises(QuantCheckpointError, match="mixdq_quant.json: noise_model: .*agree"):
+        read_noise_model(unet, read_quant_meta(unet))
     with pytest.raises(ValueError, match="already quantized"):
         api.quantized_config(api.load_pipeline(exported[0]), QuantSpec(weight_bits=8))
     with pytest.raises(ValueError, match="already quantized"):

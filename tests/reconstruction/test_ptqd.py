@@ -10,13 +10,8 @@ import numpy as np
 import pytest
 
 from mixdq_jax.deploy.packed import quantize_weight_codes
-from mixdq_jax.reconstruction.ptqd import (
-    NoiseModel,
-    correct,
-    fit_noise,
-    fold_into_output_layer,
-    reduced_noise_std,
-)
+from mixdq_jax.reconstruction.ptqd import fit_noise, fold_into_output_layer
+from mixdq_jax.schedulers.noise_correction import NoiseModel
 
 
 def _planted(seed=0, steps=2):
@@ -29,9 +24,19 @@ def _planted(seed=0, steps=2):
     return eps, eps_q, k, bias
 
 
+TIMESTEPS = np.array([999.0, 499.0])
+
+
+def _correct(eps_q, model, step, channel_axis=1):
+    """The paper's correction in numpy: ``(eps_q - mu) / (1 + k)``."""
+    shape = [1] * eps_q.ndim
+    shape[channel_axis] = -1
+    return (eps_q - model.bias[step].reshape(shape)) / (1.0 + model.k[step])
+
+
 def test_the_regression_recovers_the_planted_noise():
     eps, eps_q, k, bias = _planted()
-    model = fit_noise(eps, eps_q)
+    model = fit_noise(eps, eps_q, timesteps=TIMESTEPS)
     for s in range(2):
         slope = np.polyfit(eps[s].ravel(), (eps_q[s] - eps[s]).ravel(), 1)[0]
         assert model.k[s] == pytest.approx(slope, abs=1e-9)
@@ -39,10 +44,11 @@ def test_the_regression_recovers_the_planted_noise():
     np.testing.assert_allclose(model.bias, bias, atol=5e-3)
     np.testing.assert_allclose(model.std, 0.02, rtol=0.05)
     for s in range(2):
-        fixed = correct(eps_q[s], model, s)
+        fixed = _correct(eps_q[s], model, s)
         assert np.mean((fixed - eps[s]) ** 2) < 0.1 * np.mean((eps_q[s] - eps[s]) ** 2)
-    restored = NoiseModel.from_arrays(model.as_arrays())
-    np.testing.assert_array_equal(restored.k, model.k)
+    restored = NoiseModel.from_dict(model.as_dict())
+    for name in ("timesteps", "k", "bias", "std"):
+        np.testing.assert_array_equal(getattr(restored, name), getattr(model, name))
 
 
 class Out(nn.Module):
@@ -55,21 +61,14 @@ def test_folding_into_conv_out_is_the_correction_and_keeps_the_codes():
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 5))
     params = Out().init(jax.random.key(1), x)["params"]
     eps, eps_q, _, _ = _planted(steps=1)
-    model = fit_noise(eps, eps_q)
+    model = fit_noise(eps, eps_q, timesteps=TIMESTEPS[:1])
     folded = fold_into_output_layer(params, model)
     out = np.asarray(Out().apply({"params": params}, x))
     got = np.asarray(Out().apply({"params": folded}, x))
-    np.testing.assert_allclose(got, correct(out, model, 0, channel_axis=3), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, _correct(out, model, 0, channel_axis=3), rtol=1e-5, atol=1e-6)
     for symmetric in (False, True):
         before = quantize_weight_codes(params["conv_out"]["kernel"], 4, symmetric=symmetric)[0]
         after = quantize_weight_codes(folded["conv_out"]["kernel"], 4, symmetric=symmetric)[0]
         np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
     with pytest.raises(ValueError, match="one-step"):
-        fold_into_output_layer(params, fit_noise(*_planted(steps=2)[:2]))
-
-
-def test_the_variance_correction_removes_the_carried_noise():
-    model = NoiseModel(k=np.array([0.1]), bias=np.zeros((1, 3)), std=np.array([0.2]))
-    carried = (0.5 * 0.2 / 1.1) ** 2
-    assert reduced_noise_std(0.3, 0.5, model, 0) == pytest.approx(np.sqrt(0.09 - carried))
-    assert reduced_noise_std(0.01, 0.5, model, 0) == 0.0
+        fold_into_output_layer(params, fit_noise(*_planted(steps=2)[:2], timesteps=TIMESTEPS))

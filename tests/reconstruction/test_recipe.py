@@ -1,6 +1,7 @@
 """`mixdq quantize --method ptqd` end to end on a tiny SDXL (Q-Diffusion's reconstruction,
 then PTQD): the reconstruct stage runs between acts and export, the exported folder holds the
-learned codes and PTQD's correction folded into conv_out, and runs on the integer path."""
+learned codes and PTQD's correction (folded into conv_out at one step; at two steps stored as
+the noise model the loaded pipeline's sampling loop applies), and runs on the integer path."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from mixdq_jax.api import load_pipeline
 from mixdq_jax.cli import main
 from mixdq_jax.cli import quantize as cli
+from mixdq_jax.deploy.checkpoint import NOISE_MODEL_VERSION
 from mixdq_jax.deploy.packed import node_at, quantize_weight_codes, unpacked_codes
 from mixdq_jax.quant import forward
 from mixdq_jax.recipe import METHODS, RECONSTRUCTION_METHODS
@@ -112,3 +114,46 @@ def test_the_folder_holds_the_learned_codes_and_ptqd_and_runs_on_the_integer_pat
     eps = jax.jit(lambda p: forward(unet, p, None, batch.inputs[0], t, cond, mode=mode))(packed)
     err = np.linalg.norm(np.asarray(eps) - batch.outputs[0]) / np.linalg.norm(batch.outputs[0])
     assert err < 0.5, err
+
+
+@pytest.fixture(scope="module")
+def quantized_two_steps(model, tmp_path_factory):
+    """PTQD on a two-step Euler-ancestral run: the correction goes into the sampling loop."""
+    pipe_dir, prompts = model
+    root = tmp_path_factory.mktemp("ptqd2")
+    run, out = root / "run", root / "out"
+    code = main(["quantize", "--model", str(pipe_dir), "--prompts", str(prompts),
+                 "--method", "ptqd", "--target", "W4A8", "--steps", "2", "--num-calib", "2",
+                 "--num-select", "1", "--batch-size", "2", "--recon-iters", "2",
+                 "--recon-act-iters", "1", "--recon-batch", "2", "--recon-blocks", BLOCK,
+                 "--run", str(run), "--out", str(out)])  # fmt: skip
+    assert code == 0
+    return run, out
+
+
+def test_multi_step_ptqd_is_stored_in_the_folder_and_applied_when_sampling(
+    quantized_two_steps, float_pipe
+):
+    run, out = quantized_two_steps
+    meta = json.loads((out / "unet" / "mixdq_quant.json").read_text())
+    assert meta["format_version"] == NOISE_MODEL_VERSION
+    stored = meta["noise_model"]
+    report = json.loads((run / "quantize" / "W4A8_ptqd" / "report.json").read_text())
+    assert stored["k"] == report["ptqd_k"] and len(stored["k"]) == 2
+    timesteps = float_pipe.scheduler.set_timesteps(2).timesteps
+    np.testing.assert_array_equal(stored["timesteps"], np.asarray(timesteps, np.float64))
+    assert len(stored["bias"][0]) == float_pipe.unet.config.out_channels
+    # not folded: conv_out keeps the plain codes and scales of its float kernel
+    quantized = load_pipeline(out)
+    kernel = float_pipe.params["unet"]["conv_out"]["kernel"]
+    _, scale, _ = quantize_weight_codes(kernel, 4, symmetric=False)
+    np.testing.assert_allclose(quantized.params["unet"]["conv_out"]["q0"]["w_scale"],
+                               np.asarray(scale).reshape(-1), rtol=1e-6)  # fmt: skip
+    assert quantized.noise_model is not None
+    np.testing.assert_array_equal(quantized.noise_model.k, stored["k"])
+    kw = dict(num_inference_steps=2, seed=3)
+    corrected = quantized(PROMPTS[:1], **kw)
+    plain = quantized.with_noise_model(None)(PROMPTS[:1], **kw)
+    assert np.abs(corrected - plain).max() > 1e-3
+    with pytest.raises(ValueError, match=r"fitted for 2 sampling step\(s\)"):
+        quantized(PROMPTS[:1], num_inference_steps=1)
