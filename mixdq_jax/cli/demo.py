@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 from mixdq_jax.cli.metric_args import add_report_eval_args, report_eval
+from mixdq_jax.cli.quantize import METHOD_NAMES, RECONSTRUCTION_METHOD_NAMES, target_arg
+from mixdq_jax.cli.recon_args import add_recon_args, recon_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,8 +30,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="sampling steps: 1 (Euler-A trailing, default) or 2/4 (LCM, the paper's LCM rows)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--targets", nargs="+", type=target_arg, default=None, metavar="TARGET",
+        help="the row groups (default: W8A8 W5A8 W4A8 W4A16 W3.66A16)",
+    )  # fmt: skip
+    p.add_argument(
+        "--methods", nargs="+", choices=METHOD_NAMES + RECONSTRUCTION_METHOD_NAMES, default=None,
+        metavar="METHOD",
+        help="the rows (default: every method without learned rounding; add qdiffusion, ptqd, "
+        "edadm, mixdq+adaround for the paper's reconstruction baselines, learned with the "
+        "--recon-* settings: hours at BRECQ's defaults)",
+    )  # fmt: skip
+    add_recon_args(p)
     add_report_eval_args(p)
     p.set_defaults(func=run)
+
+
+def methods_named(names: list[str]) -> tuple:
+    """The recipe's methods of ``names``, in the order given, each once."""
+    from mixdq_jax.recipe import METHODS  # noqa: PLC0415
+    from mixdq_jax.recipe.config import RECONSTRUCTION_METHODS  # noqa: PLC0415
+
+    every = {**METHODS, **RECONSTRUCTION_METHODS}
+    return tuple(every[n] for n in dict.fromkeys(names))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 steps=args.steps,
                 evaluation=evaluation,
+                reconstruction=recon_config(args),
+                **({} if args.methods is None else {"methods": methods_named(args.methods)}),
+                **({} if args.targets is None else {"targets": tuple(dict.fromkeys(args.targets))}),
             )
         )
     minutes = (time.perf_counter() - start) / 60

@@ -26,6 +26,7 @@ from pathlib import Path
 from mixdq_jax.cli import argtypes
 from mixdq_jax.cli.metric_args import add_report_eval_args, report_eval
 from mixdq_jax.cli.quant_args import add_dtype_arg, resolve_dtype
+from mixdq_jax.cli.recon_args import add_recon_args, recon_config
 
 STAGES = ("calibrate", "sensitivity", "weights", "acts", "reconstruct", "export", "report")
 METHOD_NAMES = ("naive", "naive+bos", "sqnr-mp", "fp8", "mixdq-no-bos", "mixdq")
@@ -35,7 +36,7 @@ _act_average = argtypes.float_in(4.0, 8.0, "the {4, 8} activation average")
 _percent = argtypes.float_in(0.0, 100.0, "a percentage")
 
 
-def _target(text: str):
+def target_arg(text: str):
     from mixdq_jax.recipe.config import Target  # noqa: PLC0415
 
     try:
@@ -52,7 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="testbed", help="float diffusers folder or testbed")
-    p.add_argument("--target", type=_target, required=True, help="W8A8, W5A8, W4A8, W3.66A16, ...")
+    p.add_argument(
+        "--target", type=target_arg, required=True, help="W8A8, W5A8, W4A8, W3.66A16, ..."
+    )
     p.add_argument("--method", choices=METHOD_NAMES + RECONSTRUCTION_METHOD_NAMES, default="mixdq")
     p.add_argument("--run", type=Path, required=True, help="run directory (resumable)")
     p.add_argument("--out", type=Path, default=None, help="quantized pipeline folder to write")
@@ -94,28 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "8 bits (1, the paper's)",
     )  # fmt: skip
     p.add_argument("--stop-after", choices=STAGES, default="report")
-    p.add_argument(
-        "--recon-iters", type=argtypes.nonneg_int, default=20000,
-        help="learned rounding: weight steps per block (20000, BRECQ's)",
-    )  # fmt: skip
-    p.add_argument(
-        "--recon-act-iters", type=argtypes.nonneg_int, default=5000,
-        help="learned rounding: activation step-size steps per block (5000)",
-    )  # fmt: skip
-    p.add_argument(
-        "--recon-lr", type=argtypes.positive_float, default=1e-3,
-        help="learned rounding: Adam step on the rounding variables (1e-3, BRECQ's; raise it "
-        "with fewer --recon-iters)",
-    )  # fmt: skip
-    p.add_argument(
-        "--recon-batch", type=_count, default=32,
-        help="learned rounding: calibration samples per step (32)",
-    )  # fmt: skip
-    p.add_argument(
-        "--recon-blocks", nargs="+", default=(), metavar="MODULE",
-        help="learned rounding: only these blocks or layers (module names, e.g. "
-        "down_blocks.1.attentions.0.transformer_blocks.0); default every one",
-    )  # fmt: skip
+    add_recon_args(p)
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -170,7 +152,6 @@ def run(args: argparse.Namespace) -> int:
     from mixdq_jax.recipe import METHODS, PRESETS, AllocationKnobs, RecipeConfig  # noqa: PLC0415
     from mixdq_jax.recipe.config import RECONSTRUCTION_METHODS  # noqa: PLC0415
     from mixdq_jax.recipe.run import check_request  # noqa: PLC0415
-    from mixdq_jax.reconstruction import ReconConfig  # noqa: PLC0415
 
     method = {**METHODS, **RECONSTRUCTION_METHODS}[args.method]
     check_request(args.target, method, args.out)  # before the model loads
@@ -191,10 +172,7 @@ def run(args: argparse.Namespace) -> int:
         ),
         steps=args.steps, guidance_scale=args.guidance_scale, height=args.height,
         width=args.width, seed=args.seed, batch_size=args.batch_size, chunk=args.chunk,
-        reconstruction=ReconConfig(
-            iters=args.recon_iters, act_iters=args.recon_act_iters, batch_size=args.recon_batch,
-            lr=args.recon_lr, seed=args.seed, blocks=tuple(args.recon_blocks),
-        ),
+        reconstruction=recon_config(args),
     )  # fmt: skip
     if args.out is not None:  # before any work: a refused folder costs nothing
         check_export_folder(resolve_model(args.model), args.out, overwrite=args.overwrite)

@@ -348,6 +348,14 @@ class Recipe:
             )  # fmt: skip
         return self._learned[allocation.key]
 
+    def quantized(self, allocation: Allocation) -> tuple[Pipeline, QConfig]:
+        """``(pipeline, qconfig)`` that render ``allocation`` as it is exported: for a method
+        with learned rounding the reconstructed UNet, its learned activation ranges and
+        (PTQD at several steps) its noise model."""
+        pipe, ranges, _ = self.learned(allocation)
+        spec = self.spec(allocation.method, allocation.weight_bits, allocation.act_bits)
+        return pipe, spec.to_qconfig(self.splits, ranges)
+
     # ---------------------------------------------------------------- export, report
     def export(
         self, allocation: Allocation, out: str | Path, *, overwrite: bool = False
@@ -389,9 +397,8 @@ class Recipe:
         from mixdq_jax.metrics import psnr, ssim_global  # noqa: PLC0415
 
         method = allocation.method
-        pipe, ranges, noise = self.learned(allocation)
-        spec = self.spec(method, allocation.weight_bits, allocation.act_bits)
-        qconfig = spec.to_qconfig(self.splits, ranges)
+        pipe, qconfig = self.quantized(allocation)
+        noise = self.learned(allocation)[2]
         images, ref = self.render(qconfig, pipe) * 255.0, self.reference() * 255.0
         unet_config = self.pipe.unet.config
         float_mb = stored_param_bytes(unet_config, None) / 1e6

@@ -6,11 +6,12 @@ calling the same code as `mixdq quantize`, plus the testbed's judge on held-out 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mixdq_jax.recipe import METHODS, Method, Target
+from mixdq_jax.reconstruction import ReconConfig
 
 if TYPE_CHECKING:
     from mixdq_jax.evaluation.run import ReportEval
@@ -20,13 +21,17 @@ DEFAULT_TARGETS = tuple(
 )
 # Table 3's ablation at W8A8, one technique added per row.
 ABLATION = ("naive", "naive+bos", "sqnr-mp", "mixdq")
+# Table 2: the reconstruction baselines at W8A8 beside naive PTQ and MixDQ.
+RECONSTRUCTION_TABLE = ("naive", "ptqd", "qdiffusion", "edadm", "mixdq")
 
 
 @dataclass(frozen=True, kw_only=True)
 class StudyConfig:
     """What the study runs. Defaults fit the testbed in minutes on a laptop CPU.
     ``evaluation``: the paper's metrics for every row as well (on another model than the
-    testbed, instead of the testbed's judge, which scores testbed images only)."""
+    testbed, instead of the testbed's judge, which scores testbed images only).
+    ``methods`` may add the reconstruction rows (`RECONSTRUCTION_METHODS`: Q-Diffusion, PTQD,
+    EDA-DM, MixDQ + AdaRound), learned with ``reconstruction``'s settings."""
 
     model: str = "testbed"
     run_dir: Path = Path("runs/demo")
@@ -39,6 +44,13 @@ class StudyConfig:
     methods: tuple[Method, ...] = tuple(METHODS.values())
     chunk: int = 16
     evaluation: ReportEval | None = None
+    reconstruction: ReconConfig = field(default_factory=ReconConfig)
+
+    @property
+    def swept(self) -> bool:
+        """Whether some row allocates from the sensitivity sweeps (rows that quantize every
+        layer alike need none, nor does their report's sensitivity plot)."""
+        return any(m.weights != "uniform" or m.acts != "uniform" for m in self.methods)
 
     @property
     def judged(self) -> bool:

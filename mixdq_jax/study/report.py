@@ -11,7 +11,8 @@ import numpy as np
 
 from mixdq_jax.evaluation.run import REPORT_COLUMNS
 from mixdq_jax.io_utils import atomic_write_json, atomic_write_text
-from mixdq_jax.study.config import ABLATION, StudyConfig
+from mixdq_jax.recipe.config import RECONSTRUCTION_METHODS
+from mixdq_jax.study.config import ABLATION, RECONSTRUCTION_TABLE, StudyConfig
 from mixdq_jax.testbed import data
 from mixdq_jax.testbed.evaluate import save_grid
 
@@ -117,8 +118,9 @@ def table(
     seconds: float,
     pareto: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
-    """report.md: Table 1 (every target x method, the float model first) and Table 3 (the
-    W8A8 ablation, one technique added per row)."""
+    """report.md: Table 1 (every target x method, the float model first), Table 2 (the
+    reconstruction baselines at W8A8, when the study has them) and Table 3 (the W8A8
+    ablation, one technique added per row)."""
     lines = [
         f"# MixDQ study on {'the testbed' if config.model == 'testbed' else config.model}",
         "",
@@ -150,8 +152,15 @@ def table(
             for method in config.methods:
                 m = results.get(f"{target.name}_{method.name}", {})
                 lines.append(_row(target.name, method.title, m))
+        w8a8 = any(t.name == "W8A8" for t in config.targets)
+        reconstruction = [n for n in RECONSTRUCTION_TABLE if n in methods]
+        if w8a8 and set(reconstruction) & set(RECONSTRUCTION_METHODS):
+            lines += ["", "## Table 2: reconstruction baselines at W8A8", "", *_HEADER,
+                      float_row]  # fmt: skip
+            for name in reconstruction:
+                lines.append(_row("W8A8", methods[name].title, results.get(f"W8A8_{name}", {})))
         ablation = [n for n in ABLATION if n in methods]
-        if any(t.name == "W8A8" for t in config.targets) and ablation:
+        if w8a8 and ablation:
             lines += ["", "## Table 3: ablation at W8A8", "", *_HEADER, float_row]
             for name in ablation:
                 m = results.get(f"W8A8_{name}", {})
@@ -164,8 +173,7 @@ def table(
         "Chosen bits, candidates and settings of each row: `quantize/<row>/`.",
         "",
         *(["![grid](grid.png)", ""] if config.judged else []),
-        "![sensitivity](sensitivity.png)",
-        "",
+        *(["![sensitivity](sensitivity.png)", ""] if config.swept else []),
         "![pareto](pareto.png)",
         "",
     ]
@@ -177,11 +185,12 @@ def write_report(
     config: StudyConfig,
     results: Mapping[str, Mapping[str, Any]],
     images: Mapping[str, np.ndarray],
-    sens: Mapping[tuple[str, str], Mapping[str, tuple[float, ...]]],
+    sens: Mapping[tuple[str, str], Mapping[str, tuple[float, ...]]] | None,
     pareto: Mapping[str, Mapping[str, Any]],
     seconds: float,
 ) -> None:
-    """Write report.md, metrics.json, grid.png, sensitivity.png and pareto.png."""
+    """Write report.md, metrics.json, grid.png, sensitivity.png (``sens``: None without
+    sweeps) and pareto.png."""
     import matplotlib  # noqa: PLC0415  (only the report needs it)
 
     matplotlib.use("Agg")
@@ -212,11 +221,17 @@ def _grid(report: Path, config: StudyConfig, images: Mapping[str, np.ndarray]) -
 
 def _plots(
     report: Path,
-    sens: Mapping[tuple[str, str], Mapping[str, tuple[float, ...]]],
+    sens: Mapping[tuple[str, str], Mapping[str, tuple[float, ...]]] | None,
     pareto: Mapping[str, Mapping[str, Any]],
 ) -> None:
     from matplotlib import pyplot as plt  # noqa: PLC0415
 
+    if sens is not None:
+        _sensitivity_plot(plt, report, sens)
+    _pareto_plot(plt, report, pareto)
+
+
+def _sensitivity_plot(plt: Any, report: Path, sens: Mapping[tuple[str, str], Any]) -> None:
     # sensitivity long tail (paper Fig. 2a): sorted per-layer SQNR at W4 and A4
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for kind in ("weight", "act"):
@@ -230,6 +245,8 @@ def _plots(
     fig.savefig(report / "sensitivity.png", dpi=110)
     plt.close(fig)
 
+
+def _pareto_plot(plt: Any, report: Path, pareto: Mapping[str, Mapping[str, Any]]) -> None:
     # Fig. 8: predicted noise (the sensitivity axis) and image MSE vs average weight bits
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     markers = {"naive_sorting": "x", "random": "^", "perturb_20": "+"}

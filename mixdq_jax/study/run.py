@@ -54,6 +54,7 @@ def study_recipe(config: StudyConfig, pipe: Pipeline) -> Recipe:
             seed=config.seed,
             batch_size=16,
             chunk=config.chunk,
+            reconstruction=config.reconstruction,
         ),  # fmt: skip
     )
 
@@ -67,8 +68,12 @@ def run_study(config: StudyConfig) -> Path:
     run.path.mkdir(parents=True, exist_ok=True)
     _stage("1/5 calibration")
     recipe.calibrate()
-    _stage("2/5 sensitivity sweeps (weights and activations, every layer, 2/4/8 bits)")
-    sens = recipe.sensitivities()
+    sens = None
+    if config.swept:
+        _stage("2/5 sensitivity sweeps (weights and activations, every layer, 2/4/8 bits)")
+        sens = recipe.sensitivities()
+    else:
+        _stage("2/5 sensitivity sweeps: not needed (every row quantizes every layer alike)")
     if any(not m.bos_aware and m.weights != "uniform" for m in config.methods):
         recipe.sensitivities(bos_aware=False)
 
@@ -101,7 +106,8 @@ def run_study(config: StudyConfig) -> Path:
         if isinstance(row, str):
             results[key] = {"skipped": row}
             continue
-        qc = recipe.qconfig(row.method, row.weight_bits, row.act_bits)
+        # a reconstruction row renders its learned UNet (and PTQD's correction)
+        row_pipe, qc = recipe.quantized(row)
         # FP8 is fake quantization only: no packed export to measure
         unet_mb = None if row.method.fp8 else stored_param_bytes(pipe.unet.config, row.spec) / 1e6
         results[key] = {
@@ -114,16 +120,17 @@ def run_study(config: StudyConfig) -> Path:
         if config.judged:
             out = run.cached_eval(
                 key,
-                lambda qc=qc: evaluate(
-                    pipe, reference_images=float_eval["images"], qconfig=qc, **kw
+                lambda qc=qc, p=row_pipe: evaluate(
+                    p, reference_images=float_eval["images"], qconfig=qc, **kw
                 ),
             )
             results[key].update(out["metrics"])
             images[key] = out["images"]
         if config.evaluation is not None:
             results[key]["paper"] = recipe.evaluate(
-                row, config.evaluation, qconfig=qc, out=run.path / "paper_eval" / key
-            )
+                row, config.evaluation, pipe=row_pipe, qconfig=qc,
+                out=run.path / "paper_eval" / key,
+            )  # fmt: skip
 
     _stage("5/5 report")
     write_report(run.report_dir, config, results, images, sens, pareto, time.perf_counter() - start)

@@ -157,3 +157,46 @@ def test_multi_step_ptqd_is_stored_in_the_folder_and_applied_when_sampling(
     assert np.abs(corrected - plain).max() > 1e-3
     with pytest.raises(ValueError, match=r"fitted for 2 sampling step\(s\)"):
         quantized(PROMPTS[:1], num_inference_steps=1)
+
+
+def test_a_study_row_of_a_reconstruction_method_is_its_learned_model(model, tmp_path):
+    """`mixdq demo --methods naive ptqd`: the PTQD row's evaluation images come from the
+    reconstructed UNet (not the float UNet under the row's bits), and the report lists it."""
+    pipe_dir, prompts = model
+    run = tmp_path / "study"
+    code = main(["demo", "--model", str(pipe_dir), "--out", str(run), "--num-calib", "2",
+                 "--targets", "W8A8", "--methods", "naive", "ptqd", "--recon-iters", "2",
+                 "--recon-act-iters", "1", "--recon-batch", "2", "--recon-blocks", BLOCK,
+                 "--eval-prompts", str(prompts), "--eval-num", "2",
+                 "--eval-metrics", "ssim,psnr"])  # fmt: skip
+    assert code == 0
+    assert "| W8A8 | PTQD | 8.00 | 8.00 |" in (run / "report/report.md").read_text()
+
+    from mixdq_jax.recipe.config import RECONSTRUCTION_METHODS, Target  # noqa: PLC0415
+    from mixdq_jax.reconstruction import ReconConfig  # noqa: PLC0415
+    from mixdq_jax.study import StudyConfig  # noqa: PLC0415
+    from mixdq_jax.study.run import study_recipe  # noqa: PLC0415
+
+    config = StudyConfig(model=str(pipe_dir), run_dir=run, num_calib=2,
+                         reconstruction=ReconConfig(iters=2, act_iters=1, batch_size=2,
+                                                    blocks=(BLOCK,)))  # fmt: skip
+    float_pipe = load_pipeline(pipe_dir)
+    recipe = study_recipe(config, float_pipe)
+    row = recipe.allocation(Target.parse("W8A8"), RECONSTRUCTION_METHODS["ptqd"])  # resumed
+    learned, qconfig = recipe.quantized(row)
+    assert not np.array_equal(learned.params["unet"]["conv_out"]["kernel"],
+                              float_pipe.params["unet"]["conv_out"]["kernel"])  # PTQD folded
+    texts = [line for line in prompts.read_text().splitlines() if line][:2]
+    plain_qc = recipe.qconfig(row.method, row.weight_bits, row.act_bits)
+    # image i of an evaluation starts from seed i's latents (`evaluation.images`)
+    want = np.concatenate([learned([t], qconfig=qconfig, seed=i) for i, t in enumerate(texts)])
+    plain = np.concatenate([float_pipe([t], qconfig=plain_qc, seed=i)
+                            for i, t in enumerate(texts)])  # fmt: skip
+    want, plain = want * 255.0, plain * 255.0
+    from PIL import Image  # noqa: PLC0415
+
+    images = sorted((run / "paper_eval" / "W8A8_ptqd" / "images").glob("*.png"))
+    got = np.stack([np.asarray(Image.open(p), np.float32) for p in images])
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= 1.0  # the PNGs round to whole levels
+    assert np.abs(got - plain).max() > 1.0

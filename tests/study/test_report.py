@@ -70,3 +70,21 @@ def test_the_papers_metrics_replace_the_judge_on_another_model():
     naive = "| W8A8 | naive PTQ | 8.00 | 8.00 | - | 0.2612 | 0.9100 | 23.46 | 2570.00 | 4.00 |"
     assert naive in text
     assert "| W8A8 | MixDQ | 8.00 | 7.99 | 21.50 | 0.2612 |" in text
+
+
+def test_reconstruction_rows_get_the_papers_table_2_at_w8a8():
+    from mixdq_jax.recipe.config import RECONSTRUCTION_METHODS  # noqa: PLC0415
+
+    methods = (METHODS["naive"], RECONSTRUCTION_METHODS["qdiffusion"],
+               RECONSTRUCTION_METHODS["ptqd"], METHODS["mixdq"])  # fmt: skip
+    config = StudyConfig(targets=(Target.parse("W8A8"),), methods=methods)
+    results = {"float": {"content_score": 0.95, "frechet_distance": 0.5, "unet_mb": 3.6}}
+    for m in methods:
+        results[f"W8A8_{m.name}"] = _metrics(8, 8, 0, 1.9)
+    text = table(config, results, 60.0)
+    table2 = text.split("## Table 2")[1].split("## Table 3")[0]
+    rows = [line.split("|")[2].strip() for line in table2.splitlines() if line.startswith("| W8A8")]
+    # the paper's order: PTQD, Q-Diffusion (EDA-DM absent here) between naive PTQ and MixDQ
+    assert rows == ["naive PTQ", "PTQD", "Q-Diffusion", "MixDQ"]
+    # no reconstruction row: no Table 2
+    assert "## Table 2" not in table(StudyConfig(targets=(Target.parse("W8A8"),)), results, 1.0)
