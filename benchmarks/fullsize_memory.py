@@ -12,10 +12,11 @@ ones), so a kill loses at most the running command.
 
 Commands: float generate, calibrate (2 prompts), fake-quant generate (W8A8 and the official
 W3.66 / A7.77 configs), bounded sensitivity sweeps (``--sweep-layers`` layers x 3 bit-widths:
-weight and activation SQNR at chunk 1 and 2, weight SSIM at chunk 1), export (W8A8) and
-generate from the export. One 512x512 image, 1 step, everywhere. Each sweep runs in its own
-copy of the calibrated run with no earlier results (so it measures, not resumes); ``--force``
-measures the selected entries again:
+weight and activation SQNR at chunk 1 and 2, weight SSIM at chunk 1), export (W8A8),
+generate from the export, and `mixdq quantize --method qdiffusion` through its reconstruct
+stage on two blocks (calibration included: its own run). One 512x512 image, 1 step,
+everywhere. Each sweep runs in its own copy of the calibrated run with no earlier results (so
+it measures, not resumes); ``--force`` measures the selected entries again:
 
     python benchmarks/fullsize_memory.py --work /tmp/sdxl --dtype float32 --force \
         --only sensitivity_weight_sqnr_2_layers_chunk1 sensitivity_weight_ssim_2_layers_chunk1
@@ -37,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference"
 SDXL = REFERENCE / "sdxl-turbo"
 OFFICIAL = REFERENCE / "mixdq-official" / "final_config"
+RECON_BLOCKS = ("down_blocks.0.resnets.0", "down_blocks.1.attentions.0.transformer_blocks.0")
 MIXDQ = [sys.executable, "-c", "import sys; from mixdq_jax.cli import main; sys.exit(main())"]
 
 BUILD = r'''
@@ -118,6 +120,14 @@ def commands(model: Path, work: Path, dtype: str, sweep_layers: int) -> dict[str
                         "--act-bits", "8", "--calib", str(run), "--out", str(export), *d],
         "generate_from_export": [*gen, "--model", str(export), "--out",
                                  str(work / f"gen_export_{dtype}")],
+        # Q-Diffusion's reconstruction on two blocks (a top-level resnet, then the first
+        # transformer block, 1024 tokens): calibration on 2 prompts, 10 + 5 steps per block
+        "reconstruct_qdiffusion_w4a8_2_blocks": [
+            *MIXDQ, "quantize", "--model", str(model), "--run", str(work / f"recon_{dtype}"),
+            "--target", "W4A8", "--method", "qdiffusion", "--num-calib", "2", "--num-select",
+            "1", "--batch-size", "2", "--recon-iters", "10", "--recon-act-iters", "5",
+            "--recon-batch", "2", "--recon-lr", "5e-3", "--recon-blocks", RECON_BLOCKS[0],
+            RECON_BLOCKS[1], "--stop-after", "reconstruct", *d],
     }  # fmt: skip
 
 
@@ -135,6 +145,8 @@ def fresh_outputs(cmd: list[str], work: Path, dtype: str, name: str) -> None:
         shutil.rmtree(cmd[cmd.index("--out") + 1], ignore_errors=True)
     if name.startswith("calibrate"):
         shutil.rmtree(work / f"run_{dtype}" / "calib", ignore_errors=True)
+    if name.startswith("reconstruct"):
+        shutil.rmtree(work / f"recon_{dtype}", ignore_errors=True)
     if name.startswith("sensitivity_"):
         run = sweep_run(work, dtype, name)
         shutil.rmtree(run, ignore_errors=True)
