@@ -426,6 +426,11 @@ class Recipe:
         if needs_reconstruction(method):
             report["rounding"] = method.rounding
             report["ptqd_k"] = None if noise is None else noise.k.tolist()
+            if noise is not None:  # the residual and, in the loop, the fresh noise kept
+                plan = self.pipe.scheduler.set_timesteps(self.config.steps)
+                kept = noise.for_plan(self.pipe.scheduler, plan).noise_scale
+                report["ptqd_std"] = noise.std.tolist()
+                report["ptqd_noise_scale"] = np.asarray(kept, np.float64).tolist()
         if evaluation is not None:
             report["evaluation"] = self.evaluate(allocation, evaluation, pipe=pipe,
                                                  qconfig=qconfig)  # fmt: skip
@@ -524,6 +529,19 @@ def _evaluation_lines(values: Mapping[str, Any] | None) -> list[str]:
             f"{', '.join(shown)} (`{values['out']}/metrics.json`)"]  # fmt: skip
 
 
+def _ptqd_lines(report: Mapping[str, Any]) -> list[str]:
+    if report.get("ptqd_k") is None:
+        return []
+
+    def steps(key: str) -> str:
+        return ", ".join(f"{v:.4g}" for v in report[key])
+
+    return [
+        f"- PTQD per sampling step: slope k {steps('ptqd_k')}, residual std "
+        f"{steps('ptqd_std')}, fresh noise kept x {steps('ptqd_noise_scale')}"
+    ]
+
+
 def report_markdown(report: Mapping[str, Any]) -> str:
     """A few lines a person reads: what was chosen and what it costs."""
     floats = report["act_float_layers"]
@@ -543,6 +561,7 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             f"MSE {report['mse_vs_fp']:.3g}, PSNR {report['psnr_vs_fp']:.2f} dB, "
             f"SSIM {report['ssim_vs_fp']:.4f}",
             *_evaluation_lines(report.get("evaluation")),
+            *_ptqd_lines(report),
             *([f"- float activation layers: {', '.join(floats)}"] if floats else []),
             *([f"- quantized folder: `{report['out']}`"] if report["out"] else []),
             "",

@@ -140,6 +140,13 @@ def test_multi_step_ptqd_is_stored_in_the_folder_and_applied_when_sampling(
     stored = meta["noise_model"]
     report = json.loads((run / "quantize" / "W4A8_ptqd" / "report.json").read_text())
     assert stored["k"] == report["ptqd_k"] and len(stored["k"]) == 2
+    assert report["ptqd_std"] == stored["std"]
+    # the scheduler's fresh noise, less the residual's share: sqrt(b^2 - (a std/(1+k))^2) / b
+    a, b = float_pipe.scheduler.output_terms(float_pipe.scheduler.set_timesteps(2))
+    k, std = np.asarray(stored["k"]), np.asarray(stored["std"])
+    want = np.sqrt(np.maximum(b[0] ** 2 - (a[0] * std[0] / (1 + k[0])) ** 2, 0)) / b[0]
+    assert report["ptqd_noise_scale"][0] == pytest.approx(want, rel=1e-5)
+    assert "- PTQD per sampling step: slope k" in (run / "quantize/W4A8_ptqd/report.md").read_text()
     timesteps = float_pipe.scheduler.set_timesteps(2).timesteps
     np.testing.assert_array_equal(stored["timesteps"], np.asarray(timesteps, np.float64))
     assert len(stored["bias"][0]) == float_pipe.unet.config.out_channels
