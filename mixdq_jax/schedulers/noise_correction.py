@@ -45,8 +45,8 @@ class NoiseModel:
     def __post_init__(self) -> None:
         n = np.shape(self.timesteps)[0] if np.ndim(self.timesteps) == 1 else -1
         shapes = {name: np.shape(getattr(self, name)) for name in ("k", "bias", "std")}
-        if n < 1 or shapes["k"] != (n,) or shapes["std"] != (n,) or len(shapes["bias"]) != 2 \
-                or shapes["bias"][0] != n:  # fmt: skip
+        bias_ok = len(shapes["bias"]) == 2 and shapes["bias"][0] == n
+        if n < 1 or shapes["k"] != (n,) or shapes["std"] != (n,) or not bias_ok:
             raise ValueError(
                 f"NoiseModel: timesteps [N], k [N], bias [N, C] and std [N] must agree, got "
                 f"timesteps {np.shape(self.timesteps)}, "
