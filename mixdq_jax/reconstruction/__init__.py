@@ -1,7 +1,9 @@
 """Reconstruction-based quantization: AdaRound rounding and LSQ step sizes learned block by
 block (BRECQ, Q-Diffusion), EDA-DM's calibration selection and layer losses, and PTQD's noise
 correction. Everything ends as data the rest of the library already runs: a float params tree
-whose nearest rounding is the learned codes, and ordinary activation ranges (see `loop`)."""
+whose nearest rounding is the learned codes, and ordinary activation ranges (see `loop`); PTQD
+on several sampling steps adds a noise model the sampling loop applies
+(`mixdq_jax.schedulers.noise_correction`)."""
 
 from mixdq_jax.reconstruction.adaround import (
     beta_schedule,
