@@ -15,6 +15,7 @@ carry the learned codes, and activation ranges.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from typing import Any
 
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixdq_jax.io_utils import atomic_write_json
 from mixdq_jax.pipeline import Pipeline
 from mixdq_jax.quant.forward import forward
 from mixdq_jax.quant.qconfig import QConfig
@@ -54,7 +56,12 @@ def reconstruct_stage(
     if method.rounding == "adaround":
         data = unet_samples(pipe, calib)
         if method.calib_select:
-            data = tdac_samples(pipe, calib, data, seed=config.seed)
+            data, per_step = tdac_samples(pipe, calib, data, seed=config.seed)
+            # what TDAC chose, beside the reconstruction it fed
+            atomic_write_json(run.recipe_dir(key) / "calib_select.json",
+                              {"samples_per_step": per_step})  # fmt: skip
+            print(f"[mixdq quantize] EDA-DM's TDAC: calibration samples per sampling step "
+                  f"{per_step}", file=sys.stderr, flush=True)  # fmt: skip
         if method.layer_loss_weight:
             config = replace(config, layer_loss_weight=method.layer_loss_weight)
         res = reconstruct(unet_apply(pipe.unet), params, qconfig, data, config=config,
@@ -73,13 +80,19 @@ def reconstruct_stage(
     return pipe.with_params(unet=params).with_noise_model(noise), ranges, noise
 
 
-def tdac_samples(pipe: Pipeline, calib: CalibData, data: Any, *, seed: int = 0) -> Any:
-    """EDA-DM's TDAC: the samples of ``data`` (`unet_samples`) it keeps, one per trajectory,
-    spread over the steps by the float UNet's latent feature maps; all of them at one step."""
+def tdac_samples(
+    pipe: Pipeline, calib: CalibData, data: Any, *, seed: int = 0
+) -> tuple[Any, list[int]]:
+    """EDA-DM's TDAC: ``(the samples of data it keeps, how many per sampling step)``: one
+    per trajectory (`unet_samples` order), spread over the steps by the float UNet's latent
+    feature maps; all of them at one step."""
     step_of, trajectory_of = sample_positions(calib)
     features = feature_fn(unet_apply(pipe.unet), pipe.params["unet"], data)
     keep = select(step_of, trajectory_of, features, CalibSelect(seed=seed))
-    return data if keep.size == step_of.size else jax.tree.map(lambda a: a[keep], data)
+    per_step = np.bincount(step_of[keep], minlength=calib.steps).tolist()
+    if keep.size == step_of.size:
+        return data, per_step
+    return jax.tree.map(lambda a: a[keep], data), per_step
 
 
 def calib_outputs(calib: CalibData) -> np.ndarray:

@@ -207,3 +207,20 @@ def test_a_study_row_of_a_reconstruction_method_is_its_learned_model(model, tmp_
     assert got.shape == want.shape
     assert np.abs(got - want).max() <= 1.0  # the PNGs round to whole levels
     assert np.abs(got - plain).max() > 1.0
+
+
+def test_edadm_on_two_steps_keeps_one_sample_per_trajectory(model, tmp_path):
+    """EDA-DM on a two-step run: TDAC's choice is written beside the reconstruction, one
+    sample per calibration trajectory, and the reconstruction learns from those alone."""
+    pipe_dir, prompts = model
+    run = tmp_path / "run"
+    code = main(["quantize", "--model", str(pipe_dir), "--prompts", str(prompts),
+                 "--method", "edadm", "--target", "W4A16", "--steps", "2", "--num-calib", "2",
+                 "--num-select", "1", "--batch-size", "2", "--recon-iters", "1",
+                 "--recon-batch", "2", "--recon-blocks", BLOCK, "--run", str(run),
+                 "--stop-after", "reconstruct"])  # fmt: skip
+    assert code == 0
+    chosen = json.loads((run / "quantize/W4A16_edadm/calib_select.json").read_text())
+    assert len(chosen["samples_per_step"]) == 2 and sum(chosen["samples_per_step"]) == 2
+    settings = json.loads((run / "quantize/W4A16_edadm/reconstruct/settings.json").read_text())
+    assert settings["samples"] == 2 and settings["layer_loss_weight"] == 0.5
