@@ -17,7 +17,10 @@ the same grid gives exactly those codes, so the fake quantizer, the sensitivity 
 packer run it unchanged. That needs the folded kernel to keep each channel's range: the
 elements that set a channel's min and max keep their nearest rounding (two weights per
 channel are not learned; the grid cannot move), every other element is its dequantized value
-clipped into the range, and the fold checks the round trip.
+clipped into the range, and the fold checks the round trip. Learned codes stay within the
+nearest codes of the range's ends (`_code_bounds`): where an end sits exactly half a step
+inside the grid's edge (an exactly symmetric channel, as random initialisations give), the
+edge code is out of any range-keeping kernel's reach.
 """
 
 from __future__ import annotations
@@ -74,6 +77,35 @@ def _grid(w: Array, bits: Array, fmt: str) -> tuple[Array, Array | None, Array, 
     raise ValueError(f"learned rounding supports weight formats {FORMATS}, not {fmt!r}")
 
 
+def _fold_range(w: Array, fmt: str) -> tuple[Array, Array]:
+    """The per-channel range a folded kernel keeps (so the grid stays where it is)."""
+    lo, hi = grid.channel_range(w)
+    if fmt == "int_sym":
+        hi = jnp.maximum(-lo, hi)
+        lo = -hi
+    return lo, hi
+
+
+def _code_bounds(w: Array, bits: Array, fmt: str) -> tuple[Array, Array]:
+    """Per channel, the codes a folded kernel can hold. Symmetric: ``[-half, half]`` (the
+    range is ``[-absmax, absmax]``; the grid's extra code ``-half - 1`` lies beyond it).
+    Asymmetric: from the nearest code of the range's low end to that of its high end (the
+    channel's extreme elements, or 0 when the range was widened to contain it): mostly
+    ``[0, levels]``, but when an end sits half a step inside the grid's edge (a tie: an
+    exactly symmetric channel, as random initialisations give) the edge code is out of reach
+    of any kernel that keeps the range, so learned rounding must not pick it. The extremes'
+    codes are taken as the fake quantizer rounds the whole kernel (the same expression), so
+    a tie falls the same way in both."""
+    scale, zero, qmin, qmax = _grid(w, bits, fmt)
+    if fmt == "int_sym":
+        return qmin + 1.0, qmax
+    near = grid.codes(w, scale, zero, qmin, qmax)
+    axes = tuple(range(w.ndim - 1))
+    at_zero = grid.codes(jnp.zeros_like(scale), scale, zero, qmin, qmax)
+    return (jnp.minimum(jnp.min(near, axis=axes), at_zero),
+            jnp.maximum(jnp.max(near, axis=axes), at_zero))  # fmt: skip
+
+
 def _extremes(w: Array) -> Array:
     """Elements equal to their channel's min or max (they keep nearest rounding)."""
     axes = tuple(range(w.ndim - 1))
@@ -108,7 +140,7 @@ def _codes(w: Array, v: Array, bits: Array, fmt: str, soft: bool | Array) -> Arr
     up = jnp.where(soft, rectified_sigmoid(v), (v >= 0).astype(jnp.float32))
     up = jnp.where(_extremes(w), jnp.round(x) - base, up)
     q = base + up + (0.0 if zero is None else zero)
-    return jnp.clip(q, qmin, qmax)
+    return jnp.clip(q, *_code_bounds(w, bits, fmt))
 
 
 def rounded_kernel(
@@ -155,10 +187,7 @@ def nearest_codes(
 def _folded(kernel: Array, v: Array, bits: Array, *, fmt: str, split: int | None) -> Array:
     def part(w: Array, vp: Array) -> Array:
         scale, zero, _, _ = _grid(w, bits, fmt)
-        lo, hi = grid.channel_range(w)
-        if fmt == "int_sym":
-            hi = jnp.maximum(-lo, hi)
-            lo = -hi
+        lo, hi = _fold_range(w, fmt)
         deq = grid.dequantize(_codes(w, vp, bits, fmt, False), scale, zero)
         folded = jnp.where(_extremes(w), w.astype(jnp.float32), jnp.clip(deq, lo, hi))
         return folded.astype(w.dtype)
@@ -177,7 +206,8 @@ def fold_codes(
 ) -> Array:
     """A kernel (the input's dtype) whose nearest rounding on the grid is the learned codes:
     each channel's range is kept, every other element is its dequantized value clipped into
-    it. ``ValueError`` naming the layer if the round trip fails (it should not)."""
+    it (the codes stay within `_code_bounds`, so it fits). ``ValueError`` naming the layer if
+    the round trip fails (a bug)."""
     if bits >= grid.FLOAT_BITS:
         return kernel
     folded = _folded(kernel, v, bits, fmt=fmt, split=split)
@@ -187,6 +217,7 @@ def fold_codes(
     if bad:
         raise ValueError(
             f"layer {name!r}: {bad} learned code(s) do not survive folding into a {kernel.dtype} "
-            f"kernel at {bits} bits (the grid moved); keep this layer's weights in float32"
+            f"kernel at {bits} bits (the grid moved; a bug in mixdq-jax, please report it); "
+            "leave this layer out of --recon-blocks to go on"
         )
     return folded

@@ -131,6 +131,28 @@ def test_folded_kernel_packs_to_the_learned_codes(fmt, bits, split, dtype):
         np.testing.assert_allclose(np.asarray(fq), np.asarray(hard), rtol=2e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("v_sign", [-1.0, 1.0])
+def test_exactly_symmetric_channels_fold(bits, v_sign):
+    """A channel whose min is exactly -max (as random initialisations give, found on the
+    full-size random SDXL) sits on a tie of the asymmetric grid: its low edge code is half a
+    step outside the range. Learned rounding stays within the codes the packer gives the
+    channel's extremes, so the fold keeps working (it used to fail with "the grid moved")."""
+    w = np.random.default_rng(bits).uniform(-1.0, 1.0, size=(3, 3, 8, 6)).astype(np.float16)
+    top = np.abs(w).reshape(-1, 6).max(0)
+    w[0, 0, 0, :], w[0, 0, 1, :] = top, -top  # min == -max in every channel
+    w = w.astype(np.float32)
+    v = np.full(w.shape, 5.0 * v_sign, np.float32)  # everything down (or up)
+    folded = fold_codes(jnp.asarray(w), jnp.asarray(v), bits, name="symmetric")
+    want = np.asarray(learned_codes(jnp.asarray(w), jnp.asarray(v), bits))
+    codes, _, _ = quantize_weight_codes(folded, bits, symmetric=False)
+    np.testing.assert_array_equal(np.asarray(codes, np.float32) + 2 ** (bits - 1), want)
+    near, _, _ = quantize_weight_codes(jnp.asarray(w), bits, symmetric=False)
+    near = np.asarray(near, np.float32).reshape(-1, 6) + 2 ** (bits - 1)
+    flat = want.reshape(-1, 6)
+    assert (flat >= near.min(0)).all() and (flat <= near.max(0)).all()
+
+
 def test_unknown_weight_format_is_refused():
     with pytest.raises(ValueError, match="fp8"):
         init_rounding(jnp.ones((2, 2)), 4, fmt="fp8")
