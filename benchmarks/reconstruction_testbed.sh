@@ -39,8 +39,8 @@ qdiffusion W8A16"}
 mkdir -p "$OUT"
 
 if [ ! -f "$OUT/eval-float/metrics.json" ]; then  # the float model on the same captions
-  "$MIXDQ" evaluate --model testbed --steps "$STEPS" --num 256 --out "$OUT/eval-float" > "$OUT/eval-float.log" \
-    2>&1 < /dev/null
+  "$MIXDQ" evaluate --model testbed --steps "$STEPS" --num 256 --out "$OUT/eval-float" \
+    > "$OUT/eval-float.log" 2>&1 < /dev/null
 fi
 
 while read -r method target; do

@@ -86,7 +86,9 @@ def _fold_range(w: Array, fmt: str) -> tuple[Array, Array]:
     return lo, hi
 
 
-def _code_bounds(w: Array, bits: Array, fmt: str) -> tuple[Array, Array]:
+def _code_bounds(
+    w: Array, scale: Array, zero: Array | None, qmin: Array, qmax: Array, fmt: str
+) -> tuple[Array, Array]:
     """Per channel, the codes a folded kernel can hold. Symmetric: ``[-half, half]`` (the
     range is ``[-absmax, absmax]``; the grid's extra code ``-half - 1`` lies beyond it).
     Asymmetric: from the nearest code of the range's low end to that of its high end (the
@@ -95,8 +97,7 @@ def _code_bounds(w: Array, bits: Array, fmt: str) -> tuple[Array, Array]:
     exactly symmetric channel, as random initialisations give) the edge code is out of reach
     of any kernel that keeps the range, so learned rounding must not pick it. The extremes'
     codes are taken as the fake quantizer rounds the whole kernel (the same expression), so
-    a tie falls the same way in both."""
-    scale, zero, qmin, qmax = _grid(w, bits, fmt)
+    a tie falls the same way in both. ``scale`` .. ``qmax``: the channel grid (`_grid`)."""
     if fmt == "int_sym":
         return qmin + 1.0, qmax
     near = grid.codes(w, scale, zero, qmin, qmax)
@@ -140,7 +141,7 @@ def _codes(w: Array, v: Array, bits: Array, fmt: str, soft: bool | Array) -> Arr
     up = jnp.where(soft, rectified_sigmoid(v), (v >= 0).astype(jnp.float32))
     up = jnp.where(_extremes(w), jnp.round(x) - base, up)
     q = base + up + (0.0 if zero is None else zero)
-    return jnp.clip(q, *_code_bounds(w, bits, fmt))
+    return jnp.clip(q, *_code_bounds(w, scale, zero, qmin, qmax, fmt))
 
 
 def rounded_kernel(

@@ -51,18 +51,23 @@ def test_the_cli_offers_the_reconstruction_rows():
     assert RECONSTRUCTION_METHODS["ptqd"].settings()["ptqd"] is True
 
 
+def _quantize(model, run, *args: str) -> None:
+    """`mixdq quantize` on the tiny model with the tests' small settings, one block learned."""
+    pipe_dir, prompts = model
+    code = main(["quantize", "--model", str(pipe_dir), "--prompts", str(prompts),
+                 "--num-calib", "2", "--num-select", "1", "--batch-size", "2",
+                 "--recon-batch", "2", "--recon-blocks", BLOCK, "--run", str(run),
+                 *args])  # fmt: skip
+    assert code == 0
+
+
 @pytest.fixture(scope="module")
 def quantized(model, tmp_path_factory):
     """The command's run directory and quantized folder."""
-    pipe_dir, prompts = model
     root = tmp_path_factory.mktemp("ptqd")
     run, out = root / "run", root / "out"
-    code = main(["quantize", "--model", str(pipe_dir), "--prompts", str(prompts),
-                 "--method", "ptqd", "--target", "W4A8", "--num-calib", "2",
-                 "--num-select", "1", "--batch-size", "2", "--recon-iters", "4",
-                 "--recon-act-iters", "2", "--recon-batch", "2", "--recon-blocks", BLOCK,
-                 "--run", str(run), "--out", str(out), "--stop-after", "export"])  # fmt: skip
-    assert code == 0
+    _quantize(model, run, "--method", "ptqd", "--target", "W4A8", "--recon-iters", "4",
+              "--recon-act-iters", "2", "--out", str(out), "--stop-after", "export")
     return run, out
 
 
@@ -119,15 +124,10 @@ def test_the_folder_holds_the_learned_codes_and_ptqd_and_runs_on_the_integer_pat
 @pytest.fixture(scope="module")
 def quantized_two_steps(model, tmp_path_factory):
     """PTQD on a two-step Euler-ancestral run: the correction goes into the sampling loop."""
-    pipe_dir, prompts = model
     root = tmp_path_factory.mktemp("ptqd2")
     run, out = root / "run", root / "out"
-    code = main(["quantize", "--model", str(pipe_dir), "--prompts", str(prompts),
-                 "--method", "ptqd", "--target", "W4A8", "--steps", "2", "--num-calib", "2",
-                 "--num-select", "1", "--batch-size", "2", "--recon-iters", "2",
-                 "--recon-act-iters", "1", "--recon-batch", "2", "--recon-blocks", BLOCK,
-                 "--run", str(run), "--out", str(out)])  # fmt: skip
-    assert code == 0
+    _quantize(model, run, "--method", "ptqd", "--target", "W4A8", "--steps", "2",
+              "--recon-iters", "2", "--recon-act-iters", "1", "--out", str(out))
     return run, out
 
 
@@ -212,14 +212,9 @@ def test_a_study_row_of_a_reconstruction_method_is_its_learned_model(model, tmp_
 def test_edadm_on_two_steps_keeps_one_sample_per_trajectory(model, tmp_path):
     """EDA-DM on a two-step run: TDAC's choice is written beside the reconstruction, one
     sample per calibration trajectory, and the reconstruction learns from those alone."""
-    pipe_dir, prompts = model
     run = tmp_path / "run"
-    code = main(["quantize", "--model", str(pipe_dir), "--prompts", str(prompts),
-                 "--method", "edadm", "--target", "W4A16", "--steps", "2", "--num-calib", "2",
-                 "--num-select", "1", "--batch-size", "2", "--recon-iters", "1",
-                 "--recon-batch", "2", "--recon-blocks", BLOCK, "--run", str(run),
-                 "--stop-after", "reconstruct"])  # fmt: skip
-    assert code == 0
+    _quantize(model, run, "--method", "edadm", "--target", "W4A16", "--steps", "2",
+              "--recon-iters", "1", "--stop-after", "reconstruct")
     chosen = json.loads((run / "quantize/W4A16_edadm/calib_select.json").read_text())
     assert len(chosen["samples_per_step"]) == 2 and sum(chosen["samples_per_step"]) == 2
     settings = json.loads((run / "quantize/W4A16_edadm/reconstruct/settings.json").read_text())
