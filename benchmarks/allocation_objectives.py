@@ -50,10 +50,9 @@ from mixdq_jax.allocation import (
 from mixdq_jax.allocation.objectives import OBJECTIVES, noise_power, predicted_noise
 from mixdq_jax.api import load_pipeline
 from mixdq_jax.io_utils import atomic_write_json, atomic_write_text
+from mixdq_jax.methods import METHODS, AllocationContext, AllocationKnobs, Target
 from mixdq_jax.metrics import ssim_global
 from mixdq_jax.quant.qconfig import FLOAT_BITS
-from mixdq_jax.recipe import METHODS, AllocationKnobs, Target
-from mixdq_jax.recipe.allocate import weight_candidates
 from mixdq_jax.sensitivity.calibration import load_calibration
 from mixdq_jax.sensitivity.evaluator import Evaluator
 from mixdq_jax.study.baselines import layer_candidates
@@ -77,7 +76,8 @@ def _allocations(recipe, sens, budget: float, n_random: int) -> tuple[list[dict]
     out: list[dict] = []
     for objective in OBJECTIVES:
         knobs = AllocationKnobs(objective=objective)
-        for i, bits in enumerate(weight_candidates(sens, layers, mixdq, target, knobs)):
+        ctx = AllocationContext(layers=layers, knobs=knobs, target=target, scores=lambda: sens)
+        for i, bits in enumerate(mixdq.allocator.weights(ctx)):
             out.append({"label": f"ilp-{objective}", "index": i, "bits": bits})
     sqnr = sens["weight", "sqnr"]
     for b in np.linspace(budget - 0.3, budget, 4):

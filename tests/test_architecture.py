@@ -32,6 +32,8 @@ RANKS = {
     "mixdq_jax.deploy": 4,
     "mixdq_jax.reconstruction": 4,
     "mixdq_jax.api": 5,
+    "mixdq_jax.any_model": 5,  # MixDQ on any Flax model: quant + allocation behind one entry
+    "mixdq_jax.methods": 5,  # allocators, refiners, formats, the method registry
     "mixdq_jax.recipe": 5,
     "mixdq_jax.testbed.evaluate": 5,
     "mixdq_jax.evaluation": 5,

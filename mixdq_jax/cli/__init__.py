@@ -14,6 +14,7 @@ from typing import NoReturn
 
 import yaml
 
+from mixdq_jax.cli import config_file
 from mixdq_jax.cli.compile_notice import CompileNotice
 from mixdq_jax.cli.interrupt import InterruptWatch
 from mixdq_jax.io_utils import LockError
@@ -114,7 +115,8 @@ def _warning_printer(name: str) -> Callable[..., None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # a command that takes --config FILE gets the file's options under the command line's
+    args = config_file.parse_args(build_parser(), argv)
     name = f"mixdq {args.command}"
     # "compiling ..." before a big program's first call; Ctrl-C during a long XLA call
     with CompileNotice(name), InterruptWatch(name):

@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from mixdq_jax.cli.config_file import add_config_option, write_run_settings
 from mixdq_jax.cli.metric_args import add_report_eval_args, report_eval
 from mixdq_jax.cli.quantize import METHOD_NAMES, RECONSTRUCTION_METHOD_NAMES, target_arg
 from mixdq_jax.cli.recon_args import add_recon_args, recon_config
@@ -13,6 +14,7 @@ from mixdq_jax.cli.recon_args import add_recon_args, recon_config
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the MixDQ study (calibrate, sweep, allocate, evaluate)")
+    add_config_option(p)
     p.add_argument("--model", default="testbed")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
     p.add_argument("--num-eval", type=int, default=64, help="held-out test captions")
@@ -48,11 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def methods_named(names: list[str]) -> tuple:
     """The recipe's methods of ``names``, in the order given, each once."""
-    from mixdq_jax.recipe import METHODS  # noqa: PLC0415
-    from mixdq_jax.recipe.config import RECONSTRUCTION_METHODS  # noqa: PLC0415
+    from mixdq_jax.methods import get_method  # noqa: PLC0415
 
-    every = {**METHODS, **RECONSTRUCTION_METHODS}
-    return tuple(every[n] for n in dict.fromkeys(names))
+    return tuple(get_method(n) for n in dict.fromkeys(names))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     evaluation = report_eval(args)  # the metrics' weights checked before any work
     start = time.perf_counter()
     with exclusive_lock(args.out, "run directory"):
+        write_run_settings(args.out, args)  # OUT/settings.json: the options and their sources
         report = run_study(
             StudyConfig(
                 model=args.model,

@@ -109,23 +109,31 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Two commands under one name: the paper's evaluation when ``--prompts`` or ``--metrics``
+    is given, the testbed's otherwise."""
     if args.prompts is not None or args.metrics is not None:
         return run_paper(args)
+    return run_testbed(args)
+
+
+def run_testbed(args: argparse.Namespace) -> int:
+    """The testbed evaluation: held-out testbed captions scored by the testbed's judge, and
+    compared with the float model's images on the same captions and seeds."""
     from mixdq_jax.api import load_pipeline, quantized_config  # noqa: PLC0415
     from mixdq_jax.io_utils import atomic_write_json  # noqa: PLC0415
+    from mixdq_jax.schedulers import default_scheduler  # noqa: PLC0415
     from mixdq_jax.testbed import evaluate  # noqa: PLC0415
 
-    if args.num is None:
-        args.num = 256
-    if args.seed + args.num - 1 > MAX_SEED:
+    num = 256 if args.num is None else args.num
+    if args.seed + num - 1 > MAX_SEED:
         raise ValueError(
-            f"--seed {args.seed}: image i uses seed+i, and --num {args.num} goes past {MAX_SEED}"
+            f"--seed {args.seed}: image i uses seed+i, and --num {num} goes past {MAX_SEED}"
         )
     spec = spec_from_args(args)
-    scheduler = None if args.steps == 1 else "LCMScheduler"
+    scheduler = default_scheduler(args.steps)
     dtype = resolve_dtype(args.dtype)
     pipe = load_pipeline(args.model, scheduler=scheduler, dtype=dtype)
-    kw = dict(split=args.split, steps=args.steps, num=args.num, seed=args.seed)
+    kw = dict(split=args.split, steps=args.steps, num=num, seed=args.seed)
     float_model = args.float_model
     if float_model is None and pipe.unet_mode is not None:
         float_model = _export_source(args.model)
@@ -240,8 +248,9 @@ def _subject(args: argparse.Namespace):
     from mixdq_jax.evaluation.images import model_fingerprint  # noqa: PLC0415
     from mixdq_jax.evaluation.run import Subject  # noqa: PLC0415
     from mixdq_jax.loader import resolve_model  # noqa: PLC0415
+    from mixdq_jax.schedulers import default_scheduler  # noqa: PLC0415
 
-    scheduler = None if args.steps == 1 else "LCMScheduler"
+    scheduler = default_scheduler(args.steps)
     dtype = resolve_dtype(args.dtype)
     folder = resolve_model(args.model)
     exported = is_quantized_folder(folder)

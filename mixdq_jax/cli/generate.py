@@ -1,9 +1,14 @@
-"""``mixdq generate``: images from prompts with a float (or quantized) pipeline."""
+"""``mixdq generate``: images from prompts with a float (or quantized) pipeline.
+
+The images are written by the evaluation's resumable writer
+(`mixdq_jax.evaluation.images.write_images`); this command keeps its own folder layout:
+``NNNN.png`` and ``prompts.json`` (the settings and one record per image), an image listed
+before it is made, so a folder holds no image this command did not index.
+"""
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import re
 from pathlib import Path
@@ -27,7 +32,8 @@ from mixdq_jax.cli.quant_args import (
     resolve_dtype,
     spec_from_args,
 )
-from mixdq_jax.io_utils import atomic_write_bytes, atomic_write_json, exclusive_lock
+from mixdq_jax.evaluation.images import plan_images, write_images
+from mixdq_jax.io_utils import atomic_write_json, exclusive_lock
 
 INDEX = "prompts.json"  # the run's settings and one record per image written
 _IMAGE_NAME = re.compile(r"\d{4,}\.png")  # the names this command gives its images
@@ -88,10 +94,9 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def plan_records(prompts: list[str], first_seed: int) -> list[dict]:
-    """One ``{file, prompt, seed}`` record per image, in order (image i: seed + i)."""
-    return [
-        {"file": f"{i:04d}.png", "prompt": p, "seed": first_seed + i} for i, p in enumerate(prompts)
-    ]
+    """One ``{file, prompt, seed}`` record per image, in order (image i: ``NNNN.png``, seed +
+    i)."""
+    return plan_images(prompts, first_seed, digits=4)
 
 
 def read_index(out: Path) -> dict | None:
@@ -219,30 +224,25 @@ def _generate(args: argparse.Namespace, spec: Any, records: list[dict], index: d
         "calib": str(args.calib),
     }
     check_out_folder(args.out, index, records, settings, args.overwrite)
-    done = {}
+    done = set()
     if index is not None and index.get("settings") == settings:  # resume
-        done = {r.get("file"): r for r in index["images"]}
+        listed = {r.get("file"): r for r in index["images"]}
+        done = {r["file"] for r in records
+                if listed.get(r["file"]) == r and (args.out / r["file"]).is_file()}  # fmt: skip
     if args.overwrite:
         remove_stale(args.out, index, records)
-    index_path = args.out / INDEX
-    todo = [
-        r for r in records if not (done.get(r["file"]) == r and (args.out / r["file"]).is_file())
-    ]
+    todo = [r for r in records if r["file"] not in done]
     embeds = {
         r["file"]: pipe.prompt_embeddings([r["prompt"]], args.negative_prompt, args.guidance)
         for r in tqdm(todo, desc="prompts", unit="prompt", disable=len(todo) < 2)
     }
     pipe = pipe.without_text_encoders()  # every prompt is encoded: free them for the UNet
-    written = []
-    for record in tqdm(records, desc="images", unit="img"):
+
+    def render(chunk: list[dict]) -> Any:
+        (record,) = chunk
         name = record["file"]
-        written.append(record)
-        if name not in embeds:  # written by an earlier run
-            continue
-        # listed before the image exists: a run killed in between finds its own file on resume
-        atomic_write_json(index_path, {"settings": settings, "images": written})
         try:
-            (image,) = pipe(
+            return pipe(
                 record["prompt"],
                 negative_prompt=args.negative_prompt,
                 num_inference_steps=args.steps,
@@ -250,7 +250,6 @@ def _generate(args: argparse.Namespace, spec: Any, records: list[dict], index: d
                 height=height,
                 width=width,
                 seed=record["seed"],
-                output_type="pil",
                 qconfig=qconfig,
                 check=True,
                 prompt_embeds=embeds.pop(name),
@@ -260,10 +259,15 @@ def _generate(args: argparse.Namespace, spec: Any, records: list[dict], index: d
                 f"{name} (prompt {record['prompt']!r}, seed {record['seed']}): {err}; "
                 f"{_HINTS[err.stage]}; no image was written for it"
             ) from err
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        atomic_write_bytes(args.out / name, buf.getvalue())
-    atomic_write_json(index_path, {"settings": settings, "images": written})
+
+    # listed before the image exists: a run killed in between finds its own file on resume
+    written = write_images(
+        args.out, records, render,
+        write_index=lambda images: atomic_write_json(
+            args.out / INDEX, {"settings": settings, "images": images}
+        ),
+        done=done, listed_first=True, progress="images",
+    )  # fmt: skip
     return len(written)
 
 

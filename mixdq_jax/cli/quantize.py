@@ -24,11 +24,20 @@ import argparse
 from pathlib import Path
 
 from mixdq_jax.cli import argtypes
+from mixdq_jax.cli.config_file import (
+    EXPORT_SETTINGS_FILE,
+    SETTINGS_FILE,
+    add_config_option,
+    write_run_settings,
+    write_settings,
+)
 from mixdq_jax.cli.metric_args import add_report_eval_args, report_eval
 from mixdq_jax.cli.quant_args import add_dtype_arg, resolve_dtype
 from mixdq_jax.cli.recon_args import add_recon_args, recon_config
 
 STAGES = ("calibrate", "sensitivity", "weights", "acts", "reconstruct", "export", "report")
+# The built-in methods, for --help without importing the library (tests/recipe/test_config.py
+# checks them against the registry, `mixdq_jax.methods`); --plugin files add more.
 METHOD_NAMES = ("naive", "naive+bos", "sqnr-mp", "fp8", "mixdq-no-bos", "mixdq")
 RECONSTRUCTION_METHOD_NAMES = ("qdiffusion", "ptqd", "mixdq+adaround", "edadm")
 _count = argtypes.positive_int
@@ -37,7 +46,7 @@ _percent = argtypes.float_in(0.0, 100.0, "a percentage")
 
 
 def target_arg(text: str):
-    from mixdq_jax.recipe.config import Target  # noqa: PLC0415
+    from mixdq_jax.methods import Target  # noqa: PLC0415
 
     try:
         return Target.parse(text)
@@ -46,17 +55,31 @@ def target_arg(text: str):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    parser = sub.add_parser(
         "quantize",
         help="the whole MixDQ recipe: calibrate, sweep, allocate, select, export",
-        description=__doc__,
+        description=__doc__ + _CONFIG_NOTE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s --target TARGET --run RUN [--model MODEL] [--method METHOD] [--out OUT] "
+        "[option ...]\n       %(prog)s --config FILE [option ...]",
     )
+    # --help: the everyday options first, the rest under their own headings
+    p = parser.add_argument_group("the everyday options")
+    add_config_option(p)
     p.add_argument("--model", default="testbed", help="float diffusers folder or testbed")
     p.add_argument(
         "--target", type=target_arg, required=True, help="W8A8, W5A8, W4A8, W3.66A16, ..."
     )
-    p.add_argument("--method", choices=METHOD_NAMES + RECONSTRUCTION_METHOD_NAMES, default="mixdq")
+    p.add_argument(
+        "--method", default="mixdq", metavar="NAME",
+        help="a registered method: " + ", ".join(METHOD_NAMES + RECONSTRUCTION_METHOD_NAMES)
+        + ", or one a --plugin file registers (default: mixdq)",
+    )  # fmt: skip
+    p.add_argument(
+        "--plugin", type=argtypes.existing_file, action="append", default=[], metavar="FILE",
+        help="a Python file that registers methods (mixdq_jax.methods.register_method); "
+        "repeat for several (examples/custom_method.py)",
+    )  # fmt: skip
     p.add_argument("--run", type=Path, required=True, help="run directory (resumable)")
     p.add_argument("--out", type=Path, default=None, help="quantized pipeline folder to write")
     p.add_argument(
@@ -66,12 +89,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "observed on the W8 model)",
     )  # fmt: skip
     p.add_argument(
-        "--objective", choices=("official", "noise"), default=None,
-        help="what the integer program maximises: noise (least summed quantization noise "
-        "power; default with --preset ours, measured to predict the image better: README) or "
-        "official (summed SSIM / SQNR dB, the paper's; default with --preset official)",
-    )  # fmt: skip
-    p.add_argument(
         "--prompts", type=argtypes.existing_file, default=None,
         help="text file, one prompt per line: the first --num-calib calibrate, the next "
         "--num-select pick among candidates (default: the shipped prompts; testbed captions "
@@ -79,42 +96,77 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--num-calib", type=_count, default=32, help="calibration prompts (32)")
     p.add_argument("--num-select", type=_count, default=4, help="held-out selection prompts (4)")
-    p.add_argument("--steps", type=_count, default=1, help="sampling steps (1)")
-    p.add_argument("--guidance-scale", type=argtypes.nonneg_float, default=0.0)
-    p.add_argument("--height", type=_count, default=None, help="default: the model's native size")
-    p.add_argument("--width", type=_count, default=None)
-    p.add_argument("--seed", type=argtypes.seed, default=0)
-    p.add_argument("--batch-size", type=_count, default=8, help="images per batch (8)")
-    p.add_argument("--chunk", type=_count, default=8, help="sweep configurations per call (8)")
     p.add_argument(
-        "--act-average", type=_act_average, default=None,
-        help="A8: average bits of the non-protected activation layers (default: the paper's "
-        "7.7, lowered if needed so the effective average, float layers at 16, is <= 8)",
-    )  # fmt: skip
-    p.add_argument(
-        "--protect-top", type=_percent, default=1.0,
-        help="A8: percent of activation layers per group kept float, the lowest-scoring at "
-        "8 bits (1, the paper's)",
+        "--steps", type=_count, default=1,
+        help="sampling steps (1); more than one samples the testbed with LCMScheduler, other "
+        "models with their folder's scheduler (unless --scheduler)",
     )  # fmt: skip
     p.add_argument("--stop-after", choices=STAGES, default="report")
-    add_recon_args(p)
     p.add_argument(
         "--overwrite",
         action="store_true",
         help="let --out replace files in a non-empty folder that is not an earlier export "
         "(files the export does not write are kept)",
     )
-    p.add_argument("--scheduler", default=None, help="override, e.g. LCMScheduler")
-    p.add_argument("--variant", default=None, help="weight variant of the source, e.g. fp16")
-    p.add_argument(
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--guidance-scale", type=argtypes.nonneg_float, default=0.0)
+    g.add_argument("--height", type=_count, default=None, help="default: the model's native size")
+    g.add_argument("--width", type=_count, default=None)
+    g.add_argument("--seed", type=argtypes.seed, default=0)
+    g.add_argument("--batch-size", type=_count, default=8, help="images per batch (8)")
+    g.add_argument("--scheduler", default=None, help="override, e.g. LCMScheduler")
+    g = parser.add_argument_group("sensitivity sweep and bit allocation")
+    g.add_argument(
+        "--objective", choices=("official", "noise"), default=None,
+        help="what the integer program maximises: noise (least summed quantization noise "
+        "power; default with --preset ours, measured to predict the image better: README) or "
+        "official (summed SSIM / SQNR dB, the paper's; default with --preset official)",
+    )  # fmt: skip
+    g.add_argument(
+        "--act-average", type=_act_average, default=None,
+        help="A8: average bits of the non-protected activation layers (default: the paper's "
+        "7.7, lowered if needed so the effective average, float layers at 16, is <= 8)",
+    )  # fmt: skip
+    g.add_argument(
+        "--protect-top", type=_percent, default=1.0,
+        help="A8: percent of activation layers per group kept float, the lowest-scoring at "
+        "8 bits (1, the paper's)",
+    )  # fmt: skip
+    g.add_argument("--chunk", type=_count, default=8, help="sweep configurations per call (8)")
+    add_recon_args(parser.add_argument_group(
+        "learned rounding (the methods " + ", ".join(RECONSTRUCTION_METHOD_NAMES) + ")"
+    ))  # fmt: skip
+    g = parser.add_argument_group("the source model")
+    g.add_argument("--variant", default=None, help="weight variant of the source, e.g. fp16")
+    g.add_argument(
         "--lora", type=argtypes.existing_file, default=None,
         help="LoRA safetensors fused before quantizing (e.g. LCM-LoRA on SD1.5; the export "
         "then holds the fused UNet)",
     )  # fmt: skip
-    p.add_argument("--lora-scale", type=argtypes.finite_float, default=1.0)
-    add_dtype_arg(p)
-    add_report_eval_args(p)
-    p.set_defaults(func=run)
+    g.add_argument("--lora-scale", type=argtypes.finite_float, default=1.0)
+    add_dtype_arg(g)
+    add_report_eval_args(parser)
+    parser.set_defaults(func=run)
+
+
+_CONFIG_NOTE = f"""
+The options can come from a file: `mixdq quantize --config recipe.yaml`, keys the long option
+names (num-calib or num_calib), e.g.
+
+    model: testbed
+    target: W4A8
+    method: mixdq
+    run: runs/w4a8
+    out: runs/w4a8-unet
+    num-calib: 16
+    preset: official
+    recon-blocks: [mid_block]
+
+Options on the command line override the file's; relative paths are relative to the current
+directory. The merged settings (every option's value and where it came from) are written to
+RUN/{SETTINGS_FILE} and, once exported, OUT/{EXPORT_SETTINGS_FILE};
+`--config RUN/{SETTINGS_FILE}` repeats that run.
+"""
 
 
 def prompts_for(model: str, path: Path | None, num_calib: int, num_select: int):
@@ -149,11 +201,13 @@ def run(args: argparse.Namespace) -> int:
     from mixdq_jax.deploy.checkpoint import check_export_folder  # noqa: PLC0415
     from mixdq_jax.io_utils import exclusive_lock  # noqa: PLC0415
     from mixdq_jax.loader import resolve_model  # noqa: PLC0415
-    from mixdq_jax.recipe import METHODS, PRESETS, AllocationKnobs, RecipeConfig  # noqa: PLC0415
-    from mixdq_jax.recipe.config import RECONSTRUCTION_METHODS  # noqa: PLC0415
+    from mixdq_jax.methods import AllocationKnobs, get_method, load_plugin  # noqa: PLC0415
+    from mixdq_jax.recipe import PRESETS, RecipeConfig  # noqa: PLC0415
     from mixdq_jax.recipe.run import check_request  # noqa: PLC0415
 
-    method = {**METHODS, **RECONSTRUCTION_METHODS}[args.method]
+    for plugin in args.plugin:
+        load_plugin(plugin)
+    method = get_method(args.method)
     check_request(args.target, method, args.out)  # before the model loads
     if args.out is not None and args.out.resolve() == args.run.resolve():
         raise ValueError("--out and --run must be different folders")
@@ -187,18 +241,22 @@ def _quantize(args: argparse.Namespace, config, method, evaluation) -> int:
     from mixdq_jax.api import load_pipeline  # noqa: PLC0415
     from mixdq_jax.recipe import quantize  # noqa: PLC0415
     from mixdq_jax.recipe.run import report_markdown  # noqa: PLC0415
+    from mixdq_jax.schedulers import default_scheduler  # noqa: PLC0415
 
-    scheduler = args.scheduler
-    if scheduler is None and args.model == "testbed" and args.steps > 1:
-        scheduler = "LCMScheduler"  # the testbed's few-step sampler, as `mixdq evaluate`
+    scheduler = args.scheduler  # other models: their folder's scheduler at any step count
+    if args.model == "testbed":  # the testbed's few-step sampler, as `mixdq evaluate`
+        scheduler = default_scheduler(args.steps, args.scheduler)
     pipe = load_pipeline(
         args.model, dtype=resolve_dtype(args.dtype), variant=args.variant, scheduler=scheduler,
         lora=args.lora, lora_scale=args.lora_scale,
     )  # fmt: skip
+    write_run_settings(args.run, args)  # the model loaded: the run starts with these settings
     report = quantize(
         pipe, args.run, config, target=args.target, method=method, out=args.out,
         stop_after=args.stop_after, overwrite=args.overwrite, evaluation=evaluation,
     )  # fmt: skip
+    if args.out is not None and STAGES.index(args.stop_after) >= STAGES.index("export"):
+        write_settings(args.out / EXPORT_SETTINGS_FILE, args)  # the export is complete
     if report is None:
         print(f"stopped after stage {args.stop_after}; run the same command to go on")
         return 0

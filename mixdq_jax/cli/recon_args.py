@@ -1,5 +1,5 @@
 """The ``--recon-*`` options of learned rounding, shared by ``mixdq quantize`` and ``mixdq demo``
-(the reconstruction rows: `mixdq_jax.recipe.config.RECONSTRUCTION_METHODS`)."""
+(the reconstruction rows: `mixdq_jax.methods.RECONSTRUCTION_METHODS`)."""
 
 from __future__ import annotations
 

@@ -176,6 +176,18 @@ def node_at(tree: Mapping, name: str) -> Mapping:
     return node
 
 
+def layer_kernel(params: Mapping[str, Any], name: str) -> Any:
+    """The kernel of layer ``name`` (Dense ``(in, out)``, Conv ``HWIO``: output channels
+    last) in a params tree."""
+    return node_at(params, name)["kernel"]
+
+
+def with_layer_kernel(params: Mapping[str, Any], name: str, kernel: Any) -> dict[str, Any]:
+    """A copy of ``params`` with layer ``name``'s kernel replaced (the rest shared)."""
+    path = path_of(params, name)
+    return _replace_node(params, (*path, "kernel"), kernel)
+
+
 def _replace_node(tree: Mapping, path: tuple[str, ...], value: Any) -> dict:
     """A copy of ``tree`` with ``value`` at ``path`` (missing parents are created)."""
     out = dict(tree)

@@ -1,5 +1,9 @@
 """Generated image sets on disk: written as they are made, resumable, cached for the float model.
 
+`write_images` is the one resumable image writer (`generate_set` here, ``mixdq generate``):
+records ``{"file", "prompt", "seed"}`` (`plan_images`) rendered batch by batch, each PNG
+written atomically, an index of the finished ones kept by the caller's ``write_index``.
+
 A set is a folder ``images/`` holding ``NNNNN.png`` (uint8 RGB), ``index.json`` (a list of
 ``{"file", "prompt", "seed"}``, one per finished image, in prompt order) and ``set.json`` (what
 the set is: model identity, quantization, prompts digest and generation settings). Image ``i``
@@ -19,7 +23,7 @@ import io
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -197,6 +201,75 @@ def initial_latents(pipe: Any, seed: int, height: int, width: int) -> np.ndarray
     return np.asarray(jax.random.normal(seed_keys(seed)[0], shape))[0]
 
 
+def plan_images(prompts: Sequence[str], first_seed: int, *, digits: int = 5) -> list[dict]:
+    """One ``{"file", "prompt", "seed"}`` record per image, in order: image ``i`` is
+    ``{i:0<digits>d}.png`` from seed ``first_seed + i``."""
+    return [{"file": f"{i:0{digits}d}.png", "prompt": p, "seed": first_seed + i}
+            for i, p in enumerate(prompts)]  # fmt: skip
+
+
+def write_images(
+    folder: str | os.PathLike,
+    records: Sequence[dict[str, Any]],
+    render: Callable[[list[dict[str, Any]]], Any],
+    *,
+    write_index: Callable[[list[dict[str, Any]]], Any],
+    done: Collection[str] = (),
+    batch: int = 1,
+    listed_first: bool = False,
+    flush_seconds: float = 10.0,
+    progress: str | None = None,
+) -> list[dict[str, Any]]:
+    """Write the images of ``records`` not in ``done`` (file names already finished), batch by
+    batch; returns the index (the finished records, in order).
+
+    ``render(chunk)`` gives the images of up to ``batch`` records (uint8 or float ``[0, 1]``,
+    ``[n, H, W, 3]``); each PNG is written atomically. ``write_index(records)`` stores the index
+    after each batch (beyond ``SMALL_INDEX`` records at most every ``flush_seconds``) and at the
+    end. ``listed_first``: a batch's records are indexed before its images exist (and the
+    index is written every batch), so a folder that must hold only indexed files (``mixdq
+    generate``'s) never has an unlisted image (its caller counts a listed image that is missing
+    as not done)
+    ``progress``: a progress bar with this label while there is work.
+    """
+    folder = Path(folder)
+    done = set(done)
+    finished = {r["file"] for r in records if r["file"] in done}
+    todo = [r for r in records if r["file"] not in finished]
+
+    def index(*extra: dict[str, Any]) -> list[dict[str, Any]]:
+        names = finished | {r["file"] for r in extra}
+        return [r for r in records if r["file"] in names]
+
+    bar = None
+    if progress is not None and todo:
+        from tqdm import tqdm  # noqa: PLC0415
+
+        bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=progress,
+                   unit="img")  # fmt: skip
+    last, flushed = time.monotonic(), False  # nothing to do: the index is still written
+    for start in range(0, len(todo), batch):
+        chunk = todo[start : start + batch]
+        if listed_first:
+            write_index(index(*chunk))
+        images = to_uint8(render(chunk))
+        for record, image in zip(chunk, images, strict=True):
+            atomic_write_bytes(folder / record["file"], _png(image))
+            finished.add(record["file"])
+        if bar is not None:
+            bar.update(len(chunk))
+        small = len(finished) <= SMALL_INDEX  # cheap to rewrite after every batch
+        flushed = listed_first or small or time.monotonic() - last >= flush_seconds
+        if flushed:
+            write_index(index())
+            last = time.monotonic()
+    if bar is not None:
+        bar.close()
+    if not flushed:
+        write_index(index())
+    return index()
+
+
 def generate_set(
     pipe: Any,
     prompts: Sequence[str],
@@ -226,38 +299,23 @@ def generate_set(
     done = len(entries)
     if done < len(prompts):
         done -= done % settings.batch  # resume on a batch boundary: a batch shares step noise
-    entries = entries[:done]
-    bar = None
-    if progress and done < len(prompts):
-        from tqdm import tqdm  # noqa: PLC0415
+    records = plan_images(prompts, settings.seed)
 
-        bar = tqdm(total=len(prompts), initial=done, desc=f"images -> {folder}", unit="img")
-    last = time.monotonic()
-    for start in range(done, len(prompts), settings.batch):
-        chunk = list(prompts[start : start + settings.batch])
-        seeds = [settings.seed + start + j for j in range(len(chunk))]
+    def render(chunk: list[dict[str, Any]]) -> np.ndarray:
+        texts, seeds = [r["prompt"] for r in chunk], [r["seed"] for r in chunk]
         pad = settings.batch - len(chunk)  # a short last batch repeats its last image: one shape
         latents = np.stack([initial_latents(pipe, s, settings.height, settings.width)
                             for s in seeds + [seeds[-1]] * pad])  # fmt: skip
-        images = to_uint8(
-            pipe(chunk + [chunk[-1]] * pad, num_inference_steps=settings.steps,
-                 guidance_scale=settings.guidance_scale, height=settings.height,
-                 width=settings.width, latents=latents, seed=seeds[0], qconfig=qconfig)
-        )  # fmt: skip
-        for j, (prompt, s) in enumerate(zip(chunk, seeds, strict=True)):
-            name = f"{start + j:05d}.png"
-            atomic_write_bytes(folder / name, _png(images[j]))
-            entries.append({"file": name, "prompt": prompt, "seed": s})
-        if bar is not None:
-            bar.update(len(chunk))
-        small = len(entries) <= SMALL_INDEX  # cheap to rewrite after every batch
-        if small or time.monotonic() - last >= flush_seconds or len(entries) == len(prompts):
-            atomic_write_json(folder / INDEX, entries)
-            last = time.monotonic()
-    if bar is not None:
-        bar.close()
-    if not (folder / INDEX).is_file():
-        atomic_write_json(folder / INDEX, entries)
+        return pipe(texts + [texts[-1]] * pad, num_inference_steps=settings.steps,
+                    guidance_scale=settings.guidance_scale, height=settings.height,
+                    width=settings.width, latents=latents, seed=seeds[0],
+                    qconfig=qconfig)[: len(chunk)]  # fmt: skip
+
+    entries = write_images(
+        folder, records, render, write_index=lambda e: atomic_write_json(folder / INDEX, e),
+        done=[r["file"] for r in records[:done]], batch=settings.batch,
+        flush_seconds=flush_seconds, progress=f"images -> {folder}" if progress else None,
+    )  # fmt: skip
     return ImageSet(folder=folder, entries=tuple(entries))
 
 
@@ -279,7 +337,9 @@ __all__ = [
     "generate_set",
     "model_fingerprint",
     "open_set",
+    "plan_images",
     "prompts_digest",
     "set_key",
     "to_uint8",
+    "write_images",
 ]

@@ -1,33 +1,23 @@
 """The whole MixDQ recipe on any model (`mixdq quantize`): calibrate, metric-decoupled
-sensitivity, Algorithm 1 for weights and activations, selection by image error, export."""
+sensitivity, the method's allocation, selection by image error, refiners, export. Methods
+(what a row allocates and refines) are plug-ins of `mixdq_jax.methods`; the stages are one
+table (`STAGES`) that `quantize` and the study walk."""
 
-from mixdq_jax.recipe.allocate import AllocationKnobs, Layers, bits_summary, protected_acts
-from mixdq_jax.recipe.config import (
-    METHODS,
-    PRESETS,
-    RECONSTRUCTION_METHODS,
-    STAGES,
-    Method,
-    Preset,
-    Target,
-)
-from mixdq_jax.recipe.run import Allocation, Recipe, RecipeConfig, quantize, recipe_key
+from mixdq_jax.recipe.config import PRESETS, Preset
+from mixdq_jax.recipe.run import Allocation, Recipe, RecipeConfig, recipe_key
+from mixdq_jax.recipe.stages import STAGE_NAMES, STAGES, Row, Stage, quantize, walk
 
 __all__ = [
-    "METHODS",
     "PRESETS",
-    "RECONSTRUCTION_METHODS",
     "STAGES",
+    "STAGE_NAMES",
     "Allocation",
-    "AllocationKnobs",
-    "Layers",
-    "Method",
     "Preset",
     "Recipe",
     "RecipeConfig",
-    "Target",
-    "bits_summary",
-    "protected_acts",
+    "Row",
+    "Stage",
     "quantize",
     "recipe_key",
+    "walk",
 ]

@@ -1,21 +1,23 @@
 """The whole MixDQ recipe on one model: what `mixdq quantize` runs, stage by stage.
 
-Stages (`config.STAGES`), each written into the run directory as it goes and skipped when
-its results are there, so a killed run resumes where it stopped and ``stop_after`` lets a user
-run stages on different machines (the sweep on a cluster, the rest on a laptop):
+The stages (`recipe.stages.STAGES`, one table that `quantize` and the study walk) each write
+into the run directory as they go and are skipped when their results are there, so a killed
+run resumes where it stopped and ``stop_after`` lets a user run stages on different machines
+(the sweep on a cluster, the rest on a laptop):
 
 1. ``calibrate``: activation ranges and float references on the calibration prompts;
 2. ``sensitivity``: the metric-decoupled per-layer sweeps (SQNR for every layer, SSIM for the
-   content layers; weights and activations at 2/4/8 bits). Without BOS-aware quantization the
-   BOS layers' scores change, so that method sweeps them again with BOS handling off;
-3. ``weights``: the method's weight candidates (`allocate`), activations float, the one with
-   the lowest image MSE vs float on the held-out selection prompts;
+   content layers; weights and activations at 2/4/8 bits), for methods whose allocator reads
+   them. Without BOS-aware quantization the BOS layers' scores change, so such a method
+   sweeps them again with BOS handling off;
+3. ``weights``: the method's weight candidates (its `Allocator`), activations float, the one
+   with the lowest image MSE vs float on the held-out selection prompts;
 4. ``acts``: the protected layers and the activation candidates given the chosen weights,
    picked the same way (the official pipeline's order: weights first);
-   ``reconstruct`` (methods with learned rounding or PTQD only, `recipe.reconstruct`): the
-   chosen bits reconstructed block by block; later stages run the learned UNet params;
-5. ``export``: the chosen configuration as a quantized pipeline folder (`mixdq export`);
-6. ``report``: chosen and effective bits, stored size, images vs float.
+5. ``reconstruct`` (methods with refiners: learned rounding, PTQD, your own): the method's
+   `Refiner` steps in order on the chosen bits; later stages run the refined `QuantizedUNet`;
+6. ``export``: the chosen configuration as a quantized pipeline folder (`mixdq export`);
+7. ``report``: chosen and effective bits, stored size, images vs float.
 
 The testbed study (`mixdq_jax.study`) calls the same :class:`Recipe` for every row.
 """
@@ -36,22 +38,23 @@ from mixdq_jax.allocation import average_bits
 from mixdq_jax.calibrate import CalibConfig, calibrate
 from mixdq_jax.evaluation.bops import compute_cost
 from mixdq_jax.io_utils import atomic_write_json, atomic_write_text
-from mixdq_jax.pipeline import Pipeline
-from mixdq_jax.quant.qconfig import FLOAT_BITS, QConfig, QuantSpec, is_bos_layer
-from mixdq_jax.quant.registry import layer_splits, unet_layers
-from mixdq_jax.recipe.allocate import (
+from mixdq_jax.methods import (
+    AllocationContext,
     AllocationKnobs,
     Bits,
     Layers,
+    Method,
+    RefineContext,
     Sensitivities,
-    act_candidates,
+    Target,
     bits_summary,
     fingerprint,
-    protected_acts,
-    weight_candidates,
 )
-from mixdq_jax.recipe.config import PRESETS, STAGES, Method, Preset, Target
-from mixdq_jax.recipe.reconstruct import needs_reconstruction, reconstruct_stage
+from mixdq_jax.pipeline import Pipeline
+from mixdq_jax.quant.qconfig import FLOAT_BITS, QConfig, QuantSpec, is_bos_layer
+from mixdq_jax.quant.quantized import QuantizedUNet
+from mixdq_jax.quant.registry import layer_splits, unet_layers
+from mixdq_jax.recipe.config import PRESETS, Preset
 from mixdq_jax.reconstruction import ReconConfig
 from mixdq_jax.rundir import RunDir
 from mixdq_jax.sensitivity import SweepConfig, sweep
@@ -120,11 +123,14 @@ def check_request(target: Target, method: Method, out: str | Path | None = None)
     why = method.supports(target)
     if why is not None:
         raise ValueError(f"method {method.name} at {target.name}: {why}")
-    if method.fp8 and out is not None:
-        raise ValueError("FP8 is a fake-quant baseline: it has no packed export (drop --out)")
+    if not method.format.exportable and out is not None:
+        raise ValueError(
+            f"{method.title} is a fake-quant baseline: its format {method.format.name} has no "
+            "packed export (drop --out)"
+        )
 
 
-def _log(message: str) -> None:
+def log(message: str) -> None:
     print(f"[mixdq quantize] {message}", file=sys.stderr, flush=True)
 
 
@@ -144,10 +150,14 @@ class Recipe:
         self._evaluator: Evaluator | None = None
         self._reference: np.ndarray | None = None
         self._ranges: dict[str, np.ndarray] | None = None
-        self._learned: dict[str, tuple[Pipeline, dict[str, np.ndarray], Any]] = {}
+        self._learned: dict[str, QuantizedUNet] = {}
+        self._calibrated = False
 
     # ---------------------------------------------------------------- calibrate, sensitivity
     def calibrate(self) -> None:
+        """Stage ``calibrate`` (run or resumed; once per `Recipe`: every row shares it)."""
+        if self._calibrated:
+            return
         c, p = self.config, self.config.preset
         calibrate(
             self.pipe,
@@ -160,6 +170,7 @@ class Recipe:
             ),
             self.run,
         )  # fmt: skip
+        self._calibrated = True
 
     def _sweep(self, run: RunDir, *, bos_aware: bool, layers: Sequence[str] | None) -> Any:
         if self._evaluator is None:
@@ -184,18 +195,13 @@ class Recipe:
             self._sens[bos_aware] = sens
         return self._sens[bos_aware]
 
-    def _sensitivities_for(self, method: Method, allocation: str) -> Sensitivities:
-        """The sweeps an allocation needs: none for uniform bits."""
-        return {} if allocation == "uniform" else self.sensitivities(bos_aware=method.bos_aware)
-
     # ---------------------------------------------------------------- configurations, images
     def spec(self, method: Method, w_bits: Mapping[str, int], a_bits: Mapping[str, int]):
         return QuantSpec(
             weight_bits=dict(w_bits),
             act_bits=dict(a_bits),
             bos_aware=method.bos_aware,
-            symmetric_weights=self.config.preset.symmetric_weights and not method.fp8,
-            fp8=method.fp8,
+            **method.format.spec_options(symmetric_weights=self.config.preset.symmetric_weights),
         )
 
     def qconfig(self, method: Method, w_bits: Mapping[str, int], a_bits: Mapping[str, int]):
@@ -287,13 +293,26 @@ class Recipe:
         best = min(range(len(candidates)), key=lambda i: (scores[fingerprints[i]], i))
         return dict(candidates[best])
 
+    def context(self, target: Target, method: Method) -> AllocationContext:
+        """What ``method``'s allocator reads; the sweeps run (or resume) on first use, with
+        the method's BOS handling."""
+        return AllocationContext(
+            layers=self.layers, knobs=self.config.knobs, target=target,
+            scores=lambda: self.sensitivities(bos_aware=method.bos_aware),
+        )  # fmt: skip
+
+    def _start(self, target: Target, method: Method) -> str:
+        check_request(target, method)
+        key = recipe_key(target, method)
+        self.run.start_recipe(key, self._settings(target, method))
+        return key
+
     def weights(self, target: Target, method: Method) -> Bits:
         """Stage ``weights``: the chosen weight bits (activations float while choosing)."""
-        key = recipe_key(target, method)
+        key = self._start(target, method)
         chosen = self.run.chosen_bits(key, "weight")
         if chosen is None:
-            sens = self._sensitivities_for(method, method.weights)
-            cands = weight_candidates(sens, self.layers, method, target, self.config.knobs)
+            cands = method.allocator.weights(self.context(target, method))
             floats = dict.fromkeys(self.layers.names, FLOAT_BITS)
             chosen = self._pick(
                 key, "weight", cands, lambda w: self.qconfig(method, w, floats), self.layers.w_size
@@ -301,60 +320,82 @@ class Recipe:
             self.run.write_chosen_bits(key, "weight", chosen)
         return chosen
 
-    def acts(self, target: Target, method: Method, w_bits: Mapping[str, int]) -> Bits:
-        """Stage ``acts``: the chosen activation bits given the chosen weights."""
+    def acts(self, target: Target, method: Method) -> Bits:
+        """Stage ``acts``: the protected layers and the chosen activation bits given the
+        chosen weights (A16: every activation float, nothing to choose)."""
+        w_bits = self.weights(target, method)
         key = recipe_key(target, method)
         chosen = self.run.chosen_bits(key, "act")
         if chosen is None:
-            sens, protected = {}, set()  # A16: every activation float, nothing to choose
             if target.quantizes_acts:
-                sens = self._sensitivities_for(method, method.acts)
-                protected = protected_acts(sens, self.layers, method, self.config.knobs)
-            cands = act_candidates(sens, self.layers, method, target, self.config.knobs, protected)
+                ctx = self.context(target, method)
+                cands = method.allocator.acts(ctx, method.allocator.protected(ctx))
+            else:
+                cands = [dict.fromkeys(self.layers.names, FLOAT_BITS)]
             chosen = self._pick(
                 key, "act", cands, lambda a: self.qconfig(method, w_bits, a), self.layers.a_size
             )
             self.run.write_chosen_bits(key, "act", chosen)
         return chosen
 
-    def allocation(
-        self, target: Target, method: Method, *, stop_after: str | None = None
-    ) -> Allocation | None:
-        """Stages ``weights`` and ``acts`` of one (target, method), run or resumed
-        (``None`` when ``stop_after`` is ``"weights"``)."""
-        check_request(target, method)
-        self.run.start_recipe(recipe_key(target, method), self._settings(target, method))
-        w_bits = self.weights(target, method)
-        if stop_after == "weights":
-            return None
-        a_bits = self.acts(target, method, w_bits)
+    def allocation(self, target: Target, method: Method) -> Allocation:
+        """Stages ``weights`` and ``acts`` of one (target, method), run or resumed."""
+        w_bits, a_bits = self.weights(target, method), self.acts(target, method)
         return Allocation(
             target=target, method=method, weight_bits=w_bits, act_bits=a_bits,
             spec=self.spec(method, w_bits, a_bits),
         )  # fmt: skip
 
     # ---------------------------------------------------------------- reconstruct
-    def learned(self, allocation: Allocation) -> tuple[Pipeline, dict[str, np.ndarray], Any]:
-        """Stage ``reconstruct``: ``(pipeline, activation ranges, PTQD noise model or None)``
-        the allocation runs with: the float pipeline and the calibrated ranges, or for a
-        method with learned rounding / PTQD its reconstructed UNet (run or resumed)."""
-        if not needs_reconstruction(allocation.method):
-            return self.pipe, self.run.act_ranges(), None
+    def refine_context(self, key: str) -> RefineContext:
+        return RefineContext(pipe=self.pipe, run=self.run, key=key,
+                             recon=self.config.reconstruction)  # fmt: skip
+
+    def learned(self, allocation: Allocation) -> QuantizedUNet:
+        """Stage ``reconstruct``: the allocation as a `QuantizedUNet` after the method's
+        refiners (run or resumed): without refiners, the float UNet params and the
+        calibrated ranges."""
         if allocation.key not in self._learned:
             w, a = allocation.weight_bits, allocation.act_bits
-            self._learned[allocation.key] = reconstruct_stage(
-                self.pipe, self.run, allocation.key, self.qconfig(allocation.method, w, a),
-                allocation.method, self.config.reconstruction,
+            model = QuantizedUNet(
+                params=self.pipe.params["unet"], qconfig=self.qconfig(allocation.method, w, a),
+                act_ranges=dict(self.run.act_ranges()),
             )  # fmt: skip
+            ctx = self.refine_context(allocation.key)
+            for refiner in allocation.method.refiners:
+                model = refiner.refine(model, ctx)
+            self._learned[allocation.key] = model
         return self._learned[allocation.key]
 
     def quantized(self, allocation: Allocation) -> tuple[Pipeline, QConfig]:
         """``(pipeline, qconfig)`` that render ``allocation`` as it is exported: for a method
-        with learned rounding the reconstructed UNet, its learned activation ranges and
-        (PTQD at several steps) its noise model."""
-        pipe, ranges, _ = self.learned(allocation)
+        with refiners its learned UNet params, learned activation ranges and (PTQD at
+        several steps) its noise correction."""
+        model = self.learned(allocation)
+        pipe = self.pipe
+        if model.params is not pipe.params["unet"]:
+            pipe = pipe.with_params(unet=model.params)
+        if model.correction is not None:
+            pipe = pipe.with_noise_model(model.correction)
         spec = self.spec(allocation.method, allocation.weight_bits, allocation.act_bits)
-        return pipe, spec.to_qconfig(self.splits, ranges)
+        return pipe, spec.to_qconfig(self.splits, model.act_ranges)
+
+    def summary(self, allocation: Allocation) -> dict[str, Any]:
+        """The numbers every report row states: average bits, the stored UNet size (None
+        for a format without a packed export) and the paper's Compute Opt."""
+        from mixdq_jax.deploy.memory import stored_param_bytes  # noqa: PLC0415
+
+        unet_config = self.pipe.unet.config
+        exportable = allocation.method.format.exportable
+        return {
+            **bits_summary(allocation.weight_bits, allocation.act_bits, self.layers),
+            "unet_mb": stored_param_bytes(unet_config, allocation.spec) / 1e6
+            if exportable else None,
+            # the paper's Compute Opt.: bit operations of one UNet forward vs FP16
+            "compute_opt": compute_cost(
+                unet_config, allocation.weight_bits, allocation.act_bits
+            )["compute_opt"],
+        }  # fmt: skip
 
     # ---------------------------------------------------------------- export, report
     def export(
@@ -377,10 +418,11 @@ class Recipe:
                 meta = None
             if meta is not None and recorded.get("meta") == _jsonable(meta):
                 return meta
-        pipe, ranges, _ = self.learned(allocation)
+        pipe, _ = self.quantized(allocation)
         meta = export_quantized_pipeline(
-            pipe, allocation.spec, out, calib=ranges, overwrite=overwrite
-        )
+            pipe, allocation.spec, out, calib=self.learned(allocation).act_ranges,
+            overwrite=overwrite,
+        )  # fmt: skip
         self.run.write_export_record(allocation.key, {"out": str(out), "meta": _jsonable(meta)})
         return meta
 
@@ -398,39 +440,26 @@ class Recipe:
 
         method = allocation.method
         pipe, qconfig = self.quantized(allocation)
-        noise = self.learned(allocation)[2]
         images, ref = self.render(qconfig, pipe) * 255.0, self.reference() * 255.0
-        unet_config = self.pipe.unet.config
-        float_mb = stored_param_bytes(unet_config, None) / 1e6
-        # FP8 is fake quantization only: there is no packed export to measure
-        unet_mb = None if method.fp8 else stored_param_bytes(unet_config, allocation.spec) / 1e6
+        float_mb = stored_param_bytes(self.pipe.unet.config, None) / 1e6
+        summary = self.summary(allocation)
         report = {
             "target": allocation.target.name,
             "method": method.name,
             "preset": self.config.preset.name,
             "model": str(self.pipe.source),
-            **bits_summary(allocation.weight_bits, allocation.act_bits, self.layers),
-            "unet_mb": unet_mb,
+            **summary,
             "float_unet_mb": float_mb,
-            "storage_opt": None if unet_mb is None else float_mb / unet_mb,
-            # the paper's Compute Opt.: bit operations of one UNet forward vs FP16
-            "compute_opt": compute_cost(
-                unet_config, allocation.weight_bits, allocation.act_bits
-            )["compute_opt"],
+            "storage_opt": None if summary["unet_mb"] is None else float_mb / summary["unet_mb"],
             "selection_prompts": len(self.config.select_prompts),
             "mse_vs_fp": float(np.mean((images / 255.0 - ref / 255.0) ** 2)),
             "psnr_vs_fp": float(np.mean(psnr(images, ref, axis=(-3, -2, -1)))),
             "ssim_vs_fp": float(np.mean(ssim_global(images, ref))),
             "out": None if out is None else str(out),
         }
-        if needs_reconstruction(method):
-            report["rounding"] = method.rounding
-            report["ptqd_k"] = None if noise is None else noise.k.tolist()
-            if noise is not None:  # the residual and, in the loop, the fresh noise kept
-                plan = self.pipe.scheduler.set_timesteps(self.config.steps)
-                kept = noise.for_plan(self.pipe.scheduler, plan).noise_scale
-                report["ptqd_std"] = noise.std.tolist()
-                report["ptqd_noise_scale"] = np.asarray(kept, np.float64).tolist()
+        model, ctx = self.learned(allocation), self.refine_context(allocation.key)
+        for refiner in method.refiners:
+            report.update(refiner.report(model, ctx))
         if evaluation is not None:
             report["evaluation"] = self.evaluate(allocation, evaluation, pipe=pipe,
                                                  qconfig=qconfig)  # fmt: skip
@@ -438,7 +467,6 @@ class Recipe:
         atomic_write_json(json_path, report)
         atomic_write_text(md_path, report_markdown(report))
         return report
-
 
     def evaluate(
         self,
@@ -491,7 +519,7 @@ class Recipe:
             quantization=quantization, qconfig=qconfig, float_identity=identity,
             load_float=load_float,
         )  # fmt: skip
-        _log(f"evaluation of {quantization if allocation is None else allocation.key} on "
+        log(f"evaluation of {quantization if allocation is None else allocation.key} on "
              f"{len(evaluation.prompts.prompts)} prompts -> {out}")  # fmt: skip
         result = evaluate_model(
             subject, evaluation.prompts, out,
@@ -567,57 +595,3 @@ def report_markdown(report: Mapping[str, Any]) -> str:
             "",
         ]
     )
-
-
-def quantize(
-    pipe: Pipeline,
-    run: RunDir | str | Path,
-    config: RecipeConfig,
-    *,
-    target: Target,
-    method: Method,
-    out: str | Path | None = None,
-    stop_after: str = "report",
-    overwrite: bool = False,
-    evaluation: ReportEval | None = None,
-) -> dict[str, Any] | None:
-    """Run (or resume) the recipe for one (target, method) up to ``stop_after``; returns the
-    report, or ``None`` when stopped earlier. ``evaluation``: the paper's metrics in the
-    report (`Recipe.evaluate`). Without ``out`` the export stage is skipped;
-    ``out`` is checked before any work (`mixdq_jax.deploy.check_export_folder`: new, empty or
-    an earlier export, unless ``overwrite``)."""
-    if stop_after not in STAGES:
-        raise ValueError(f"stop_after {stop_after!r}: choose one of {', '.join(STAGES)}")
-    check_request(target, method, out)
-    if out is not None:
-        from mixdq_jax.deploy.checkpoint import check_export_folder  # noqa: PLC0415
-
-        check_export_folder(pipe.source, out, overwrite=overwrite)
-    recipe = Recipe(pipe, run, config)
-    _log("stage calibrate")
-    recipe.calibrate()
-    if stop_after == "calibrate":
-        return None
-    if (method.weights, method.acts) == ("uniform", "uniform"):
-        _log("stage sensitivity: not needed (uniform bits)")
-    else:
-        _log("stage sensitivity")
-        recipe.sensitivities(bos_aware=method.bos_aware)
-    if stop_after == "sensitivity":
-        return None
-    _log("stage weights, then acts")
-    allocation = recipe.allocation(target, method, stop_after=stop_after)
-    if allocation is None or stop_after == "acts":
-        return None
-    if needs_reconstruction(method):
-        _log("stage reconstruct")
-        recipe.learned(allocation)
-    if stop_after == "reconstruct":
-        return None
-    if out is not None:
-        _log(f"stage export -> {out}")
-        recipe.export(allocation, out, overwrite=overwrite)
-    if stop_after == "export":
-        return None
-    _log("stage report")
-    return recipe.report(allocation, out, evaluation)

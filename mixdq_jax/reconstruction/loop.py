@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from mixdq_jax.deploy.packed import node_at, path_of
+from mixdq_jax.deploy.packed import layer_kernel, with_layer_kernel
 from mixdq_jax.quant.modes import FakeQuant
 from mixdq_jax.quant.qconfig import FLOAT_BITS, QConfig
 from mixdq_jax.reconstruction.adaround import (
@@ -107,21 +107,6 @@ class Reconstruction:
     mse: dict[str, tuple[float, float]]
 
 
-# ------------------------------------------------------------------------------ params tree
-def _kernel(params: Mapping, name: str) -> Array:
-    return node_at(params, name)["kernel"]
-
-
-def _with_kernel(params: Mapping, name: str, kernel: Array) -> dict:
-    def rec(node: Mapping, rest: tuple[str, ...]) -> dict:
-        out = dict(node)
-        if rest:
-            out[rest[0]] = rec(node[rest[0]], rest[1:])
-        else:
-            out["kernel"] = kernel
-        return out
-
-    return rec(params, path_of(params, name))
 
 
 # ------------------------------------------------------------------------------ data
@@ -358,7 +343,7 @@ def _learn_unit(
     for name in unit.layers:
         lq = qconfig.layers[name]
         if w_bits[name] < FLOAT_BITS:
-            kernel = _kernel(float_params, name)
+            kernel = layer_kernel(float_params, name)
             v[name] = init_rounding(kernel, w_bits[name], fmt=fmt, split=lq.split)
             v_nearest[name] = _nearest_v(kernel, w_bits[name], fmt=fmt, split=lq.split)
         if config.learn_act_steps and a_bits[name] < FLOAT_BITS:
@@ -418,7 +403,7 @@ def _apply_unit(
     for name in unit.layers:
         lq = layers[name]
         if f"up/{name}" in stored:
-            kernel = _kernel(float_params, name)
+            kernel = layer_kernel(float_params, name)
             v = jnp.where(jnp.asarray(stored[f"up/{name}"]) > 0, 1.0, -1.0)
             if v.shape != kernel.shape:
                 raise ValueError(
@@ -427,7 +412,7 @@ def _apply_unit(
                 )
             folded = fold_codes(kernel, v, w_bits[name], fmt=qconfig.weight_format,
                                 split=lq.split, name=name)  # fmt: skip
-            params = _with_kernel(params, name, folded)
+            params = with_layer_kernel(params, name, folded)
         if f"range/{name}" in stored:
             layers[name] = replace(lq, a_range=jnp.asarray(stored[f"range/{name}"], jnp.float32))
     return params, replace(qconfig, layers=layers)

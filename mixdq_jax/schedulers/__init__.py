@@ -37,6 +37,16 @@ def make_scheduler(config: Mapping[str, Any], *, strict: bool = False) -> Schedu
     return SCHEDULERS[name].from_config(config, strict=strict)
 
 
+def default_scheduler(steps: int, override: str | None = None) -> str | None:
+    """The scheduler to sample ``steps`` steps with, as ``load_pipeline(scheduler=...)`` takes
+    it: ``override`` when given; else ``None`` (the model folder's own, e.g. SDXL-turbo's
+    Euler-A trailing) for one step and ``"LCMScheduler"`` for more (the paper's few-step rows,
+    and the testbed's multi-step sampler)."""
+    if override is not None:
+        return override
+    return None if steps == 1 else "LCMScheduler"
+
+
 def from_json(path: str | os.PathLike, *, strict: bool = False) -> Scheduler:
     """``make_scheduler`` on a ``scheduler_config.json`` file."""
     with open(path, encoding="utf-8") as f:
@@ -50,6 +60,7 @@ __all__ = [
     "LCMScheduler",
     "SchedulePlan",
     "Scheduler",
+    "default_scheduler",
     "from_json",
     "make_scheduler",
 ]

@@ -27,9 +27,9 @@ from mixdq_jax.allocation import (
 )
 from mixdq_jax.allocation.objectives import predicted_noise
 from mixdq_jax.io_utils import atomic_write_json
+from mixdq_jax.methods import fingerprint
 from mixdq_jax.quant.qconfig import FLOAT_BITS
 from mixdq_jax.recipe import Allocation, Recipe
-from mixdq_jax.recipe.allocate import fingerprint, weight_candidates
 
 SCHEMA = 2  # the cached file is recomputed when it was written by another layout
 SEEDS = 5  # random and perturbed allocations per budget
@@ -91,12 +91,9 @@ def allocation_baselines(recipe: Recipe, allocation: Allocation, seed: int) -> d
         perturb(chosen, layers.w_size, candidates=cands, budget=budget, band=band, seed=seed + s)
         for s in range(SEEDS)
     ]
-    method, knobs = allocation.method, recipe.config.knobs
-    sens = recipe.sensitivities(bos_aware=method.bos_aware)
-    bits_of = {
-        fingerprint(c): c
-        for c in weight_candidates(sens, layers, method, allocation.target, knobs)
-    }
+    method = allocation.method
+    ctx = recipe.context(allocation.target, method)
+    bits_of = {fingerprint(c): c for c in method.allocator.weights(ctx)}
     out = {
         "schema": SCHEMA,
         "candidates": [

@@ -1,6 +1,6 @@
 """What the study runs, as data: the targets (table row groups) and the methods (rows).
 
-Both come from the recipe (`mixdq_jax.recipe`): the study is a loop over (target, method)
+Methods come from the registry (`mixdq_jax.methods`): the study is a loop over (target, method)
 calling the same code as `mixdq quantize`, plus the testbed's judge on held-out captions.
 """
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mixdq_jax.recipe import METHODS, Method, Target
+from mixdq_jax.methods import METHODS, Method, Target
 from mixdq_jax.reconstruction import ReconConfig
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ class StudyConfig:
     def swept(self) -> bool:
         """Whether some row allocates from the sensitivity sweeps (rows that quantize every
         layer alike need none, nor does their report's sensitivity plot)."""
-        return any(m.weights != "uniform" or m.acts != "uniform" for m in self.methods)
+        return any(m.allocator.uses_scores for m in self.methods)
 
     @property
     def judged(self) -> bool:

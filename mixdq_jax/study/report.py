@@ -11,7 +11,7 @@ import numpy as np
 
 from mixdq_jax.evaluation.run import REPORT_COLUMNS
 from mixdq_jax.io_utils import atomic_write_json, atomic_write_text
-from mixdq_jax.recipe.config import RECONSTRUCTION_METHODS
+from mixdq_jax.methods import RECONSTRUCTION_METHODS
 from mixdq_jax.study.config import ABLATION, RECONSTRUCTION_TABLE, StudyConfig
 from mixdq_jax.testbed import data
 from mixdq_jax.testbed.evaluate import save_grid

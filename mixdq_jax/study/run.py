@@ -26,9 +26,9 @@ import numpy as np
 
 from mixdq_jax.api import load_pipeline
 from mixdq_jax.deploy.memory import stored_param_bytes
-from mixdq_jax.evaluation.bops import compute_cost
 from mixdq_jax.pipeline import Pipeline
-from mixdq_jax.recipe import Allocation, Recipe, RecipeConfig, bits_summary, recipe_key
+from mixdq_jax.recipe import Allocation, Recipe, RecipeConfig, Row, recipe_key, walk
+from mixdq_jax.schedulers import default_scheduler
 from mixdq_jax.study.baselines import allocation_baselines
 from mixdq_jax.study.config import StudyConfig
 from mixdq_jax.study.report import write_report
@@ -62,7 +62,7 @@ def study_recipe(config: StudyConfig, pipe: Pipeline) -> Recipe:
 def run_study(config: StudyConfig) -> Path:
     """Run (or resume) the study; returns the report folder."""
     start = time.perf_counter()
-    pipe = load_pipeline(config.model, scheduler=None if config.steps == 1 else "LCMScheduler")
+    pipe = load_pipeline(config.model, scheduler=default_scheduler(config.steps))
     recipe = study_recipe(config, pipe)
     run = recipe.run
     run.path.mkdir(parents=True, exist_ok=True)
@@ -74,17 +74,16 @@ def run_study(config: StudyConfig) -> Path:
         sens = recipe.sensitivities()
     else:
         _stage("2/5 sensitivity sweeps: not needed (every row quantizes every layer alike)")
-    if any(not m.bos_aware and m.weights != "uniform" for m in config.methods):
-        recipe.sensitivities(bos_aware=False)
 
-    _stage("3/5 allocation (the recipe of `mixdq quantize` for every row)")
+    _stage("3/5 allocation (the stages of `mixdq quantize` for every row, up to reconstruct)")
     rows: dict[str, Allocation | str] = {}
     pareto: dict[str, Any] = {}
     for target in config.targets:
         for method in config.methods:
             key = recipe_key(target, method)
             why = method.supports(target)
-            rows[key] = why if why is not None else recipe.allocation(target, method)
+            row = Row(target=target, method=method)
+            rows[key] = why if why is not None else walk(recipe, row, stop_after="reconstruct")
             if method.name == "mixdq" and target.weight_bits < 8:
                 pareto[target.name] = allocation_baselines(recipe, rows[key], config.seed)
 
@@ -106,17 +105,9 @@ def run_study(config: StudyConfig) -> Path:
         if isinstance(row, str):
             results[key] = {"skipped": row}
             continue
-        # a reconstruction row renders its learned UNet (and PTQD's correction)
+        # a row with refiners renders its learned UNet (and PTQD's correction)
         row_pipe, qc = recipe.quantized(row)
-        # FP8 is fake quantization only: no packed export to measure
-        unet_mb = None if row.method.fp8 else stored_param_bytes(pipe.unet.config, row.spec) / 1e6
-        results[key] = {
-            **bits_summary(row.weight_bits, row.act_bits, recipe.layers),
-            "unet_mb": unet_mb,
-            "compute_opt": compute_cost(
-                pipe.unet.config, row.weight_bits, row.act_bits
-            )["compute_opt"],
-        }
+        results[key] = recipe.summary(row)
         if config.judged:
             out = run.cached_eval(
                 key,

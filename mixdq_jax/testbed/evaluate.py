@@ -22,8 +22,9 @@ from mixdq_jax.testbed import data, judge, testbed_path
 def load_testbed(*, steps: int = 1, **kwargs: Any):
     """The testbed pipeline: Euler-A trailing (as SDXL-turbo) or, for ``steps > 1``, LCM."""
     from mixdq_jax.api import load_pipeline  # noqa: PLC0415
+    from mixdq_jax.schedulers import default_scheduler  # noqa: PLC0415
 
-    scheduler = kwargs.pop("scheduler", None) or (None if steps == 1 else "LCMScheduler")
+    scheduler = default_scheduler(steps, kwargs.pop("scheduler", None))
     return load_pipeline(testbed_path(), scheduler=scheduler, **kwargs)
 
 

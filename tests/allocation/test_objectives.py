@@ -14,7 +14,7 @@ from mixdq_jax.allocation.objectives import (
     predicted_noise,
     program_scores,
 )
-from mixdq_jax.recipe import AllocationKnobs
+from mixdq_jax.methods import AllocationKnobs
 
 # Two equal-size layers, scores at (2, 4, 8) bits in dB. A budget of 6 bits puts one at 4.
 # Summed dB: A@4 + B@8 = 10 + 60 = 70 > A@8 + B@4 = 25 + 40 = 65, so the official objective

@@ -11,11 +11,33 @@ import yaml
 from mixdq_jax import official_format as fmt
 from mixdq_jax.allocation import is_content_layer
 from mixdq_jax.cli import main
+from mixdq_jax.methods import (
+    METHODS,
+    AllocationContext,
+    AllocationKnobs,
+    Layers,
+    Target,
+    act_budget,
+)
 from mixdq_jax.quant.qconfig import OFFICIAL_PROTECTED_ACT_LAYERS
-from mixdq_jax.recipe import METHODS, AllocationKnobs, Layers, Target, protected_acts
-from mixdq_jax.recipe.allocate import act_budget, act_candidates, weight_candidates
 
 OFFICIAL = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "mixdq-official"
+
+
+def _ctx(sens, layers, target, knobs):
+    return AllocationContext(layers=layers, knobs=knobs, target=target, scores=lambda: sens)
+
+
+def protected_acts(sens, layers, method, knobs):
+    return method.allocator.protected(_ctx(sens, layers, Target.parse("W8A8"), knobs))
+
+
+def act_candidates(sens, layers, method, target, knobs, protected):
+    return method.allocator.acts(_ctx(sens, layers, target, knobs), protected)
+
+
+def weight_candidates(sens, layers, method, target, knobs):
+    return method.allocator.weights(_ctx(sens, layers, target, knobs))
 
 
 @pytest.fixture(scope="module")

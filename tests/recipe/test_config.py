@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mixdq_jax.cli import quantize as cli
-from mixdq_jax.recipe import METHODS, PRESETS, STAGES, Target
+from mixdq_jax.methods import METHODS, RECONSTRUCTION_METHODS, Target
+from mixdq_jax.recipe import PRESETS, STAGE_NAMES
 
 
 @pytest.mark.parametrize(
@@ -31,11 +32,13 @@ def test_methods_are_the_papers_rows():
     assert tuple(METHODS) == cli.METHOD_NAMES == (
         "naive", "naive+bos", "sqnr-mp", "fp8", "mixdq-no-bos", "mixdq",
     )  # fmt: skip
-    assert STAGES == cli.STAGES
+    assert tuple(RECONSTRUCTION_METHODS) == cli.RECONSTRUCTION_METHOD_NAMES
+    assert STAGE_NAMES == cli.STAGES
     # the paper's naive PTQ has no BOS handling (Table 3: BOS is the next row's technique)
     assert METHODS["naive"].bos_aware is False and METHODS["naive+bos"].bos_aware is True
     assert METHODS["mixdq-no-bos"].bos_aware is False
-    assert METHODS["sqnr-mp"].weights == METHODS["sqnr-mp"].acts == "sqnr"
+    assert METHODS["sqnr-mp"].allocator.name == "sqnr"
+    assert METHODS["sqnr-mp"].settings()["weights"] == METHODS["sqnr-mp"].settings()["acts"]
 
 
 def test_method_support_is_stated():

@@ -17,7 +17,8 @@ from mixdq_jax import rundir
 from mixdq_jax.api import load_pipeline
 from mixdq_jax.cli import main
 from mixdq_jax.deploy import checkpoint
-from mixdq_jax.recipe import METHODS, RecipeConfig, Target, quantize
+from mixdq_jax.methods import METHODS, Target
+from mixdq_jax.recipe import RecipeConfig, quantize
 from mixdq_jax.recipe import run as recipe_run
 from tests.tiny_models import build_sdxl
 
@@ -32,10 +33,12 @@ class Killed(BaseException):
 
 
 def _tree(folder: Path) -> dict[str, str]:
+    """Every file's sha256, but the command's settings record (`mixdq quantize` writes it,
+    the library calls of the resumed runs do not)."""
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != "mixdq_settings.json"
     }
 
 
@@ -248,3 +251,34 @@ def test_the_report_carries_the_papers_metrics(reference, model, tmp_path):
                                   transformers.CLIPProcessor.from_pretrained(clip), ours,
                                   EVAL_PROMPTS)  # fmt: skip
     assert values["clip_score"] == pytest.approx(float(reference_clip.mean()), rel=1e-4)
+
+
+def test_a_method_from_a_plugin_file_runs_the_whole_recipe(reference, model, tmp_path):
+    """`mixdq quantize --plugin examples/custom_method.py --method example`: allocate, refine
+    (the example's clip search), export and report, nothing of the method inside mixdq_jax/
+    (calibration and sweep copied from the reference run: the same prompts and settings)."""
+    pipe_dir, prompts = model
+    example = Path(__file__).resolve().parents[2] / "examples" / "custom_method.py"
+    run = tmp_path / "run"
+    for rel in ("calib", "sensitivity"):
+        shutil.copytree(reference / "run" / rel, run / rel)
+    code = main(["quantize", "--plugin", str(example), "--method", "example", "--model",
+                 str(pipe_dir), "--prompts", str(prompts), *ARGS, "--run", str(run),
+                 "--out", str(tmp_path / "out")])  # fmt: skip
+    assert code == 0
+    key = run / "quantize" / "W4A8_example"
+    report = json.loads((key / "report.json").read_text())
+    assert report["method"] == "example" and report["clip_search"]["clipped"] > 0
+    assert json.loads((key / "settings.json").read_text())["method"]["clip_search"]["p"] == 2.4
+    # the same allocation as MixDQ's (same sweeps, same selection), then the clip search on
+    # every quantized weight
+    mixdq = reference / "run" / RECIPE
+    w_bits = json.loads((key / "weight_bits.json").read_text())
+    assert w_bits == json.loads((mixdq / "weight_bits.json").read_text())
+    ratios = json.loads((key / "clip_search" / "ratios.json").read_text())
+    assert set(ratios) == {n for n, b in w_bits.items() if b < 16}
+    quantized = load_pipeline(tmp_path / "out")  # the export loads and generates
+    assert np.isfinite(np.asarray(quantized(PROMPTS[2]))).all()
+    # without the plugin the name is unknown: exit 2 naming it
+    assert main(["quantize", "--method", "example2", "--run", str(tmp_path / "r2"),
+                 "--target", "W8A8"]) == 2  # fmt: skip

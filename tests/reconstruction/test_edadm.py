@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixdq_jax.recipe import METHODS, RECONSTRUCTION_METHODS
+from mixdq_jax.methods import METHODS, RECONSTRUCTION_METHODS, BlockReconstruction
 from mixdq_jax.reconstruction import ReconConfig, find_units, reconstruct
 from mixdq_jax.reconstruction.blocks import unit_inputs
 from mixdq_jax.reconstruction.calib_select import (
@@ -217,9 +217,8 @@ def test_an_edadm_reconstruction_beats_nearest_rounding():
 
 def test_the_edadm_row():
     m = RECONSTRUCTION_METHODS["edadm"]
-    assert (m.weights, m.acts, m.bos_aware, m.rounding) == ("uniform", "uniform", False,
-                                                            "adaround")  # fmt: skip
-    assert m.calib_select and m.layer_loss_weight == 0.5
+    assert (m.allocator.name, m.bos_aware) == ("uniform", False)
+    assert m.refiners == (BlockReconstruction(calib_select=True, layer_loss_weight=0.5),)
     assert m.settings()["calib_select"] is True
     # the other rows' settings keep their keys
     for other in (*METHODS.values(), RECONSTRUCTION_METHODS["qdiffusion"]):

@@ -17,8 +17,13 @@ from mixdq_jax.cli import main
 from mixdq_jax.cli import quantize as cli
 from mixdq_jax.deploy.checkpoint import NOISE_MODEL_VERSION
 from mixdq_jax.deploy.packed import node_at, quantize_weight_codes, unpacked_codes
+from mixdq_jax.methods import (
+    METHODS,
+    RECONSTRUCTION_METHODS,
+    BlockReconstruction,
+    PTQDCorrection,
+)
 from mixdq_jax.quant import forward
-from mixdq_jax.recipe import METHODS, RECONSTRUCTION_METHODS
 from mixdq_jax.reconstruction import learned_codes
 from mixdq_jax.rundir import RunDir
 from mixdq_jax.sensitivity.calibration import load_calibration
@@ -43,9 +48,11 @@ def model(tmp_path_factory):
 
 def test_the_cli_offers_the_reconstruction_rows():
     assert tuple(RECONSTRUCTION_METHODS) == cli.RECONSTRUCTION_METHOD_NAMES
-    assert RECONSTRUCTION_METHODS["ptqd"].ptqd and not RECONSTRUCTION_METHODS["qdiffusion"].ptqd
-    assert RECONSTRUCTION_METHODS["mixdq+adaround"].weights == "mixdq"
-    assert all(m.rounding == "adaround" for m in RECONSTRUCTION_METHODS.values())
+    refiners = {n: [type(r) for r in m.refiners] for n, m in RECONSTRUCTION_METHODS.items()}
+    assert refiners["ptqd"] == [BlockReconstruction, PTQDCorrection]
+    assert PTQDCorrection not in refiners["qdiffusion"]
+    assert RECONSTRUCTION_METHODS["mixdq+adaround"].allocator.name == "mixdq"
+    assert all(r[0] is BlockReconstruction for r in refiners.values())
     # runs of the older rows, started before these fields existed, still resume
     assert {"rounding", "ptqd"}.isdisjoint(METHODS["mixdq"].settings())
     assert RECONSTRUCTION_METHODS["ptqd"].settings()["ptqd"] is True
@@ -179,7 +186,7 @@ def test_a_study_row_of_a_reconstruction_method_is_its_learned_model(model, tmp_
     assert code == 0
     assert "| W8A8 | PTQD | 8.00 | 8.00 |" in (run / "report/report.md").read_text()
 
-    from mixdq_jax.recipe.config import RECONSTRUCTION_METHODS, Target  # noqa: PLC0415
+    from mixdq_jax.methods import RECONSTRUCTION_METHODS, Target  # noqa: PLC0415
     from mixdq_jax.reconstruction import ReconConfig  # noqa: PLC0415
     from mixdq_jax.study import StudyConfig  # noqa: PLC0415
     from mixdq_jax.study.run import study_recipe  # noqa: PLC0415

@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 
 from mixdq_jax.allocation import average_bits
-from mixdq_jax.recipe import METHODS, AllocationKnobs, Layers, Target
-from mixdq_jax.recipe.allocate import fingerprint, weight_candidates
+from mixdq_jax.methods import (
+    METHODS,
+    AllocationContext,
+    AllocationKnobs,
+    Layers,
+    Target,
+    fingerprint,
+)
 from mixdq_jax.rundir import RunDir
 from mixdq_jax.study import baselines
 from mixdq_jax.study.report import allocation_baselines
@@ -40,6 +46,10 @@ class _Recipe:
     def sensitivities(self, bos_aware: bool = True):
         return {("weight", "sqnr"): self.sqnr, ("weight", "ssim"): self.ssim}
 
+    def context(self, target, method):
+        return AllocationContext(layers=self.layers, knobs=self.config.knobs, target=target,
+                                 scores=lambda: self.sensitivities(method.bos_aware))  # fmt: skip
+
     def qconfig(self, method, w_bits, a_bits):
         return dict(w_bits)
 
@@ -59,8 +69,8 @@ def test_baselines_share_the_picks_bits_and_candidates(tmp_path):
         target=Target.parse("W4A16"),
     )  # fmt: skip
     # two of the integer program's candidates were scored by the recipe's selection
-    cands = weight_candidates(recipe.sensitivities(), layers, allocation.method,
-                              allocation.target, recipe.config.knobs)[:2]  # fmt: skip
+    ctx = recipe.context(allocation.target, allocation.method)
+    cands = allocation.method.allocator.weights(ctx)[:2]
     recipe.run.write_candidate_scores(allocation.key, "weight", {
         "candidates": [{"fingerprint": fingerprint(c), "avg_bits": 4.0} for c in cands],
         "scores": {fingerprint(c): 1e-3 * i for i, c in enumerate(cands)},

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mixdq_jax.recipe import METHODS, Target
+from mixdq_jax.methods import METHODS, Target
 from mixdq_jax.study import StudyConfig
 from mixdq_jax.study.report import table
 
@@ -73,7 +73,7 @@ def test_the_papers_metrics_replace_the_judge_on_another_model():
 
 
 def test_reconstruction_rows_get_the_papers_table_2_at_w8a8():
-    from mixdq_jax.recipe.config import RECONSTRUCTION_METHODS  # noqa: PLC0415
+    from mixdq_jax.methods import RECONSTRUCTION_METHODS  # noqa: PLC0415
 
     methods = (METHODS["naive"], RECONSTRUCTION_METHODS["qdiffusion"],
                RECONSTRUCTION_METHODS["ptqd"], METHODS["mixdq"])  # fmt: skip
