@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from mixdq_jax.deploy.checkpoint import is_quantized_folder, load_quantized_pipeline
 from mixdq_jax.loader import assemble, load_components, resolve_model
-from mixdq_jax.pipeline import Pipeline
+from mixdq_jax.pipeline import Pipeline, QuantizedPipeline
 from mixdq_jax.quant.build import Calibration, act_ranges, qconfig_for
 from mixdq_jax.quant.qconfig import QConfig, QuantSpec
 
@@ -36,15 +36,16 @@ def load_pipeline(
     allow_pickle: bool = False,
     backend: str = "auto",
     verify: bool = True,
-) -> Pipeline:
+) -> Pipeline | QuantizedPipeline:
     """Load a diffusers SDXL or SD1.x/2.x pipeline folder (or a cached repo id) into JAX.
 
     ``"testbed"`` loads the small trained model shipped inside the package.
     ``scheduler`` replaces the folder's scheduler: a class name (the folder's config is reused,
     as ``LCMScheduler.from_config(pipe.scheduler.config)``) or a full config dict. ``lora`` is a
     LoRA safetensors file fused into the weights with ``lora_scale``. A folder written by
-    ``mixdq export`` loads its packed UNet on the integer path (``backend``; ``verify`` checks
-    the weights' checksum); quantize a float pipeline with :func:`qconfig_for`.
+    ``mixdq export`` loads as a `QuantizedPipeline`: the pipeline bound to its packed UNet on
+    the integer path (``backend``; ``verify`` checks the weights' checksum); quantize a float
+    pipeline with :func:`qconfig_for`.
     """
     folder = resolve_model(path_or_repo_id)
     if is_quantized_folder(folder):
@@ -68,7 +69,7 @@ def quantized_config(
     for a pipeline whose UNet is already frozen to a quantized configuration."""
     if spec is None:
         return None
-    if pipe.unet_mode is not None:
+    if isinstance(pipe, QuantizedPipeline):
         raise ValueError(
             f"{pipe.source}: this model folder is already quantized; do not pass a quant spec "
             "(--weight-bits / --act-bits)"

@@ -199,14 +199,11 @@ def assemble(
     scheduler: str | Mapping[str, Any] | None = None,
     *,
     unet: UNet2DConditionModel | None = None,
-    unet_params: Any = None,
-    unet_mode: Any = None,
 ) -> Pipeline:
     """The :class:`Pipeline` of loaded components and the folder's (or a replaced) scheduler.
-    ``unet``/``unet_params``/``unet_mode`` supply a UNet loaded elsewhere (a packed one)."""
+    ``unet``: the UNet module of a UNet loaded elsewhere (a packed one, whose params are a
+    `QuantizedUNet`'s)."""
     params = dict(parts.params)
-    if unet_params is not None:
-        params["unet"] = unet_params
     return Pipeline(
         kind=parts.kind,
         unet=parts.unet if unet is None else unet,
@@ -215,6 +212,5 @@ def assemble(
         scheduler=make_scheduler(scheduler_config(folder, scheduler)),
         params=params,
         force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
-        unet_mode=unet_mode,
         source=str(folder),
     )

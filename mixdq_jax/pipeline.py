@@ -3,9 +3,12 @@
 A :class:`Pipeline` (loaded by `mixdq_jax.api.load_pipeline`) has a call that mirrors
 diffusers' ``pipe(prompt, ...)``. The three stages (text encoding, the whole denoising loop,
 VAE decoding) are each one jitted function of (params, inputs); every UNet evaluation is
-`mixdq_jax.quant.forward`, and the quantization config is an *argument*
-(``pipe(prompt, qconfig=qc)``), so a fake-quantized model reuses the same compiled loop for
-every per-layer configuration.
+`mixdq_jax.quant.forward`. A pipeline holds no quantization state: a quantized UNet is one
+value (`QuantizedUNet`: params, qconfig or layer mode, PTQD's correction) that the call
+takes (``pipe(prompt, quantized=q)``; ``qconfig=qc`` fake-quantizes the pipeline's own float
+UNet), so a fake-quantized model reuses the same compiled loop for every per-layer
+configuration. `QuantizedPipeline` is a pipeline bound to one such value (what loading an
+exported folder gives).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from mixdq_jax.models.vae import AutoencoderKL
 from mixdq_jax.quant.forward import forward
 from mixdq_jax.quant.intercept import Mode
 from mixdq_jax.quant.modes import default_mode
-from mixdq_jax.schedulers.noise_correction import NoiseModel, StepCorrection
+from mixdq_jax.quant.quantized import QuantizedUNet
+from mixdq_jax.schedulers.noise_correction import StepCorrection
 from mixdq_jax.tokenizer import CLIPTokenizer
 
 
@@ -68,11 +72,9 @@ class Pipeline:
     """A loaded text-to-image pipeline: modules, parameters and scheduler.
 
     Parameters live in ``params`` (``{"unet", "vae", "text_encoder", ["text_encoder_2"]}``) so
-    they can be replaced (quantized, sharded) without rebuilding the modules. ``unet_mode`` is
-    how the UNet's layers run when it is fixed by the params themselves (the deployed integer
-    path of a packed UNet); ``None``: float, or fake quantization when a ``qconfig`` is passed.
-    ``noise_model``: PTQD's correction of the quantized UNet's output noise, applied in every
-    sampling step (`mixdq_jax.schedulers.noise_correction`); only for its own schedule.
+    they can be replaced (sharded) without rebuilding the modules; ``"unet"`` is the float
+    UNet (absent in the pipeline of an exported folder, whose packed UNet is a
+    `QuantizedUNet`). Quantization is an argument of the call, never a field.
     """
 
     kind: str  # "sdxl" or "sd"
@@ -82,8 +84,6 @@ class Pipeline:
     scheduler: Any
     params: Mapping[str, Any]
     force_zeros_for_empty_prompt: bool = True
-    unet_mode: Mode | None = None
-    noise_model: NoiseModel | None = None
     source: str = ""
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -130,44 +130,55 @@ class Pipeline:
         width: int,
         noise_key: jax.Array,
         qconfig: Any = None,
+        quantized: QuantizedUNet | None = None,
     ) -> jax.Array:
-        """Run the whole sampling loop (one jitted call). ``latents`` are unscaled N(0, 1)."""
+        """Run the whole sampling loop (one jitted call). ``latents`` are unscaled N(0, 1).
+        ``quantized`` / ``qconfig``: as in :meth:`__call__`."""
+        unet = self.unet_value(qconfig, quantized)
         plan = self.scheduler.set_timesteps(num_inference_steps)
         cfg = self.uses_cfg(guidance_scale)
-        mode = self.mode_for(qconfig)
-        correction = self.step_correction(plan)
-        key = ("denoise", num_inference_steps, cfg, type(mode).__name__)
+        mode = unet.layer_mode
+        correction = self.step_correction(unet, plan)
+        key = ("denoise", num_inference_steps, cfg, _mode_key(mode))
         fn = self._cache.get(key)
         if fn is None:
             fn = self._cache[key] = jax.jit(partial(self._denoise, cfg=cfg, mode=mode))
         cond = self.conditioning(context, pooled, guidance_scale, height, width)
         g = jnp.float32(guidance_scale)
-        args = (self.params["unet"], qconfig, plan, latents, cond, g, noise_key, correction)
+        args = (unet.params, unet.qconfig, plan, latents, cond, g, noise_key, correction)
         with first_call("the UNet sampling loop", fn, *args):
             return fn(*args)
 
-    def step_correction(self, plan: Any) -> StepCorrection | None:
-        """The per-step arrays of :attr:`noise_model` on ``plan`` (None without one); a clear
-        error when the model was fitted on another schedule."""
-        if self.noise_model is None:
-            return None
-        return self.noise_model.for_plan(self.scheduler, plan)
-
-    def with_noise_model(self, model: NoiseModel | None) -> Pipeline:
-        """A copy that applies PTQD's ``model`` in its sampling loop (compiled functions are
-        rebuilt)."""
-        return replace(self, noise_model=model, _cache={})
-
-    def mode_for(self, qconfig: Any) -> Mode:
-        """The UNet's layer mode for a ``qconfig`` argument (see ``unet_mode``)."""
-        if self.unet_mode is None:
-            return default_mode(qconfig)
-        if qconfig is not None:
+    def unet_value(
+        self, qconfig: Any = None, quantized: QuantizedUNet | None = None
+    ) -> QuantizedUNet:
+        """The UNet a call runs: ``quantized``, or this pipeline's float UNet under
+        ``qconfig`` (``None``: float)."""
+        if quantized is not None:
+            if qconfig is not None:
+                raise ValueError(
+                    "pass either quantized= (a quantized UNet with its own configuration) or "
+                    "qconfig= (fake quantization of this pipeline's float UNet), not both"
+                )
+            if not isinstance(quantized, QuantizedUNet):
+                raise ValueError(
+                    f"quantized= takes a mixdq_jax.quant.QuantizedUNet, got {type(quantized)}"
+                )
+            return quantized
+        if "unet" not in self.params:
             raise ValueError(
-                "this pipeline's UNet is frozen to a quantized configuration (a packed UNet); "
-                "it takes no qconfig: load the float model to try other configurations"
+                f"{self.source}: this pipeline holds no float UNet (the pipeline of a quantized "
+                "export): call it with quantized=, or use the QuantizedPipeline load_pipeline "
+                "returned"
             )
-        return self.unet_mode
+        return QuantizedUNet(params=self.params["unet"], qconfig=qconfig)
+
+    def step_correction(self, unet: QuantizedUNet, plan: Any) -> StepCorrection | None:
+        """The per-step arrays of ``unet``'s PTQD correction on ``plan`` (None without one);
+        a clear error when it was fitted on another schedule."""
+        if unet.correction is None:
+            return None
+        return unet.correction.for_plan(self.scheduler, plan)
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         """Classifier-free guidance doubles the UNet batch (not for guidance-embedded LCM)."""
@@ -200,12 +211,12 @@ class Pipeline:
     ):
         """One denoising step: ``(x_next, model_input, model_output, records)``.
 
-        ``mode``: the UNet's layer mode (default: :meth:`mode_for` ``qconfig``); a collecting
-        mode (calibration's ``Observe``) returns its per-layer records, else ``records`` is
-        None. ``correction``: PTQD's (:meth:`step_correction`), on the guided output and the
-        step's fresh noise; ``model_output`` stays the UNet's own.
+        ``mode``: the UNet's layer mode (default: fake quantization by ``qconfig``, float
+        without one); a collecting mode (calibration's ``Observe``) returns its per-layer
+        records, else ``records`` is None. ``correction``: PTQD's (:meth:`step_correction`), on
+        the guided output and the step's fresh noise; ``model_output`` stays the UNet's own.
         """
-        mode = self.mode_for(qconfig) if mode is None else mode
+        mode = default_mode(qconfig) if mode is None else mode
         inp = jnp.concatenate([x, x]) if cfg else x
         inp = self.scheduler.scale_model_input(plan, inp, i).astype(self.unet.dtype)
         t = plan.timesteps[i]
@@ -224,14 +235,14 @@ class Pipeline:
     def compiled_step(self, *, cfg: bool, mode: Mode | None = None):
         """:meth:`sample_step` jitted (cached per ``cfg`` and mode): step-by-step sampling, as
         calibration runs it to keep every step's UNet input and output. ``mode``: a hashable
-        mode (``Observe()``), or ``None`` for the pipeline's own (:meth:`mode_for`)."""
+        mode (``Observe()``), or ``None`` for fake quantization by the ``qconfig`` argument."""
         key = ("step", cfg, mode)
         try:
             hash(key)
         except TypeError:
             raise TypeError(
-                f"compiled_step: mode {type(mode).__name__} is not hashable; pass mode=None to "
-                "run the pipeline's own mode"
+                f"compiled_step: mode {type(mode).__name__} is not hashable; pass mode=None for "
+                "fake quantization by the qconfig argument"
             ) from None
         fn = self._cache.get(key)
         if fn is None:
@@ -280,14 +291,17 @@ class Pipeline:
         seed: int = 0,
         output_type: str = "np",
         qconfig: Any = None,
+        quantized: QuantizedUNet | None = None,
         check: bool = False,
         prompt_embeds: tuple[jax.Array, jax.Array | None] | None = None,
     ):
         """Generate images for a prompt or a batch of prompts, as diffusers' pipeline call.
 
         ``latents`` (NCHW, unscaled standard normal as in diffusers) overrides the seed's draw;
-        the seed still drives ancestral/LCM step noise. ``qconfig``: a quantization config
-        (`mixdq_jax.api.qconfig_for`) to run the UNet fake-quantized; ``None``: float. Returns
+        the seed still drives ancestral/LCM step noise. ``quantized``: the quantized UNet to run
+        (`QuantizedUNet`: fake-quantized or packed params, PTQD's correction); ``qconfig``: a
+        quantization config (`mixdq_jax.api.qconfig_for`) to run this pipeline's float UNet
+        fake-quantized; neither: float. Returns
         float ``[B, H, W, 3]`` in [0, 1] for ``output_type="np"`` or a list of PIL images for
         ``"pil"``. ``check``: raise :class:`NonFiniteError` naming the stage (text encoder,
         UNet, VAE decoder) whose output holds NaN or inf, instead of returning a black or NaN
@@ -342,6 +356,7 @@ class Pipeline:
             width=width,
             noise_key=key_noise,
             qconfig=qconfig,
+            quantized=quantized,
         )
         if check:
             check_finite(out, "UNet", f"the latents after {num_inference_steps} sampling step(s)")
@@ -394,9 +409,10 @@ class Pipeline:
             self, params={k: v for k, v in self.params.items() if k not in names}, _cache={}
         )
 
-    def with_unet(self, params: Any, mode: Mode) -> Pipeline:
-        """A copy whose UNet runs ``params`` (e.g. packed) in the fixed layer ``mode``."""
-        return replace(self, params={**self.params, "unet": params}, unet_mode=mode, _cache={})
+    def without_unet(self) -> Pipeline:
+        """A copy without the float UNet's params (the pipeline of a quantized export)."""
+        return replace(self, params={k: v for k, v in self.params.items() if k != "unet"},
+                       _cache={})  # fmt: skip
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -437,3 +453,50 @@ def to_pil(images: np.ndarray) -> list:
     return [Image.fromarray(a) for a in arr]
 
 
+
+
+def _mode_key(mode: Mode) -> Any:
+    """A cache key of a layer mode: the mode if hashable, else its identity (a deployed mode
+    holds its plan; the cached function keeps the mode alive, so the id is not reused)."""
+    try:
+        hash(mode)
+    except TypeError:
+        return (type(mode).__name__, id(mode))
+    return mode
+
+
+@dataclass(frozen=True)
+class QuantizedPipeline:
+    """A pipeline bound to one quantized UNet: ``pipe(prompt, ...)`` runs ``quantized``.
+
+    What `mixdq_jax.api.load_pipeline` gives for an exported folder (``pipeline`` without a
+    float UNet, ``quantized`` its packed UNet on the integer path and PTQD's correction).
+    Attribute reads other than these fall through to ``pipeline`` (``image_size``,
+    ``scheduler``, ``prompt_embeddings``, ...).
+    """
+
+    pipeline: Pipeline
+    quantized: QuantizedUNet
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.pop("qconfig", None) is not None or kwargs.pop("quantized", None) is not None:
+            raise ValueError(
+                "this pipeline's UNet is frozen to a quantized configuration (a packed UNet); "
+                "it takes no qconfig: load the float model to try other configurations"
+            )
+        return self.pipeline(*args, quantized=self.quantized, **kwargs)
+
+    def denoise(self, *args: Any, **kwargs: Any) -> jax.Array:
+        kwargs.pop("qconfig", None)
+        return self.pipeline.denoise(*args, quantized=self.quantized, **kwargs)
+
+    def without_text_encoders(self) -> QuantizedPipeline:
+        return QuantizedPipeline(self.pipeline.without_text_encoders(), self.quantized)
+
+    def with_quantized(self, quantized: QuantizedUNet) -> QuantizedPipeline:
+        return QuantizedPipeline(self.pipeline, quantized)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("pipeline", "quantized"):  # not set yet (copying, unpickling)
+            raise AttributeError(name)
+        return getattr(self.pipeline, name)

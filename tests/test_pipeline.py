@@ -144,6 +144,14 @@ def test_sd15_lcm_four_steps_matches_diffusers(sd15_dir, monkeypatch):
     assert np.abs(ours - ref).max() <= ATOL
 
 
+def _corrected(pipe, model):
+    """``pipe`` running its float UNet with PTQD's ``model`` in the sampling loop."""
+    from mixdq_jax.pipeline import QuantizedPipeline  # noqa: PLC0415
+    from mixdq_jax.quant.quantized import QuantizedUNet  # noqa: PLC0415
+
+    return QuantizedPipeline(pipe, QuantizedUNet(params=pipe.params["unet"], correction=model))
+
+
 def _ptqd_model(plan, channels, std):
     """A PTQD noise model for ``plan`` (our side; the diffusers side reads the same numbers)."""
     from mixdq_jax.schedulers.noise_correction import NoiseModel  # noqa: PLC0415
@@ -202,7 +210,7 @@ def test_ptqds_correction_in_the_loop_matches_diffusers_with_ptqd(
     latents = _latents((1, 4, 16, 16), seed=1)
     kw = dict(num_inference_steps=3, guidance_scale=4.0, height=32, width=32)
     model = _ptqd_model(sdxl_pipe.scheduler.set_timesteps(3), 4, [0.1, 1.0, 0.2])
-    ours = sdxl_pipe.with_noise_model(model)(PROMPTS[:1], latents=latents, seed=7, **kw)
+    ours = _corrected(sdxl_pipe, model)(PROMPTS[:1], latents=latents, seed=7, **kw)
     plain = sdxl_pipe(PROMPTS[:1], latents=latents, seed=7, **kw)
     ref_pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
     ref_pipe.set_progress_bar_config(disable=True)
@@ -223,7 +231,7 @@ def test_ptqds_correction_in_the_loop_matches_diffusers_with_ptqd(
     latents = _latents((2, 4, 16, 16), seed=3)
     kw = dict(num_inference_steps=4, guidance_scale=1.0, height=32, width=32)
     model = _ptqd_model(lcm.scheduler.set_timesteps(4), 4, [0.2, 0.2, 0.2, 0.05])
-    ours = lcm.with_noise_model(model)(PROMPTS, latents=latents, seed=5, **kw)
+    ours = _corrected(lcm, model)(PROMPTS, latents=latents, seed=5, **kw)
     ref_pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd15_dir)
     ref_pipe.scheduler = diffusers.LCMScheduler.from_config(ref_pipe.scheduler.config)
     ref_pipe.set_progress_bar_config(disable=True)
@@ -245,7 +253,7 @@ def test_ptqds_correction_in_the_loop_matches_diffusers_with_ptqd(
     assert calls == {"unet": 4, "noise": 3}
     assert np.abs(ours - ref).max() <= ATOL
     with pytest.raises(ValueError, match=r"fitted for 4 sampling step\(s\)"):
-        lcm.with_noise_model(model)(PROMPTS, latents=latents, num_inference_steps=2,
+        _corrected(lcm, model)(PROMPTS, latents=latents, num_inference_steps=2,
                                     guidance_scale=1.0, height=32, width=32)  # fmt: skip
 
 

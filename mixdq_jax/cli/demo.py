@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from mixdq_jax.cli import argtypes
 from mixdq_jax.cli.config_file import add_config_option, write_run_settings
 from mixdq_jax.cli.metric_args import add_report_eval_args, report_eval
 from mixdq_jax.cli.quantize import METHOD_NAMES, RECONSTRUCTION_METHOD_NAMES, target_arg
@@ -37,11 +38,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the row groups (default: W8A8 W5A8 W4A8 W4A16 W3.66A16)",
     )  # fmt: skip
     p.add_argument(
-        "--methods", nargs="+", choices=METHOD_NAMES + RECONSTRUCTION_METHOD_NAMES, default=None,
-        metavar="METHOD",
-        help="the rows (default: every method without learned rounding; add qdiffusion, ptqd, "
-        "edadm, mixdq+adaround for the paper's reconstruction baselines, learned with the "
-        "--recon-* settings: hours at BRECQ's defaults)",
+        "--methods", nargs="+", default=None, metavar="METHOD",
+        help="the rows (default: " + " ".join(METHOD_NAMES) + "; add "
+        + " ".join(RECONSTRUCTION_METHOD_NAMES) + " for the paper's reconstruction baselines, "
+        "learned with the --recon-* settings: hours at BRECQ's defaults; or a method a "
+        "--plugin file registers)",
+    )  # fmt: skip
+    p.add_argument(
+        "--plugin", type=argtypes.existing_file, action="append", default=[], metavar="FILE",
+        help="a Python file that registers methods (examples/custom_method.py); repeatable",
     )  # fmt: skip
     add_recon_args(p)
     add_report_eval_args(p)
@@ -49,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def methods_named(names: list[str]) -> tuple:
-    """The recipe's methods of ``names``, in the order given, each once."""
+    """The registered methods of ``names``, in the order given, each once (an unknown name:
+    ``ValueError`` naming it and the registered ones)."""
     from mixdq_jax.methods import get_method  # noqa: PLC0415
 
     return tuple(get_method(n) for n in dict.fromkeys(names))
@@ -57,8 +63,12 @@ def methods_named(names: list[str]) -> tuple:
 
 def run(args: argparse.Namespace) -> int:
     from mixdq_jax.io_utils import exclusive_lock  # noqa: PLC0415
+    from mixdq_jax.methods import load_plugin  # noqa: PLC0415
     from mixdq_jax.study import StudyConfig, run_study  # noqa: PLC0415
 
+    for plugin in args.plugin:
+        load_plugin(plugin)
+    methods = None if args.methods is None else methods_named(args.methods)  # before any work
     evaluation = report_eval(args)  # the metrics' weights checked before any work
     start = time.perf_counter()
     with exclusive_lock(args.out, "run directory"):
@@ -73,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                 steps=args.steps,
                 evaluation=evaluation,
                 reconstruction=recon_config(args),
-                **({} if args.methods is None else {"methods": methods_named(args.methods)}),
+                **({} if methods is None else {"methods": methods}),
                 **({} if args.targets is None else {"targets": tuple(dict.fromkeys(args.targets))}),
             )
         )

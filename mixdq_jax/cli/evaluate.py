@@ -121,6 +121,7 @@ def run_testbed(args: argparse.Namespace) -> int:
     compared with the float model's images on the same captions and seeds."""
     from mixdq_jax.api import load_pipeline, quantized_config  # noqa: PLC0415
     from mixdq_jax.io_utils import atomic_write_json  # noqa: PLC0415
+    from mixdq_jax.pipeline import QuantizedPipeline  # noqa: PLC0415
     from mixdq_jax.schedulers import default_scheduler  # noqa: PLC0415
     from mixdq_jax.testbed import evaluate  # noqa: PLC0415
 
@@ -135,7 +136,7 @@ def run_testbed(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model, scheduler=scheduler, dtype=dtype)
     kw = dict(split=args.split, steps=args.steps, num=num, seed=args.seed)
     float_model = args.float_model
-    if float_model is None and pipe.unet_mode is not None:
+    if float_model is None and isinstance(pipe, QuantizedPipeline):
         float_model = _export_source(args.model)
     if float_model is not None:  # the model under test is not the float reference
         float_pipe = load_pipeline(float_model, scheduler=scheduler, dtype=dtype)
@@ -299,7 +300,8 @@ def _efficiency(args: argparse.Namespace, subject, latent: tuple[int, int]) -> d
     """Storage and BOPs of the model under test (its export plan, or the spec of the options)."""
     from mixdq_jax.evaluation import bops  # noqa: PLC0415
 
-    plan = getattr(subject.pipe.unet_mode, "plan", None)
+    quantized = getattr(subject.pipe, "quantized", None)  # a loaded export's packed UNet
+    plan = getattr(getattr(quantized, "mode", None), "plan", None)
     config = subject.pipe.unet.config
     if plan is None:
         return bops.efficiency(config, spec=spec_from_args(args), latent=latent)

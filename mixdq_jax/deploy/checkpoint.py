@@ -49,8 +49,9 @@ from mixdq_jax.deploy.packed import (
 from mixdq_jax.io_utils import atomic_write_json
 from mixdq_jax.loader import assemble, load_components, resolve_model
 from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, param_shapes
-from mixdq_jax.pipeline import Pipeline
+from mixdq_jax.pipeline import Pipeline, QuantizedPipeline
 from mixdq_jax.quant.build import Calibration, qconfig_for
+from mixdq_jax.quant.quantized import QuantizedUNet
 from mixdq_jax.schedulers.noise_correction import NoiseModel
 from weights_convert.checkpoint import CheckpointError, read_json
 from weights_convert.safetensors_io import (
@@ -94,7 +95,7 @@ def freeze(
     float_dtype: Any = None,
 ) -> tuple[DeployPlan, dict, dict]:
     """``(plan, packed UNet params, activation ranges)`` of ``spec`` for ``pipe``'s float UNet."""
-    if pipe.unet_mode is not None:
+    if isinstance(pipe, QuantizedPipeline):
         raise ValueError(
             f"{pipe.source}: this model's UNet is already quantized (packed); freeze or export "
             "from the float model"
@@ -116,9 +117,11 @@ def deploy_pipeline(
     backend: str = "auto",
     float_dtype: Any = None,
 ) -> Any:
-    """A copy of the float ``pipe`` whose UNet runs the real low-bit path of ``spec``."""
-    plan, packed, _ = freeze(pipe, spec, calib, float_dtype=float_dtype)
-    return pipe.with_unet(packed, Deployed(plan=plan, backend=backend))
+    """``pipe`` bound to the real low-bit path of ``spec`` (a `QuantizedPipeline`)."""
+    plan, packed, ranges = freeze(pipe, spec, calib, float_dtype=float_dtype)
+    quantized = QuantizedUNet(params=packed, mode=Deployed(plan=plan, backend=backend),
+                              act_ranges=ranges)  # fmt: skip
+    return QuantizedPipeline(pipe.without_unet(), quantized)
 
 
 # ------------------------------------------------------------------------------ on disk
@@ -243,9 +246,13 @@ def export_quantized_pipeline(
     float_dtype: Any = jnp.float16,
     link_components: bool = False,
     overwrite: bool = False,
+    unet: QuantizedUNet | None = None,
 ) -> dict[str, Any]:
     """Freeze ``spec`` on ``pipe`` (a float pipeline loaded from a diffusers folder) and write
     a quantized pipeline folder that `load_quantized_pipeline` (and `load_pipeline`) run.
+    ``unet``: a refined UNet of this pipeline to freeze instead of its float one (learned
+    params; its ``correction``, PTQD's noise model, is stored; ``calib`` defaults to its
+    activation ranges).
 
     ``out`` is checked before the packing work: it must be new, empty or an earlier export
     (replaced). A non-empty folder that is not one, a file the export would replace that it
@@ -258,6 +265,9 @@ def export_quantized_pipeline(
     folder = check_export_folder(
         pipe.source, out, link_components=link_components, overwrite=overwrite
     )
+    if unet is not None:
+        pipe = pipe.with_params(unet=unet.params)
+        calib = dict(unet.act_ranges) if calib is None else calib
     plan, packed, ranges = freeze(pipe, spec, calib, float_dtype=float_dtype)
     begin_export(folder)
     unet_config = read_json(folder.src / "unet" / "config.json", what="unet config")
@@ -270,7 +280,7 @@ def export_quantized_pipeline(
         float_dtype=float_dtype,
         spec=spec_summary(spec),
         source=str(folder.src),
-        noise_model=pipe.noise_model,
+        noise_model=None if unet is None else unet.correction,
     )
     finish_export(folder)
     return meta
@@ -378,9 +388,10 @@ def load_quantized_pipeline(
     allow_pickle: bool = False,
     backend: str = "auto",
     verify: bool = True,
-) -> Pipeline:
-    """Load a folder written by ``mixdq export``: float text encoders / VAE, packed UNet on
-    the real low-bit path (the ``Deployed`` mode)."""
+) -> QuantizedPipeline:
+    """Load a folder written by ``mixdq export``: float text encoders / VAE and the packed
+    UNet on the real low-bit path (a `QuantizedUNet` in the ``Deployed`` mode, with PTQD's
+    correction when the folder stores one)."""
     folder = resolve_model(path)
     unet_plan, unet_params, meta = load_quantized_unet(folder / "unet", dtype=dtype, verify=verify)
     base = load_components(
@@ -391,8 +402,9 @@ def load_quantized_pipeline(
     pipe = assemble(
         folder, base, scheduler,
         unet=UNet2DConditionModel(config=unet_cfg, dtype=dtype, param_dtype=dtype),
-        unet_params=unet_params,
-        unet_mode=Deployed(plan=unet_plan, backend=backend),
     )  # fmt: skip
-    noise = read_noise_model(folder / "unet", meta)
-    return pipe if noise is None else pipe.with_noise_model(noise)
+    quantized = QuantizedUNet(
+        params=unet_params, mode=Deployed(plan=unet_plan, backend=backend),
+        correction=read_noise_model(folder / "unet", meta),
+    )  # fmt: skip
+    return QuantizedPipeline(pipe, quantized)

@@ -28,6 +28,7 @@ from mixdq_jax.quant.qconfig import (
     stack_qconfigs,
     write_official_yaml,
 )
+from mixdq_jax.quant.quantized import QuantizedUNet
 from mixdq_jax.quant.quantizers import (
     FLOAT_BITS,
     FP8_MAX,
@@ -63,6 +64,7 @@ __all__ = [
     "Observe",
     "QConfig",
     "QuantSpec",
+    "QuantizedUNet",
     "RecordShapes",
     "Records",
     "act_ranges",

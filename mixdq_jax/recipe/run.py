@@ -50,7 +50,7 @@ from mixdq_jax.methods import (
     bits_summary,
     fingerprint,
 )
-from mixdq_jax.pipeline import Pipeline
+from mixdq_jax.pipeline import Pipeline, QuantizedPipeline
 from mixdq_jax.quant.qconfig import FLOAT_BITS, QConfig, QuantSpec, is_bos_layer
 from mixdq_jax.quant.quantized import QuantizedUNet
 from mixdq_jax.quant.registry import layer_splits, unet_layers
@@ -209,13 +209,14 @@ class Recipe:
             self._ranges = self.run.act_ranges()
         return self.spec(method, w_bits, a_bits).to_qconfig(self.splits, self._ranges)
 
-    def render(self, qconfig: QConfig | None, pipe: Pipeline | None = None) -> np.ndarray:
+    def render(
+        self, qconfig: QConfig | None = None, *, quantized: QuantizedUNet | None = None
+    ) -> np.ndarray:
         """The selection prompts' images (``[N, H, W, 3]`` in [0, 1]); batch ``b`` uses seed
         ``seed + b``. A configuration whose images hold NaN/inf is an error naming the stage
-        (it would otherwise score NaN and win or lose the selection at random). ``pipe``:
-        another pipeline to render with (the learned UNet params of `learned`)."""
-        c = self.config
-        pipe = self.pipe if pipe is None else pipe
+        (it would otherwise score NaN and win or lose the selection at random). ``qconfig``:
+        fake quantization of the float UNet; ``quantized``: a refined UNet (`quantized`)."""
+        c, pipe = self.config, self.pipe
         prompts = list(c.select_prompts)
         out = []
         for b, start in enumerate(range(0, len(prompts), c.batch_size)):
@@ -229,6 +230,7 @@ class Recipe:
                         width=self.width,
                         seed=c.seed + b,
                         qconfig=qconfig,
+                        quantized=quantized,
                         check=True,
                     ),  # fmt: skip
                     np.float32,
@@ -367,18 +369,17 @@ class Recipe:
             self._learned[allocation.key] = model
         return self._learned[allocation.key]
 
-    def quantized(self, allocation: Allocation) -> tuple[Pipeline, QConfig]:
-        """``(pipeline, qconfig)`` that render ``allocation`` as it is exported: for a method
-        with refiners its learned UNet params, learned activation ranges and (PTQD at
-        several steps) its noise correction."""
+    def quantized(self, allocation: Allocation) -> QuantizedUNet:
+        """``allocation`` as it is exported: after the method's refiners (learned UNet
+        params, learned activation ranges, PTQD's correction), its configuration built from
+        the chosen bits and those ranges."""
         model = self.learned(allocation)
-        pipe = self.pipe
-        if model.params is not pipe.params["unet"]:
-            pipe = pipe.with_params(unet=model.params)
-        if model.correction is not None:
-            pipe = pipe.with_noise_model(model.correction)
         spec = self.spec(allocation.method, allocation.weight_bits, allocation.act_bits)
-        return pipe, spec.to_qconfig(self.splits, model.act_ranges)
+        return model.replace(qconfig=spec.to_qconfig(self.splits, model.act_ranges))
+
+    def bound(self, allocation: Allocation) -> QuantizedPipeline:
+        """The float pipeline bound to :meth:`quantized` (what evaluation renders)."""
+        return QuantizedPipeline(self.pipe, self.quantized(allocation))
 
     def summary(self, allocation: Allocation) -> dict[str, Any]:
         """The numbers every report row states: average bits, the stored UNet size (None
@@ -418,11 +419,9 @@ class Recipe:
                 meta = None
             if meta is not None and recorded.get("meta") == _jsonable(meta):
                 return meta
-        pipe, _ = self.quantized(allocation)
         meta = export_quantized_pipeline(
-            pipe, allocation.spec, out, calib=self.learned(allocation).act_ranges,
-            overwrite=overwrite,
-        )  # fmt: skip
+            self.pipe, allocation.spec, out, unet=self.learned(allocation), overwrite=overwrite
+        )
         self.run.write_export_record(allocation.key, {"out": str(out), "meta": _jsonable(meta)})
         return meta
 
@@ -439,8 +438,8 @@ class Recipe:
         from mixdq_jax.metrics import psnr, ssim_global  # noqa: PLC0415
 
         method = allocation.method
-        pipe, qconfig = self.quantized(allocation)
-        images, ref = self.render(qconfig, pipe) * 255.0, self.reference() * 255.0
+        quantized = self.quantized(allocation)
+        images, ref = self.render(quantized=quantized) * 255.0, self.reference() * 255.0
         float_mb = stored_param_bytes(self.pipe.unet.config, None) / 1e6
         summary = self.summary(allocation)
         report = {
@@ -461,8 +460,7 @@ class Recipe:
         for refiner in method.refiners:
             report.update(refiner.report(model, ctx))
         if evaluation is not None:
-            report["evaluation"] = self.evaluate(allocation, evaluation, pipe=pipe,
-                                                 qconfig=qconfig)  # fmt: skip
+            report["evaluation"] = self.evaluate(allocation, evaluation)
         json_path, md_path = self.run.recipe_report_paths(allocation.key)
         atomic_write_json(json_path, report)
         atomic_write_text(md_path, report_markdown(report))
@@ -473,8 +471,6 @@ class Recipe:
         allocation: Allocation | None,
         evaluation: ReportEval,
         *,
-        pipe: Pipeline | None = None,
-        qconfig: QConfig | None = None,
         out: Path | None = None,
     ) -> dict[str, Any]:
         """The paper's metrics of one configuration (`mixdq_jax.evaluation.run`): images and
@@ -515,8 +511,8 @@ class Recipe:
             guidance_scale=c.guidance_scale, batch=evaluation.batch,
         )  # fmt: skip
         subject = Subject(
-            pipe=self.pipe if pipe is None else pipe, identity=identity,
-            quantization=quantization, qconfig=qconfig, float_identity=identity,
+            pipe=self.pipe if allocation is None else self.bound(allocation), identity=identity,
+            quantization=quantization, qconfig=None, float_identity=identity,
             load_float=load_float,
         )  # fmt: skip
         log(f"evaluation of {quantization if allocation is None else allocation.key} on "

@@ -105,23 +105,19 @@ def run_study(config: StudyConfig) -> Path:
         if isinstance(row, str):
             results[key] = {"skipped": row}
             continue
-        # a row with refiners renders its learned UNet (and PTQD's correction)
-        row_pipe, qc = recipe.quantized(row)
+        # the row's quantized UNet (after its refiners: learned params, PTQD's correction)
+        row_pipe = recipe.bound(row)
         results[key] = recipe.summary(row)
         if config.judged:
             out = run.cached_eval(
-                key,
-                lambda qc=qc, p=row_pipe: evaluate(
-                    p, reference_images=float_eval["images"], qconfig=qc, **kw
-                ),
+                key, lambda p=row_pipe: evaluate(p, reference_images=float_eval["images"], **kw)
             )
             results[key].update(out["metrics"])
             images[key] = out["images"]
         if config.evaluation is not None:
             results[key]["paper"] = recipe.evaluate(
-                row, config.evaluation, pipe=row_pipe, qconfig=qc,
-                out=run.path / "paper_eval" / key,
-            )  # fmt: skip
+                row, config.evaluation, out=run.path / "paper_eval" / key
+            )
 
     _stage("5/5 report")
     write_report(run.report_dir, config, results, images, sens, pareto, time.perf_counter() - start)

@@ -290,4 +290,4 @@ batch-size: 2
     assert "history" not in exported and recorded["history"] == []
     from mixdq_jax.api import load_pipeline  # noqa: PLC0415
 
-    assert load_pipeline(out).unet_mode is not None  # the settings file does not disturb it
+    assert load_pipeline(out).quantized.mode is not None  # the settings file does not disturb it

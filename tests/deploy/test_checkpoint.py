@@ -68,7 +68,7 @@ def test_reloaded_checkpoint_runs_identically(pipe, ranges, spec, exported, pipe
     memory = deploy_pipeline(pipe, spec, ranges)
     np.testing.assert_array_equal(_latents(loaded, pipe), _latents(memory, pipe))
     via_load_pipeline = api.load_pipeline(out)
-    assert isinstance(via_load_pipeline.unet_mode, Deployed)
+    assert isinstance(via_load_pipeline.quantized.mode, Deployed)
 
 
 def _copy(exported, tmp_path):

@@ -72,7 +72,7 @@ def test_three_configurations_compile_once(pipe, run_dir):
                 )
             )
         )
-    compiled = quant._cache[("denoise", 1, False, "FakeQuant")]
+    (compiled,) = [fn for key, fn in quant._cache.items() if key[0] == "denoise"]  # one loop
     assert compiled._cache_size() == 1
     assert np.abs(outs[0] - outs[1]).max() > 1e-4  # the configurations really differ
 

@@ -17,6 +17,7 @@ from mixdq_jax import rundir
 from mixdq_jax.api import load_pipeline
 from mixdq_jax.cli import main
 from mixdq_jax.deploy import checkpoint
+from mixdq_jax.deploy.layers import Deployed
 from mixdq_jax.methods import METHODS, Target
 from mixdq_jax.recipe import RecipeConfig, quantize
 from mixdq_jax.recipe import run as recipe_run
@@ -81,7 +82,7 @@ def test_the_command_writes_a_loadable_folder_and_an_honest_report(reference, mo
     assert 2.0 < report["compute_opt"] < 8.0
     assert 0.0 <= report["mse_vs_fp"] < 0.1 and report["ssim_vs_fp"] > 0.5
     quantized = load_pipeline(reference / "out")
-    assert quantized.unet_mode is not None  # runs on the packed integer path
+    assert isinstance(quantized.quantized.mode, Deployed)  # runs on the packed integer path
     image = quantized(PROMPTS[2])
     assert image.shape == (1, *quantized.image_size, 3)
 

@@ -94,7 +94,7 @@ def test_the_folder_holds_the_learned_codes_and_ptqd_and_runs_on_the_integer_pat
     assert stored is not None and float(stored["mse_learned"]) > 0
 
     quantized = load_pipeline(out)
-    plan, packed = quantized.unet_mode.plan, quantized.params["unet"]
+    plan, packed = quantized.quantized.mode.plan, quantized.quantized.params
     learned_any = False
     for key in stored:
         if not key.startswith("up/"):
@@ -122,7 +122,7 @@ def test_the_folder_holds_the_learned_codes_and_ptqd_and_runs_on_the_integer_pat
     cond = float_pipe.conditioning(jnp.asarray(batch.context), jnp.asarray(batch.pooled), 0.0,
                                    *float_pipe.image_size)  # fmt: skip
     t = RunDir(run).batch_arrays(0, "timesteps")["timesteps"][0]
-    unet, mode = quantized.unet, quantized.unet_mode
+    unet, mode = quantized.unet, quantized.quantized.mode
     eps = jax.jit(lambda p: forward(unet, p, None, batch.inputs[0], t, cond, mode=mode))(packed)
     err = np.linalg.norm(np.asarray(eps) - batch.outputs[0]) / np.linalg.norm(batch.outputs[0])
     assert err < 0.5, err
@@ -161,13 +161,15 @@ def test_multi_step_ptqd_is_stored_in_the_folder_and_applied_when_sampling(
     quantized = load_pipeline(out)
     kernel = float_pipe.params["unet"]["conv_out"]["kernel"]
     _, scale, _ = quantize_weight_codes(kernel, 4, symmetric=False)
-    np.testing.assert_allclose(quantized.params["unet"]["conv_out"]["q0"]["w_scale"],
+    np.testing.assert_allclose(quantized.quantized.params["conv_out"]["q0"]["w_scale"],
                                np.asarray(scale).reshape(-1), rtol=1e-6)  # fmt: skip
-    assert quantized.noise_model is not None
-    np.testing.assert_array_equal(quantized.noise_model.k, stored["k"])
+    correction = quantized.quantized.correction
+    assert correction is not None
+    np.testing.assert_array_equal(correction.k, stored["k"])
     kw = dict(num_inference_steps=2, seed=3)
     corrected = quantized(PROMPTS[:1], **kw)
-    plain = quantized.with_noise_model(None)(PROMPTS[:1], **kw)
+    plain = quantized.with_quantized(quantized.quantized.replace(correction=None))(PROMPTS[:1],
+                                                                                  **kw)
     assert np.abs(corrected - plain).max() > 1e-3
     with pytest.raises(ValueError, match=r"fitted for 2 sampling step\(s\)"):
         quantized(PROMPTS[:1], num_inference_steps=1)
@@ -197,13 +199,14 @@ def test_a_study_row_of_a_reconstruction_method_is_its_learned_model(model, tmp_
     float_pipe = load_pipeline(pipe_dir)
     recipe = study_recipe(config, float_pipe)
     row = recipe.allocation(Target.parse("W8A8"), RECONSTRUCTION_METHODS["ptqd"])  # resumed
-    learned, qconfig = recipe.quantized(row)
-    assert not np.array_equal(learned.params["unet"]["conv_out"]["kernel"],
+    learned = recipe.quantized(row)
+    assert not np.array_equal(learned.params["conv_out"]["kernel"],
                               float_pipe.params["unet"]["conv_out"]["kernel"])  # PTQD folded
     texts = [line for line in prompts.read_text().splitlines() if line][:2]
     plain_qc = recipe.qconfig(row.method, row.weight_bits, row.act_bits)
     # image i of an evaluation starts from seed i's latents (`evaluation.images`)
-    want = np.concatenate([learned([t], qconfig=qconfig, seed=i) for i, t in enumerate(texts)])
+    want = np.concatenate([float_pipe([t], quantized=learned, seed=i)
+                           for i, t in enumerate(texts)])  # fmt: skip
     plain = np.concatenate([float_pipe([t], qconfig=plain_qc, seed=i)
                             for i, t in enumerate(texts)])  # fmt: skip
     want, plain = want * 255.0, plain * 255.0
