@@ -50,7 +50,7 @@ from mixdq_jax.allocation import (
 from mixdq_jax.allocation.objectives import OBJECTIVES, noise_power, predicted_noise
 from mixdq_jax.api import load_pipeline
 from mixdq_jax.io_utils import atomic_write_json, atomic_write_text
-from mixdq_jax.methods import METHODS, AllocationContext, AllocationKnobs, Target
+from mixdq_jax.methods import METHODS, AllocationContext, AllocationOptions, Target
 from mixdq_jax.metrics import ssim_global
 from mixdq_jax.quant.qconfig import FLOAT_BITS
 from mixdq_jax.sensitivity.calibration import load_calibration
@@ -75,7 +75,7 @@ def _allocations(recipe, sens, budget: float, n_random: int) -> tuple[list[dict]
     target = Target(weight_bits=budget, act_bits=FLOAT_BITS)
     out: list[dict] = []
     for objective in OBJECTIVES:
-        knobs = AllocationKnobs(objective=objective)
+        knobs = AllocationOptions(objective=objective)
         ctx = AllocationContext(layers=layers, knobs=knobs, target=target, scores=lambda: sens)
         for i, bits in enumerate(mixdq.allocator.weights(ctx)):
             out.append({"label": f"ilp-{objective}", "index": i, "bits": bits})

@@ -19,6 +19,7 @@ from mixdq_jax.allocation.budget import (
     split_budget,
     split_groups,
 )
+from mixdq_jax.allocation.driver import AllocationOptions, group_candidates, protected_layers
 from mixdq_jax.allocation.milp import (
     DEFAULT_BAND,
     Allocation,
@@ -42,6 +43,7 @@ __all__ = [
     "OFFICIAL_CANDIDATES",
     "WEIGHT_K_SWEEP",
     "Allocation",
+    "AllocationOptions",
     "BitProgram",
     "Candidate",
     "GroupAllocator",
@@ -49,11 +51,13 @@ __all__ = [
     "allocate_group",
     "average_bits",
     "budget_sweep",
+    "group_candidates",
     "is_content_layer",
     "most_sensitive",
     "naive_sorting",
     "pareto_front",
     "perturb",
+    "protected_layers",
     "random_allocation",
     "select",
     "size_ratio",

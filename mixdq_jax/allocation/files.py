@@ -14,18 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixdq_jax import official_format
-from mixdq_jax.allocation.budget import (
-    ACT_K_SWEEP,
-    OFFICIAL_CANDIDATES,
-    WEIGHT_K_SWEEP,
-    Candidate,
-    GroupAllocator,
-    budget_sweep,
-    is_content_layer,
-    most_sensitive,
-)
+from mixdq_jax.allocation.budget import Candidate, GroupAllocator, is_content_layer
+from mixdq_jax.allocation.driver import AllocationOptions, group_candidates, protected_layers
 from mixdq_jax.allocation.milp import summed_sensitivity
-from mixdq_jax.allocation.objectives import check_objective, program_scores
 from mixdq_jax.io_utils import atomic_write_json
 from mixdq_jax.quant.registry import registry_from_unet_config
 from mixdq_jax.rundir import RunDir
@@ -42,34 +33,6 @@ class AllocationInputs:
     content: Mapping[str, tuple[float, ...]]  # SSIM, content layers
     quality: Mapping[str, tuple[float, ...]]  # SQNR, quality layers
     protected: frozenset[str]  # kept in float: absent from the output
-
-
-@dataclass(frozen=True, kw_only=True)
-class AllocationOptions:
-    """How to allocate. ``k``: b_content / b_quality for one configuration; ``k_sweep``: the
-    official (B, k) grid with B in ``[target - b_delta, target]`` (``b_num`` budgets).
-    ``content_bits`` / ``quality_bits``: candidates (``None``: the official ones of the kind).
-    ``protect_top``: percentage of most sensitive layers per group kept float, ranked by the
-    score at ``protect_bits`` (8: the official rule, which gives exactly the official
-    protected layers on SDXL-turbo). ``objective``: what the integer program maximises
-    (`objectives.OBJECTIVES`; summaries and index.json report the raw summed scores)."""
-
-    target: float
-    k: float = 1.0
-    k_sweep: bool = False
-    b_delta: float = 0.3
-    b_num: int = 10
-    content_bits: tuple[int, ...] | None = None
-    quality_bits: tuple[int, ...] | None = None
-    protect_top: float = 0.0
-    protect_bits: int = 8
-    band: float = 0.02
-    objective: str = "official"
-
-    def __post_init__(self) -> None:
-        check_objective(self.objective)
-        if not 0.0 <= self.protect_top <= 100.0:
-            raise ValueError(f"protect_top is a percentage in [0, 100], got {self.protect_top}")
 
 
 def _require(problems: Sequence[str], message: str) -> None:
@@ -174,25 +137,19 @@ class AllocationResult:
 
 
 def check_out(out: Path, options: AllocationOptions) -> None:
-    """A k-sweep writes a folder, a single allocation a YAML file."""
-    if options.k_sweep and out.suffix in (".yaml", ".yml"):
+    """A k-sweep (``options.k is None``) writes a folder, a single allocation a YAML file."""
+    if options.k is None and out.suffix in (".yaml", ".yml"):
         raise ValueError(f"with --k-sweep, --out is a folder, got {out}")
 
 
-def allocate(inputs: AllocationInputs, options: AllocationOptions, out: Path) -> AllocationResult:
-    """Protect, solve and write: one configuration to the YAML file ``out``, or with
-    ``options.k_sweep`` every candidate plus ``index.json`` into the folder ``out``."""
+def allocate(
+    inputs: AllocationInputs, options: AllocationOptions, out: Path, *, target: float
+) -> AllocationResult:
+    """Protect, solve and write (`driver.protected_layers`, `driver.group_candidates`): one
+    configuration at ``options.k`` to the YAML file ``out``, or with ``options.k=None``
+    every candidate of the (B, k) sweep plus ``index.json`` into the folder ``out``."""
     check_out(out, options)
-    default_content, default_quality = OFFICIAL_CANDIDATES[inputs.kind]
-    content_bits = options.content_bits or default_content
-    quality_bits = options.quality_bits or default_quality
-
-    protected = set(inputs.protected)
-    if options.protect_top:
-        fraction = options.protect_top / 100.0
-        bits = options.protect_bits
-        protected |= set(most_sensitive(inputs.content, fraction=fraction, bits=bits))
-        protected |= set(most_sensitive(inputs.quality, fraction=fraction, bits=bits))
+    protected = set(inputs.protected) | protected_layers(inputs.content, inputs.quality, options)
     inputs = AllocationInputs(
         kind=inputs.kind,
         sizes=inputs.sizes,
@@ -200,28 +157,14 @@ def allocate(inputs: AllocationInputs, options: AllocationOptions, out: Path) ->
         quality={n: s for n, s in inputs.quality.items() if n not in protected},
         protected=frozenset(protected),
     )
-    allocator = GroupAllocator(
-        content_sensitivity=program_scores(inputs.content, "ssim", options.objective),
-        quality_sensitivity=program_scores(inputs.quality, "sqnr", options.objective),
-        sizes=inputs.sizes,
-        content_candidates=content_bits,
-        quality_candidates=quality_bits,
+    allocator, candidates = group_candidates(
+        inputs.kind, inputs.content, inputs.quality, inputs.sizes, target, options
     )
-    if not options.k_sweep:
-        candidate = allocator.allocate(options.target, options.k, band=options.band)
+    if options.k is not None:
+        (candidate,) = candidates
         official_format.write_bits(out, candidate.bits)
         return AllocationResult(
             candidates=(candidate,), allocator=allocator, inputs=inputs, files=(out,)
-        )
-
-    ks = WEIGHT_K_SWEEP if inputs.kind == "weight" else ACT_K_SWEEP
-    targets = budget_sweep(options.target, delta=options.b_delta, num=options.b_num)
-    candidates = allocator.sweep(targets=targets, ks=ks, band=options.band)
-    if not candidates:
-        raise ValueError(
-            f"no (B, k) combination of the sweep is feasible: B in {targets[0]:.3f}.."
-            f"{targets[-1]:.3f}, k in {ks[0]:.3f}..{ks[-1]:.3f}, content bits "
-            f"{list(content_bits)}, quality bits {list(quality_bits)}"
         )
     index, files = [], []
     for candidate in candidates:

@@ -142,12 +142,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def options_from_args(args: argparse.Namespace):
     """The allocation options the flags describe."""
-    from mixdq_jax.allocation.files import AllocationOptions  # noqa: PLC0415  (fast --help)
+    from mixdq_jax.allocation.driver import AllocationOptions  # noqa: PLC0415  (fast --help)
 
     return AllocationOptions(
-        target=args.target,
-        k=args.k,
-        k_sweep=args.k_sweep,
+        k=None if args.k_sweep else args.k,
         b_delta=args.b_delta,
         b_num=args.b_num,
         content_bits=args.content_bits,
@@ -179,12 +177,12 @@ def run(args: argparse.Namespace) -> int:
         sizes_path=sizes_path,
         protect_path=args.protect,
     )
-    result = files.allocate(inputs, options, args.out)
+    result = files.allocate(inputs, options, args.out, target=args.target)
     if result.inputs.protected:
         print(f"kept in float: {', '.join(sorted(result.inputs.protected))}")
     for candidate in result.candidates:
         print(files.summary(candidate, result.allocator, result.inputs))
-    if not options.k_sweep:
+    if options.k is not None:
         print(f"wrote {args.out}")
     else:
         print(

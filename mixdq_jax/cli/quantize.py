@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     from mixdq_jax.deploy.checkpoint import check_export_folder  # noqa: PLC0415
     from mixdq_jax.io_utils import exclusive_lock  # noqa: PLC0415
     from mixdq_jax.loader import resolve_model  # noqa: PLC0415
-    from mixdq_jax.methods import AllocationKnobs, get_method, load_plugin  # noqa: PLC0415
+    from mixdq_jax.methods import AllocationOptions, get_method, load_plugin  # noqa: PLC0415
     from mixdq_jax.recipe import PRESETS, RecipeConfig  # noqa: PLC0415
     from mixdq_jax.recipe.run import check_request  # noqa: PLC0415
 
@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     objective = args.objective or ("official" if args.preset == "official" else "noise")
     config = RecipeConfig(
         calib_prompts=calib, select_prompts=select, preset=PRESETS[args.preset],
-        knobs=AllocationKnobs(
+        knobs=AllocationOptions(
             act_average=args.act_average, protect_top=args.protect_top, objective=objective
         ),
         steps=args.steps, guidance_scale=args.guidance_scale, height=args.height,

@@ -9,6 +9,7 @@ package, ``mixdq quantize --plugin my_method.py --method NAME`` (`load_plugin`) 
 in Python. See ``examples/custom_method.py``.
 """
 
+from mixdq_jax.allocation.driver import AllocationOptions
 from mixdq_jax.deploy.packed import layer_kernel, with_layer_kernel
 from mixdq_jax.methods.allocator import Allocator, act_budget
 from mixdq_jax.methods.builtin import (
@@ -20,7 +21,6 @@ from mixdq_jax.methods.builtin import (
 from mixdq_jax.methods.format import FP8, INT, Format
 from mixdq_jax.methods.inputs import (
     AllocationContext,
-    AllocationKnobs,
     Bits,
     Layers,
     Sensitivities,
@@ -46,7 +46,7 @@ __all__ = [
     "RECONSTRUCTION_METHODS",
     "RECONSTRUCTION_ROWS",
     "AllocationContext",
-    "AllocationKnobs",
+    "AllocationOptions",
     "Allocator",
     "Bits",
     "BlockReconstruction",

@@ -13,7 +13,8 @@ from __future__ import annotations
 import abc
 from typing import Any, ClassVar
 
-from mixdq_jax.methods.inputs import AllocationContext, AllocationKnobs, Bits, Layers
+from mixdq_jax.allocation.driver import AllocationOptions
+from mixdq_jax.methods.inputs import AllocationContext, Bits, Layers
 from mixdq_jax.methods.target import Target
 from mixdq_jax.quant.qconfig import FLOAT_BITS
 
@@ -51,7 +52,7 @@ class Allocator(abc.ABC):
 
 
 def act_budget(
-    layers: Layers, target: Target, knobs: AllocationKnobs, protected: set[str]
+    layers: Layers, target: Target, knobs: AllocationOptions, protected: set[str]
 ) -> float:
     """Average bits of the non-protected activation layers: ``knobs.act_average``, or the
     paper's 7.7 capped so that ``(16 * P_float + b * P_rest) / P_all <= target`` (on

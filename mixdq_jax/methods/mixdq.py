@@ -13,77 +13,48 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mixdq_jax.allocation import (
-    ACT_K_SWEEP,
-    OFFICIAL_CANDIDATES,
-    WEIGHT_K_SWEEP,
-    GroupAllocator,
-    budget_sweep,
-    most_sensitive,
-)
-from mixdq_jax.allocation.objectives import program_scores
+from mixdq_jax.allocation.driver import group_candidates, protected_layers
 from mixdq_jax.methods.allocator import Allocator, act_budget, uniform_bits
 from mixdq_jax.methods.inputs import AllocationContext, Bits, unique
 
 
 @dataclass(frozen=True, kw_only=True)
 class MixDQGroups(Allocator):
-    """Candidates of the (B, k) sweep for weights and for activations."""
+    """Candidates of the (B, k) sweep for weights and for activations (the one allocation
+    driver, `mixdq_jax.allocation.driver`, that `mixdq allocate` runs too)."""
 
     name: ClassVar[str] = "mixdq"
 
     def weights(self, ctx: AllocationContext) -> list[Bits]:
-        budget, knobs = ctx.target.weight_bits, ctx.knobs
+        budget = ctx.target.weight_bits
         if budget >= 8.0:
             return [uniform_bits(ctx.layers, budget)]
-        budgets = budget_sweep(budget, delta=knobs.b_delta, num=knobs.b_num)
-        return _sweep(ctx, "weight", ctx.layers.names, budgets, WEIGHT_K_SWEEP)
+        return _candidates(ctx, "weight", ctx.layers.names, budget)
 
     def protected(self, ctx: AllocationContext) -> set[str]:
         layers, knobs = ctx.layers, ctx.knobs
         if not knobs.protect_top:
             return set()
         sens = ctx.scores()
-        fraction, bits = knobs.protect_top / 100.0, knobs.protect_bits
         content = {n: sens["act", "ssim"][n] for n in layers.content}
         quality = {n: sens["act", "sqnr"][n] for n in layers.quality}
-        return set(most_sensitive(content, fraction=fraction, bits=bits)) | set(
-            most_sensitive(quality, fraction=fraction, bits=bits)
-        )
+        return protected_layers(content, quality, knobs)
 
     def acts(self, ctx: AllocationContext, protected: set[str]) -> list[Bits]:
-        layers, knobs = ctx.layers, ctx.knobs
+        layers = ctx.layers
         rest = [n for n in layers.names if n not in protected]
-        average = act_budget(layers, ctx.target, knobs, protected)
-        budgets = budget_sweep(average, delta=knobs.b_delta, num=knobs.b_num)
+        average = act_budget(layers, ctx.target, ctx.knobs, protected)
         floats = dict.fromkeys(sorted(protected), 16)
-        return [{**bits, **floats} for bits in _sweep(ctx, "act", rest, budgets, ACT_K_SWEEP)]
+        return [{**bits, **floats} for bits in _candidates(ctx, "act", rest, average)]
 
 
-def _sweep(
-    ctx: AllocationContext,
-    kind: str,
-    names: Sequence[str],
-    targets: Sequence[float],
-    ks: Sequence[float],
+def _candidates(
+    ctx: AllocationContext, kind: str, names: Sequence[str], budget: float
 ) -> list[Bits]:
-    layers, knobs, sens = ctx.layers, ctx.knobs, ctx.scores()
+    layers, sens = ctx.layers, ctx.scores()
     sizes = layers.w_size if kind == "weight" else layers.a_size
-    content_bits, quality_bits = OFFICIAL_CANDIDATES[kind]
     wanted = set(names)
     content = {n: sens[kind, "ssim"][n] for n in layers.content if n in wanted}
     quality = {n: sens[kind, "sqnr"][n] for n in layers.quality if n in wanted}
-    alloc = GroupAllocator(
-        content_sensitivity=program_scores(content, "ssim", knobs.objective),
-        quality_sensitivity=program_scores(quality, "sqnr", knobs.objective),
-        sizes=sizes,
-        content_candidates=content_bits,
-        quality_candidates=quality_bits,
-    )
-    cands = alloc.sweep(targets=targets, ks=ks, band=knobs.band)
-    if not cands:
-        raise ValueError(
-            f"MixDQ {kind} allocation: no (B, k) point of the sweep is feasible for budgets "
-            f"{targets[0]:.3f}..{targets[-1]:.3f}"
-        )
+    _, cands = group_candidates(kind, content, quality, sizes, budget, ctx.knobs)
     return unique([c.bits for c in cands])

@@ -4,14 +4,14 @@ sensitivity, the method's allocation, selection by image error, refiners, export
 table (`STAGES`) that `quantize` and the study walk."""
 
 from mixdq_jax.recipe.config import PRESETS, Preset
-from mixdq_jax.recipe.run import Allocation, Recipe, RecipeConfig, recipe_key
+from mixdq_jax.recipe.run import ChosenBits, Recipe, RecipeConfig, recipe_key
 from mixdq_jax.recipe.stages import STAGE_NAMES, STAGES, Row, Stage, quantize, walk
 
 __all__ = [
     "PRESETS",
     "STAGES",
     "STAGE_NAMES",
-    "Allocation",
+    "ChosenBits",
     "Preset",
     "Recipe",
     "RecipeConfig",

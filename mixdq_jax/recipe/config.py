@@ -18,7 +18,7 @@ class Preset:
     official EMA of per-batch ranges. ``observe_weight_bits``: the weight bit-width of the
     model whose activations are observed (the official code observes on the W8 model; 16 =
     the float model). The official code's integer-program objective is a knob of the
-    allocation (``AllocationKnobs(objective="official")``; ``mixdq quantize --preset
+    allocation (``AllocationOptions(objective="official")``; ``mixdq quantize --preset
     official`` sets it).
     """
 

@@ -40,7 +40,7 @@ from mixdq_jax.evaluation.bops import compute_cost
 from mixdq_jax.io_utils import atomic_write_json, atomic_write_text
 from mixdq_jax.methods import (
     AllocationContext,
-    AllocationKnobs,
+    AllocationOptions,
     Bits,
     Layers,
     Method,
@@ -80,7 +80,7 @@ class RecipeConfig:
     calib_prompts: tuple[str, ...]
     select_prompts: tuple[str, ...]
     preset: Preset = PRESETS["ours"]
-    knobs: AllocationKnobs = field(default_factory=AllocationKnobs)
+    knobs: AllocationOptions = field(default_factory=AllocationOptions)
     steps: int = 1
     guidance_scale: float = 0.0
     height: int | None = None
@@ -100,7 +100,7 @@ class RecipeConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Allocation:
+class ChosenBits:
     """One (target, method)'s chosen bits and the spec that quantizes a model with them."""
 
     target: Target
@@ -254,7 +254,8 @@ class Recipe:
         c = self.config
         return {
             "target": target.name, "method": method.settings(), "preset": asdict(c.preset),
-            "knobs": asdict(c.knobs), "select_prompts": list(c.select_prompts), "seed": c.seed,
+            "knobs": _knob_settings(c.knobs), "select_prompts": list(c.select_prompts),
+            "seed": c.seed,
             "steps": c.steps, "guidance_scale": c.guidance_scale,
             "height": self.height, "width": self.width,
         }  # fmt: skip
@@ -340,10 +341,10 @@ class Recipe:
             self.run.write_chosen_bits(key, "act", chosen)
         return chosen
 
-    def allocation(self, target: Target, method: Method) -> Allocation:
+    def allocation(self, target: Target, method: Method) -> ChosenBits:
         """Stages ``weights`` and ``acts`` of one (target, method), run or resumed."""
         w_bits, a_bits = self.weights(target, method), self.acts(target, method)
-        return Allocation(
+        return ChosenBits(
             target=target, method=method, weight_bits=w_bits, act_bits=a_bits,
             spec=self.spec(method, w_bits, a_bits),
         )  # fmt: skip
@@ -353,7 +354,7 @@ class Recipe:
         return RefineContext(pipe=self.pipe, run=self.run, key=key,
                              recon=self.config.reconstruction)  # fmt: skip
 
-    def learned(self, allocation: Allocation) -> QuantizedUNet:
+    def learned(self, allocation: ChosenBits) -> QuantizedUNet:
         """Stage ``reconstruct``: the allocation as a `QuantizedUNet` after the method's
         refiners (run or resumed): without refiners, the float UNet params and the
         calibrated ranges."""
@@ -369,7 +370,7 @@ class Recipe:
             self._learned[allocation.key] = model
         return self._learned[allocation.key]
 
-    def quantized(self, allocation: Allocation) -> QuantizedUNet:
+    def quantized(self, allocation: ChosenBits) -> QuantizedUNet:
         """``allocation`` as it is exported: after the method's refiners (learned UNet
         params, learned activation ranges, PTQD's correction), its configuration built from
         the chosen bits and those ranges."""
@@ -377,11 +378,11 @@ class Recipe:
         spec = self.spec(allocation.method, allocation.weight_bits, allocation.act_bits)
         return model.replace(qconfig=spec.to_qconfig(self.splits, model.act_ranges))
 
-    def bound(self, allocation: Allocation) -> QuantizedPipeline:
+    def bound(self, allocation: ChosenBits) -> QuantizedPipeline:
         """The float pipeline bound to :meth:`quantized` (what evaluation renders)."""
         return QuantizedPipeline(self.pipe, self.quantized(allocation))
 
-    def summary(self, allocation: Allocation) -> dict[str, Any]:
+    def summary(self, allocation: ChosenBits) -> dict[str, Any]:
         """The numbers every report row states: average bits, the stored UNet size (None
         for a format without a packed export) and the paper's Compute Opt."""
         from mixdq_jax.deploy.memory import stored_param_bytes  # noqa: PLC0415
@@ -400,7 +401,7 @@ class Recipe:
 
     # ---------------------------------------------------------------- export, report
     def export(
-        self, allocation: Allocation, out: str | Path, *, overwrite: bool = False
+        self, allocation: ChosenBits, out: str | Path, *, overwrite: bool = False
     ) -> dict[str, Any]:
         """Stage ``export``: the quantized folder (skipped when ``out`` already holds it;
         ``overwrite``: as `mixdq export --overwrite`)."""
@@ -427,7 +428,7 @@ class Recipe:
 
     def report(
         self,
-        allocation: Allocation,
+        allocation: ChosenBits,
         out: str | Path | None = None,
         evaluation: ReportEval | None = None,
     ) -> dict[str, Any]:
@@ -468,7 +469,7 @@ class Recipe:
 
     def evaluate(
         self,
-        allocation: Allocation | None,
+        allocation: ChosenBits | None,
         evaluation: ReportEval,
         *,
         out: Path | None = None,
@@ -527,6 +528,17 @@ class Recipe:
 
     def _float_pipe(self) -> Pipeline:
         return self.pipe
+
+
+def _knob_settings(knobs: AllocationOptions) -> dict[str, Any]:
+    """The allocation options a resumed run must match; the fields the recipe's options
+    did not have before they became `mixdq allocate`'s too (``k``, the candidate lists) only
+    when set, so earlier runs still resume."""
+    out = asdict(knobs)
+    for name in ("k", "content_bits", "quality_bits"):
+        if out[name] is None:
+            del out[name]
+    return out
 
 
 def _jsonable(obj: Any) -> Any:

@@ -29,7 +29,7 @@ from mixdq_jax.allocation.objectives import predicted_noise
 from mixdq_jax.io_utils import atomic_write_json
 from mixdq_jax.methods import fingerprint
 from mixdq_jax.quant.qconfig import FLOAT_BITS
-from mixdq_jax.recipe import Allocation, Recipe
+from mixdq_jax.recipe import ChosenBits, Recipe
 
 SCHEMA = 2  # the cached file is recomputed when it was written by another layout
 SEEDS = 5  # random and perturbed allocations per budget
@@ -42,7 +42,7 @@ def layer_candidates(recipe: Recipe) -> dict[str, tuple[int, ...]]:
     return {n: content for n in layers.content} | {n: quality for n in layers.quality}
 
 
-def _point(recipe: Recipe, allocation: Allocation, bits: Mapping[str, int]) -> dict[str, Any]:
+def _point(recipe: Recipe, allocation: ChosenBits, bits: Mapping[str, int]) -> dict[str, Any]:
     floats = dict.fromkeys(recipe.layers.names, FLOAT_BITS)
     sqnr = recipe.sensitivities()["weight", "sqnr"]
     return {
@@ -67,7 +67,7 @@ def _current(cached: Mapping[str, Any]) -> bool:
     return cached.get("schema") == SCHEMA and all("predicted_noise" in p for p in points)
 
 
-def allocation_baselines(recipe: Recipe, allocation: Allocation, seed: int) -> dict[str, Any]:
+def allocation_baselines(recipe: Recipe, allocation: ChosenBits, seed: int) -> dict[str, Any]:
     """The pick, every candidate it was picked from, and the baselines at the pick's bits
     (cached in ``RUN/configs/<row>.pareto.json``)."""
     run, layers, key = recipe.run, recipe.layers, allocation.key

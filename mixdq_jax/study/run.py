@@ -27,7 +27,7 @@ import numpy as np
 from mixdq_jax.api import load_pipeline
 from mixdq_jax.deploy.memory import stored_param_bytes
 from mixdq_jax.pipeline import Pipeline
-from mixdq_jax.recipe import Allocation, Recipe, RecipeConfig, Row, recipe_key, walk
+from mixdq_jax.recipe import ChosenBits, Recipe, RecipeConfig, Row, recipe_key, walk
 from mixdq_jax.schedulers import default_scheduler
 from mixdq_jax.study.baselines import allocation_baselines
 from mixdq_jax.study.config import StudyConfig
@@ -76,7 +76,7 @@ def run_study(config: StudyConfig) -> Path:
         _stage("2/5 sensitivity sweeps: not needed (every row quantizes every layer alike)")
 
     _stage("3/5 allocation (the stages of `mixdq quantize` for every row, up to reconstruct)")
-    rows: dict[str, Allocation | str] = {}
+    rows: dict[str, ChosenBits | str] = {}
     pareto: dict[str, Any] = {}
     for target in config.targets:
         for method in config.methods:

@@ -14,7 +14,7 @@ from mixdq_jax.allocation.objectives import (
     predicted_noise,
     program_scores,
 )
-from mixdq_jax.methods import AllocationKnobs
+from mixdq_jax.methods import AllocationOptions
 
 # Two equal-size layers, scores at (2, 4, 8) bits in dB. A budget of 6 bits puts one at 4.
 # Summed dB: A@4 + B@8 = 10 + 60 = 70 > A@8 + B@4 = 25 + 40 = 65, so the official objective
@@ -47,7 +47,7 @@ def test_program_scores():
     with pytest.raises(ValueError, match="objective 'mse'"):
         program_scores(DB, "sqnr", "mse")
     with pytest.raises(ValueError, match="objective 'mse'"):
-        AllocationKnobs(objective="mse")
+        AllocationOptions(objective="mse")
     assert set(OBJECTIVES) == {"official", "noise"}
 
 

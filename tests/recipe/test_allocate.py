@@ -14,7 +14,7 @@ from mixdq_jax.cli import main
 from mixdq_jax.methods import (
     METHODS,
     AllocationContext,
-    AllocationKnobs,
+    AllocationOptions,
     Layers,
     Target,
     act_budget,
@@ -64,11 +64,11 @@ def official():
 
 def test_top_one_percent_at_8_bits_is_exactly_the_official_protected_set(official):
     sens, layers = official
-    got = protected_acts(sens, layers, METHODS["mixdq"], AllocationKnobs())
+    got = protected_acts(sens, layers, METHODS["mixdq"], AllocationOptions())
     assert got == set(OFFICIAL_PROTECTED_ACT_LAYERS)  # 5 content + 4 quality layers
     # uniform activations protect nothing; SQNR-only ranks all layers in one group
-    assert protected_acts(sens, layers, METHODS["naive"], AllocationKnobs()) == set()
-    sqnr_only = protected_acts(sens, layers, METHODS["sqnr-mp"], AllocationKnobs())
+    assert protected_acts(sens, layers, METHODS["naive"], AllocationOptions()) == set()
+    sqnr_only = protected_acts(sens, layers, METHODS["sqnr-mp"], AllocationOptions())
     assert len(sqnr_only) == math.ceil(0.01 * len(layers.names))
 
 
@@ -85,7 +85,7 @@ def test_cli_protect_top_leaves_out_exactly_the_official_layers(tmp_path):
 
 def test_a8_budget_on_sdxl_is_the_papers_and_stays_within_8_bits(official):
     sens, layers = official
-    knobs, target = AllocationKnobs(), Target.parse("W4A8")
+    knobs, target = AllocationOptions(), Target.parse("W4A8")
     protected = protected_acts(sens, layers, METHODS["mixdq"], knobs)
     share = sum(layers.a_size[n] for n in protected) / sum(layers.a_size.values())
     assert share == pytest.approx(0.031, abs=0.001)  # the 3.1% of elements
@@ -105,7 +105,7 @@ def test_a8_budget_is_lowered_when_float_layers_are_large():
     w_size = dict.fromkeys(names, 1.0)
     layers = Layers(names=names, content=["a"], quality=["big", "b", "c"], w_size=w_size,
                     a_size=a_size)  # fmt: skip
-    knobs = AllocationKnobs()
+    knobs = AllocationOptions()
     b = act_budget(layers, Target.parse("W8A8"), knobs, {"big"})
     # 16 * 1 + b * 9 <= 8 * 10 with the band kept inside: b = 64 / 9 - 0.02
     assert b == pytest.approx(64 / 9 - knobs.band)
@@ -115,7 +115,7 @@ def test_a8_budget_is_lowered_when_float_layers_are_large():
 
 def test_weight_candidates_per_method(official):
     sens, layers = official
-    knobs = AllocationKnobs(b_num=2)
+    knobs = AllocationOptions(b_num=2)
     w4 = Target.parse("W4A16")
     (uniform,) = weight_candidates(sens, layers, METHODS["naive"], w4, knobs)
     assert set(uniform.values()) == {4}
@@ -140,7 +140,7 @@ def test_objectives_trade_summed_db_for_noise_power_on_the_official_data(officia
     target = Target.parse("W4A16")
     picks = {
         o: weight_candidates(
-            sens, layers, METHODS["mixdq"], target, AllocationKnobs(objective=o, b_num=1)
+            sens, layers, METHODS["mixdq"], target, AllocationOptions(objective=o, b_num=1)
         )
         for o in ("official", "noise")
     }

@@ -13,7 +13,7 @@ from mixdq_jax.allocation import average_bits
 from mixdq_jax.methods import (
     METHODS,
     AllocationContext,
-    AllocationKnobs,
+    AllocationOptions,
     Layers,
     Target,
     fingerprint,
@@ -40,7 +40,7 @@ class _Recipe:
         self.sqnr = {n: tuple(sorted(rng.uniform(0, 60, 3))) for n in names}
         self.ssim = {n: tuple(sorted(rng.uniform(0.5, 1.0, 3))) for n in self.layers.content}
         self.run = RunDir(tmp_path / "run")
-        self.config = SimpleNamespace(knobs=AllocationKnobs())
+        self.config = SimpleNamespace(knobs=AllocationOptions())
         self.rendered: list[dict] = []
 
     def sensitivities(self, bos_aware: bool = True):
