@@ -493,6 +493,9 @@ class QuantizedPipeline:
     def without_text_encoders(self) -> QuantizedPipeline:
         return QuantizedPipeline(self.pipeline.without_text_encoders(), self.quantized)
 
+    def with_params(self, **updates: Any) -> QuantizedPipeline:
+        return QuantizedPipeline(self.pipeline.with_params(**updates), self.quantized)
+
     def with_quantized(self, quantized: QuantizedUNet) -> QuantizedPipeline:
         return QuantizedPipeline(self.pipeline, quantized)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from mixdq_jax.cli import argtypes
 from mixdq_jax.cli.config_file import add_config_option, write_run_settings
 from mixdq_jax.cli.metric_args import add_report_eval_args, report_eval
-from mixdq_jax.cli.quantize import METHOD_NAMES, RECONSTRUCTION_METHOD_NAMES, target_arg
+from mixdq_jax.cli.quantize import target_arg
 from mixdq_jax.cli.recon_args import add_recon_args, recon_config
 
 
@@ -39,10 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument(
         "--methods", nargs="+", default=None, metavar="METHOD",
-        help="the rows (default: " + " ".join(METHOD_NAMES) + "; add "
-        + " ".join(RECONSTRUCTION_METHOD_NAMES) + " for the paper's reconstruction baselines, "
-        "learned with the --recon-* settings: hours at BRECQ's defaults; or a method a "
-        "--plugin file registers)",
+        help="the rows (default: the paper's rows, naive ... mixdq; add qdiffusion, ptqd, edadm, "
+        "mixdq+adaround for the paper's reconstruction baselines, learned with the --recon-* "
+        "settings: hours at BRECQ's defaults; or a method a --plugin file registers)",
     )  # fmt: skip
     p.add_argument(
         "--plugin", type=argtypes.existing_file, action="append", default=[], metavar="FILE",

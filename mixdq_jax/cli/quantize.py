@@ -15,7 +15,8 @@ uniform bits), ``ptqd`` (that plus PTQD's noise correction: folded into
 ``mixdq+adaround`` (MixDQ's bits with learned rounding), ``edadm`` (EDA-DM: Q-Diffusion's
 reconstruction with calibration samples spread over the sampling steps by TDAC, every sample
 at one step, and fine-grained block reconstruction: the inner layers' output errors added to
-the block loss at weight 0.5).
+the block loss at weight 0.5). A method of your own: ``--plugin FILE`` with a file that
+registers it (``examples/custom_method.py``; README, "Your own method").
 """
 
 from __future__ import annotations
@@ -36,10 +37,6 @@ from mixdq_jax.cli.quant_args import add_dtype_arg, resolve_dtype
 from mixdq_jax.cli.recon_args import add_recon_args, recon_config
 
 STAGES = ("calibrate", "sensitivity", "weights", "acts", "reconstruct", "export", "report")
-# The built-in methods, for --help without importing the library (tests/recipe/test_config.py
-# checks them against the registry, `mixdq_jax.methods`); --plugin files add more.
-METHOD_NAMES = ("naive", "naive+bos", "sqnr-mp", "fp8", "mixdq-no-bos", "mixdq")
-RECONSTRUCTION_METHOD_NAMES = ("qdiffusion", "ptqd", "mixdq+adaround", "edadm")
 _count = argtypes.positive_int
 _act_average = argtypes.float_in(4.0, 8.0, "the {4, 8} activation average")
 _percent = argtypes.float_in(0.0, 100.0, "a percentage")
@@ -72,8 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--method", default="mixdq", metavar="NAME",
-        help="a registered method: " + ", ".join(METHOD_NAMES + RECONSTRUCTION_METHOD_NAMES)
-        + ", or one a --plugin file registers (default: mixdq)",
+        help="a registered method (default: mixdq): the paper's rows and baselines (README; "
+        "an unknown name lists every registered one), or one a --plugin file registers",
     )  # fmt: skip
     p.add_argument(
         "--plugin", type=argtypes.existing_file, action="append", default=[], metavar="FILE",
@@ -134,7 +131,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     g.add_argument("--chunk", type=_count, default=8, help="sweep configurations per call (8)")
     add_recon_args(parser.add_argument_group(
-        "learned rounding (the methods " + ", ".join(RECONSTRUCTION_METHOD_NAMES) + ")"
+        "learned rounding (methods that reconstruct blocks: qdiffusion, ptqd, edadm, ...)"
     ))  # fmt: skip
     g = parser.add_argument_group("the source model")
     g.add_argument("--variant", default=None, help="weight variant of the source, e.g. fp16")

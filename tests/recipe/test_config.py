@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from mixdq_jax.cli import quantize as cli
-from mixdq_jax.methods import METHODS, RECONSTRUCTION_METHODS, Target
+from mixdq_jax.methods import (
+    METHODS,
+    PAPER_ROWS,
+    RECONSTRUCTION_METHODS,
+    RECONSTRUCTION_ROWS,
+    Target,
+    method_names,
+)
 from mixdq_jax.recipe import PRESETS, STAGE_NAMES
 
 
@@ -29,10 +36,12 @@ def test_bad_targets_say_what_is_expected(text, match):
 
 
 def test_methods_are_the_papers_rows():
-    assert tuple(METHODS) == cli.METHOD_NAMES == (
+    assert tuple(METHODS) == PAPER_ROWS == (
         "naive", "naive+bos", "sqnr-mp", "fp8", "mixdq-no-bos", "mixdq",
     )  # fmt: skip
-    assert tuple(RECONSTRUCTION_METHODS) == cli.RECONSTRUCTION_METHOD_NAMES
+    assert tuple(RECONSTRUCTION_METHODS) == RECONSTRUCTION_ROWS
+    built_in = PAPER_ROWS + RECONSTRUCTION_ROWS
+    assert method_names()[: len(built_in)] == built_in
     assert STAGE_NAMES == cli.STAGES
     # the paper's naive PTQ has no BOS handling (Table 3: BOS is the next row's technique)
     assert METHODS["naive"].bos_aware is False and METHODS["naive+bos"].bos_aware is True

@@ -14,7 +14,6 @@ import pytest
 
 from mixdq_jax.api import load_pipeline
 from mixdq_jax.cli import main
-from mixdq_jax.cli import quantize as cli
 from mixdq_jax.deploy.checkpoint import NOISE_MODEL_VERSION
 from mixdq_jax.deploy.packed import node_at, quantize_weight_codes, unpacked_codes
 from mixdq_jax.methods import (
@@ -47,7 +46,7 @@ def model(tmp_path_factory):
 
 
 def test_the_cli_offers_the_reconstruction_rows():
-    assert tuple(RECONSTRUCTION_METHODS) == cli.RECONSTRUCTION_METHOD_NAMES
+    assert tuple(RECONSTRUCTION_METHODS) == ("qdiffusion", "ptqd", "mixdq+adaround", "edadm")
     refiners = {n: [type(r) for r in m.refiners] for n, m in RECONSTRUCTION_METHODS.items()}
     assert refiners["ptqd"] == [BlockReconstruction, PTQDCorrection]
     assert PTQDCorrection not in refiners["qdiffusion"]
