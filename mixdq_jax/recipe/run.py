@@ -151,6 +151,7 @@ class Recipe:
         self._reference: np.ndarray | None = None
         self._ranges: dict[str, np.ndarray] | None = None
         self._learned: dict[str, QuantizedUNet] = {}
+        self._chosen: dict[str, ChosenBits] = {}
         self._calibrated = False
 
     # ---------------------------------------------------------------- calibrate, sensitivity
@@ -342,12 +343,16 @@ class Recipe:
         return chosen
 
     def allocation(self, target: Target, method: Method) -> ChosenBits:
-        """Stages ``weights`` and ``acts`` of one (target, method), run or resumed."""
-        w_bits, a_bits = self.weights(target, method), self.acts(target, method)
-        return ChosenBits(
-            target=target, method=method, weight_bits=w_bits, act_bits=a_bits,
-            spec=self.spec(method, w_bits, a_bits),
-        )  # fmt: skip
+        """Stages ``weights`` and ``acts`` of one (target, method), run or resumed (once per
+        `Recipe`: later stages ask again)."""
+        key = recipe_key(target, method)
+        if key not in self._chosen:
+            w_bits, a_bits = self.weights(target, method), self.acts(target, method)
+            self._chosen[key] = ChosenBits(
+                target=target, method=method, weight_bits=w_bits, act_bits=a_bits,
+                spec=self.spec(method, w_bits, a_bits),
+            )  # fmt: skip
+        return self._chosen[key]
 
     # ---------------------------------------------------------------- reconstruct
     def refine_context(self, key: str) -> RefineContext:
