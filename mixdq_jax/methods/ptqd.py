@@ -50,7 +50,7 @@ class PTQDCorrection(Refiner):
         """The fitted slope and residual per sampling step, and the fresh noise kept."""
         path = ctx.store(self.name) / "noise_model.json"
         noise = NoiseModel.from_dict(json.loads(path.read_text()), what=str(path))
-        plan = ctx.pipe.scheduler.set_timesteps(ctx.calibration.steps)
+        plan = ctx.pipe.scheduler.set_timesteps(noise.steps)  # not the calibration: no I/O
         kept = noise.for_plan(ctx.pipe.scheduler, plan).noise_scale
         return {"ptqd_k": noise.k.tolist(), "ptqd_std": noise.std.tolist(),
                 "ptqd_noise_scale": np.asarray(kept, np.float64).tolist()}  # fmt: skip
