@@ -16,7 +16,7 @@ then run with ``PYTHONPATH=DIR``; without it those rows are skipped with a messa
 bundles its own HiGHS build, and loading it next to highspy breaks one of them (undefined
 symbols), so the SCIP timings run in a child process that never imports cvxpy.
 
-    .venv/bin/python benchmarks/allocation_solve_time.py [--repeats 3]
+    .venv/bin/python benchmarks/allocation_solve_time.py [--repeats 3] [--official DIR]
 
 Prints JSON with median seconds and the objective each solver reached.
 """
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OFFICIAL = ROOT.parent / "shared" / "reference" / "mixdq-official"
+DEFAULT_OFFICIAL = ROOT / "tests" / "data" / "mixdq_official"  # vendored official data
 BAND = 0.02
 BITS = (2, 4, 8)
 
@@ -116,7 +116,9 @@ def _scip_rows(problems: dict, sizes: dict, repeats: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--official", type=Path, default=DEFAULT_OFFICIAL)
+    parser.add_argument(
+        "--official", type=Path, default=DEFAULT_OFFICIAL, help=f"default: {DEFAULT_OFFICIAL}"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scip-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -1,14 +1,18 @@
 """Peak memory and wall time of every `mixdq` command on a full-size SDXL-turbo (random weights).
 
 Builds (once, cached) a diffusers-layout SDXL-turbo folder with random weights in fp16 from the
-real component configs and CLIP tokenizer files in ``../shared/reference/sdxl-turbo`` (about
-6.5 GB; torch, diffusers and transformers build it in a child process), then runs each command
+real component configs vendored in ``tests/data/sdxl_turbo`` (about 6.5 GB; torch, diffusers and
+transformers build it in a child process), then runs each command
 as its own process under ``/usr/bin/time -v`` and records the maximum resident set size and the
 wall time. Results go to ``--out``/results.json after every command (a rerun skips finished
 ones), so a kill loses at most the running command.
 
     python benchmarks/fullsize_memory.py --work /tmp/sdxl --dtype float32
     python benchmarks/fullsize_memory.py --work /tmp/sdxl --dtype float16 --only generate_float
+
+The tokenizers (``tokenizer/`` and ``tokenizer_2/``) are SDXL-turbo's real CLIP BPE files
+vendored (gzipped) in ``tests/data/sdxl_turbo``, or ``--tokenizers DIR`` (a folder holding both,
+e.g. a local stabilityai/sdxl-turbo snapshot).
 
 Commands: float generate, calibrate (2 prompts), fake-quant generate (W8A8 and the official
 W3.66 / A7.77 configs), bounded sensitivity sweeps (``--sweep-layers`` layers x 3 bit-widths:
@@ -25,6 +29,7 @@ it measures, not resumes); ``--force`` measures the selected entries again:
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import re
@@ -35,9 +40,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "reference"
-SDXL = REFERENCE / "sdxl-turbo"
-OFFICIAL = REFERENCE / "mixdq-official" / "final_config"
+SDXL = REPO / "tests" / "data" / "sdxl_turbo"  # vendored component configs
+OFFICIAL = REPO / "tests" / "data" / "mixdq_official" / "final_config"  # vendored released configs
 RECON_BLOCKS = ("down_blocks.0.resnets.0", "down_blocks.1.attentions.0.transformer_blocks.0")
 MIXDQ = [sys.executable, "-c", "import sys; from mixdq_jax.cli import main; sys.exit(main())"]
 
@@ -47,7 +51,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-ref, out = Path(sys.argv[1]), Path(sys.argv[2])
+ref, tokenizers, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 torch.manual_seed(0)
 def save(model, name):
     model.to(torch.float16).save_pretrained(out / name, safe_serialization=True)
@@ -57,7 +61,7 @@ save(AutoencoderKL.from_config(json.loads((ref / "vae_config.json").read_text())
 for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
     save(cls(CLIPTextConfig(**json.loads((ref / f"{name}_config.json").read_text()))), name)
 for name in ("tokenizer", "tokenizer_2"):
-    shutil.copytree(ref / name, out / name)
+    shutil.copytree(tokenizers / name, out / name)
 (out / "scheduler").mkdir()
 shutil.copy(ref / "scheduler_config.json", out / "scheduler" / "scheduler_config.json")
 index = {
@@ -73,7 +77,20 @@ index = {
 '''
 
 
-def build_model(work: Path) -> Path:
+def vendored_tokenizers(dest: Path) -> Path:
+    """SDXL-turbo's two tokenizer folders from the vendored files (one gzipped vocab/merges)."""
+    for name in ("tokenizer", "tokenizer_2"):
+        folder = dest / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for data in ("vocab.json", "merges.txt"):
+            raw = (SDXL / "tokenizer" / f"{data}.gz").read_bytes()
+            (folder / data).write_bytes(gzip.decompress(raw))
+        for config in ("tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(SDXL / name / config, folder / config)
+    return dest
+
+
+def build_model(work: Path, tokenizers: Path | None) -> Path:
     """The cached random-weight SDXL-turbo folder (built into a temp folder, then renamed)."""
     folder = work / "sdxl-turbo-random"
     if (folder / "model_index.json").is_file():
@@ -82,7 +99,10 @@ def build_model(work: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     print(f"building {folder} (random fp16 weights, ~6.5 GB)", flush=True)
-    subprocess.run([sys.executable, "-c", BUILD, str(SDXL), str(tmp)], check=True)
+    if tokenizers is None:
+        tokenizers = vendored_tokenizers(work / "tokenizers")
+    cmd = [sys.executable, "-c", BUILD, str(SDXL), str(tokenizers), str(tmp)]
+    subprocess.run(cmd, check=True)
     tmp.rename(folder)
     return folder
 
@@ -192,9 +212,12 @@ def main() -> None:
     ap.add_argument("--sweep-layers", type=int, default=2)
     ap.add_argument("--only", nargs="*", default=None, help="run only these entries")
     ap.add_argument("--force", action="store_true", help="measure entries already measured")
+    ap.add_argument("--tokenizers", type=Path, default=None,
+                    help="folder with tokenizer/ and tokenizer_2/ (used when the model is built; "
+                    "default: SDXL-turbo's vendored in tests/data/sdxl_turbo)")  # fmt: skip
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    model = build_model(args.work)
+    model = build_model(args.work, args.tokenizers)
     write_sweep_layers(args.work, args.sweep_layers)
     results_path = args.work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}

@@ -31,7 +31,7 @@ from mixdq_jax.allocation import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OFFICIAL = ROOT.parent / "shared" / "reference" / "mixdq-official"
+DEFAULT_OFFICIAL = ROOT / "tests" / "data" / "mixdq_official"  # vendored official data
 BAND = 0.02
 OFFICIAL_PROTECTED = [
     "conv_in",
@@ -130,7 +130,9 @@ def _markdown(rows: list[dict], protected: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--official", type=Path, default=DEFAULT_OFFICIAL)
+    parser.add_argument(
+        "--official", type=Path, default=DEFAULT_OFFICIAL, help=f"default: {DEFAULT_OFFICIAL}"
+    )
     parser.add_argument("--band", type=float, default=BAND)
     parser.add_argument("--format", choices=("md", "json"), default="md")
     args = parser.parse_args()

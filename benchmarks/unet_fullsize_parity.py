@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO.parent / "shared" / "reference" / "sdxl-turbo" / "unet_config.json"
+DEFAULT_CONFIG = REPO / "tests" / "data" / "sdxl_turbo" / "unet_config.json"
 
 
 def _parse() -> argparse.Namespace:

@@ -7,6 +7,7 @@ import pytest
 
 from mixdq_jax import cli
 from mixdq_jax.cli import layers as layers_cli
+from tests.reference_data import sdxl_turbo
 
 
 def _raising(exc):
@@ -35,10 +36,8 @@ def test_closed_pipe_is_not_an_error():
     """``mixdq layers ... | head -1``: the reader closes the pipe early."""
     import subprocess
     import sys
-    from pathlib import Path
 
-    config = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-    config = config / "sdxl-turbo" / "unet_config.json"
+    config = sdxl_turbo("unet_config.json")
     code = "import sys; from mixdq_jax.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "layers", "--unet-config", str(config), "--format", "json"],

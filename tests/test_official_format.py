@@ -9,10 +9,7 @@ import pytest
 import yaml
 
 from mixdq_jax import official_format as fmt
-
-OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mixdq-official"
-if not OFFICIAL.is_dir():
-    OFFICIAL = Path("/work/shared/reference/mixdq-official")
+from tests.reference_data import official
 
 
 def _write(path: Path, text: str) -> Path:
@@ -41,20 +38,20 @@ def test_sensitivity_round_trip_exact(tmp_path):
 
 
 def test_official_files_read():
-    sqnr = fmt.read_sensitivity(OFFICIAL / "sensitivity" / "weight_sqnr.yaml")
-    ssim = fmt.read_sensitivity(OFFICIAL / "sensitivity" / "weight_ssim.yaml")
-    sizes = fmt.read_sizes(OFFICIAL / "tensor_ratio" / "weight_ratio.yaml")
-    bits = fmt.read_bits(OFFICIAL / "final_config" / "weight" / "weight_4.00.yaml")
-    act = fmt.read_bits(OFFICIAL / "final_config" / "act" / "act_7.77.yaml")
+    sqnr = fmt.read_sensitivity(official("sensitivity", "weight_sqnr.yaml"))
+    ssim = fmt.read_sensitivity(official("sensitivity", "weight_ssim.yaml"))
+    sizes = fmt.read_sizes(official("tensor_ratio", "weight_ratio.yaml"))
+    bits = fmt.read_bits(official("final_config", "weight", "weight_4.00.yaml"))
+    act = fmt.read_bits(official("final_config", "act", "act_7.77.yaml"))
     assert len(sqnr) == len(sizes) == len(bits) == 794
     assert len(ssim) == 420 and len(act) == 785
     assert "conv_in" in sizes and sizes["conv_in"] == 1.0
-    raw = yaml.safe_load((OFFICIAL / "sensitivity" / "weight_sqnr.yaml").read_text())
+    raw = yaml.safe_load(official("sensitivity", "weight_sqnr.yaml").read_text())
     assert sqnr["conv_in"] == tuple(raw["model.conv_in"])
 
 
 def test_official_bits_rewrite_identical(tmp_path):
-    src = OFFICIAL / "final_config" / "weight" / "weight_3.66.yaml"
+    src = official("final_config", "weight", "weight_3.66.yaml")
     out = tmp_path / "w.yaml"
     fmt.write_bits(out, fmt.read_bits(src))
     assert yaml.safe_load(out.read_text()) == yaml.safe_load(src.read_text())

@@ -30,7 +30,7 @@ ALLOWED_BITS: tuple[int, ...] = (*QUANT_BITS, FLOAT_BITS)
 BOS_SUFFIXES: tuple[str, ...] = ("attn2.to_k", "attn2.to_v")
 
 # The official SDXL-turbo activation configs leave these 9 layers out (kept FP16): the "top 1%"
-# most sensitive activations (reference/mixdq-official/README.md).
+# most sensitive activations (the tests check this against tests/data/mixdq_official).
 OFFICIAL_PROTECTED_ACT_LAYERS: frozenset[str] = frozenset(
     {
         "conv_in",

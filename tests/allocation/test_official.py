@@ -29,11 +29,7 @@ from mixdq_jax.allocation import (
     split_budget,
 )
 from mixdq_jax.cli import main
-
-OFFICIAL = Path(__file__).resolve().parents[3] / "shared" / "reference" / "mixdq-official"
-if not OFFICIAL.is_dir():
-    OFFICIAL = Path("/work/shared/reference/mixdq-official")
-pytestmark = pytest.mark.skipif(not OFFICIAL.is_dir(), reason="official MixDQ data not found")
+from tests.reference_data import official, sdxl_turbo
 
 BAND = 0.02
 RELEASED = {
@@ -60,9 +56,9 @@ def data():
     out = {}
     for kind in ("weight", "act"):
         out[kind] = {
-            "sqnr": fmt.read_sensitivity(OFFICIAL / "sensitivity" / f"{kind}_sqnr.yaml"),
-            "ssim": fmt.read_sensitivity(OFFICIAL / "sensitivity" / f"{kind}_ssim.yaml"),
-            "sizes": fmt.read_sizes(OFFICIAL / "tensor_ratio" / f"{kind}_ratio.yaml"),
+            "sqnr": fmt.read_sensitivity(official("sensitivity", f"{kind}_sqnr.yaml")),
+            "ssim": fmt.read_sensitivity(official("sensitivity", f"{kind}_ssim.yaml")),
+            "sizes": fmt.read_sizes(official("tensor_ratio", f"{kind}_ratio.yaml")),
         }
     return out
 
@@ -73,7 +69,7 @@ def _weighted_avg(bits: dict, sizes: dict) -> float:
 
 @pytest.mark.parametrize(("kind", "tag"), [(k, t) for k, tags in RELEASED.items() for t in tags])
 def test_released_configs_are_matched_or_beaten(data, kind, tag):
-    released = _raw(OFFICIAL / "final_config" / kind / f"{kind}_{tag}.yaml")
+    released = _raw(official("final_config", kind, f"{kind}_{tag}.yaml"))
     d = data[kind]
     content_bits, quality_bits = OFFICIAL_CANDIDATES[kind]
     agree = 0
@@ -102,7 +98,7 @@ def test_budget_split_reproduces_released_groups(data):
     quality = [n for n in sizes if not is_content_layer(n)]
     ratio = size_ratio(content, quality, sizes)
     assert ratio == pytest.approx(2.24, abs=0.005)  # the README's r for weights
-    released = _raw(OFFICIAL / "final_config" / "weight" / "weight_4.00.yaml")
+    released = _raw(official("final_config", "weight", "weight_4.00.yaml"))
     b_c = _weighted_avg({n: released[n] for n in content}, sizes)
     b_q = _weighted_avg({n: released[n] for n in quality}, sizes)
     total = _weighted_avg(released, sizes)
@@ -123,8 +119,8 @@ def test_protected_layers_match_official(data):
     assert len(got_q) + len(got_c) == len(OFFICIAL_PROTECTED) == 9
     assert set(most_sensitive(content, fraction=0.01, bits=4)) != set(got_c)
     assert (
-        set(_raw(OFFICIAL / "tensor_ratio" / "act_ratio.yaml"))
-        - set(_raw(OFFICIAL / "final_config" / "act" / "act_7.77.yaml"))
+        set(_raw(official("tensor_ratio", "act_ratio.yaml")))
+        - set(_raw(official("final_config", "act", "act_7.77.yaml")))
         == OFFICIAL_PROTECTED
     )
 
@@ -172,12 +168,12 @@ def test_weight_sweep(data):
 
 def _cli(kind: str, target: str, out, *extra: str) -> int:
     """``mixdq allocate`` on the official sensitivities and sizes of ``kind``."""
-    sizes = OFFICIAL / "tensor_ratio" / f"{kind}_ratio.yaml"
+    sizes = official("tensor_ratio", f"{kind}_ratio.yaml")
     return main(
         [
             "allocate",
             "--sensitivity",
-            str(OFFICIAL / "sensitivity"),
+            str(official("sensitivity")),
             "--sizes",
             str(sizes),
             "--kind",
@@ -203,15 +199,15 @@ def test_cli_weight_and_act(tmp_path, capsys):
     assert _cli("act", "7.7", str(out), "--protect-top", "1") == 0
     bits = _raw(out)
     assert len(bits) == 785 and set(bits.values()) <= {4, 8}
-    assert set(_raw(OFFICIAL / "tensor_ratio" / "act_ratio.yaml")) - set(bits) == OFFICIAL_PROTECTED
+    assert set(_raw(official("tensor_ratio", "act_ratio.yaml"))) - set(bits) == OFFICIAL_PROTECTED
 
 
 def test_cli_errors(tmp_path, capsys):
     sens_dir = tmp_path / "sens"
     sens_dir.mkdir()
-    sqnr = _raw(OFFICIAL / "sensitivity" / "weight_sqnr.yaml")
-    ssim = _raw(OFFICIAL / "sensitivity" / "weight_ssim.yaml")
-    sizes = str(OFFICIAL / "tensor_ratio" / "weight_ratio.yaml")
+    sqnr = _raw(official("sensitivity", "weight_sqnr.yaml"))
+    ssim = _raw(official("sensitivity", "weight_ssim.yaml"))
+    sizes = str(official("tensor_ratio", "weight_ratio.yaml"))
     dropped = sorted(ssim)[:2]
     fmt.write_sensitivity(sens_dir / "weight_sqnr.yaml", sqnr)
     fmt.write_sensitivity(
@@ -265,7 +261,7 @@ def test_weight_sizes_match_diffusers_shapes(data):
     the diffusers SDXL UNet built on the meta device (no weights)."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
-    config_path = OFFICIAL.parent / "sdxl-turbo" / "unet_config.json"
+    config_path = sdxl_turbo("unet_config.json")
     with torch.device("meta"):
         unet = diffusers.UNet2DConditionModel.from_config(json.loads(config_path.read_text()))
     numel = {

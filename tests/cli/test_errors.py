@@ -13,9 +13,8 @@ import yaml
 from mixdq_jax import cli
 from mixdq_jax.cli import layers as layers_cli
 from mixdq_jax.io_utils import LockError
-from tests.cli.conftest import ROOT, failed, mixdq
-
-UNET_CONFIG = ROOT.parent / "shared" / "reference" / "sdxl-turbo" / "unet_config.json"
+from tests.cli.conftest import failed, mixdq
+from tests.reference_data import sdxl_turbo
 
 
 def _raising(exc):
@@ -93,7 +92,7 @@ def test_warnings_are_one_line_messages(monkeypatch, capsys):
 def test_a_damaged_input_file_through_the_real_entry_point(tmp_path):
     """A truncated config: exit 2 naming the file, no traceback."""
     config = tmp_path / "unet_config.json"
-    config.write_text(UNET_CONFIG.read_text()[:200])
+    config.write_text(sdxl_turbo("unet_config.json").read_text()[:200])
     failed(mixdq("layers", "--unet-config", config), 2, "mixdq layers: error:", str(config))
 
 

@@ -4,8 +4,6 @@ stored bytes against `mixdq bench memory`'s table."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax.numpy as jnp
 import pytest
 import torch
@@ -16,10 +14,8 @@ from mixdq_jax.deploy.memory import memory_table, plan_for_spec
 from mixdq_jax.evaluation import bops
 from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, param_shapes
 from mixdq_jax.quant.qconfig import QuantSpec
+from tests.reference_data import sdxl_turbo
 from tests.tiny_models import sdxl_unet_config
-
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
-UNET_CONFIG = SHARED / "sdxl-turbo" / "unet_config.json"
 
 # one sample, 512x512 images = 64x64 latents; levels at 64, 32, 16; 77 text tokens
 HAND = {
@@ -36,7 +32,7 @@ HAND = {
 
 @pytest.fixture(scope="module")
 def sdxl():
-    return UNetConfig.from_json(UNET_CONFIG)
+    return UNetConfig.from_json(sdxl_turbo("unet_config.json"))
 
 
 def test_full_size_sdxl_turbo_hand_counts(sdxl):

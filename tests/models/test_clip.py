@@ -14,6 +14,7 @@ from mixdq_jax.models.clip import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
 )
+from tests.reference_data import sdxl_turbo
 from weights_convert import ConversionError, torch_to_flax
 from weights_convert.clip_keys import normalize_clip_keys
 
@@ -160,9 +161,8 @@ def test_normalize_rejects_duplicate_keys():
 
 
 def test_config_reads_sdxl_turbo_files():
-    ref = "/work/shared/reference/sdxl-turbo"
-    c1 = CLIPTextConfig.from_json(f"{ref}/text_encoder_config.json")
-    c2 = CLIPTextConfig.from_json(f"{ref}/text_encoder_2_config.json")
+    c1 = CLIPTextConfig.from_json(sdxl_turbo("text_encoder_config.json"))
+    c2 = CLIPTextConfig.from_json(sdxl_turbo("text_encoder_2_config.json"))
     assert (c1.hidden_size, c1.num_hidden_layers, c1.hidden_act, c1.eos_token_id) == (
         768,
         12,
@@ -205,7 +205,7 @@ def _meta_model(config):
     ],
 )
 def test_config_errors_name_the_key(tmp_path, change, key):
-    data = json.loads(open("/work/shared/reference/sdxl-turbo/text_encoder_config.json").read())
+    data = json.loads(sdxl_turbo("text_encoder_config.json").read_text())
     path = tmp_path / "config.json"
     path.write_text(json.dumps(data | change))
     with pytest.raises(ValueError, match=key):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,14 +12,11 @@ from flax import traverse_util
 from mixdq_jax.models.embeddings import get_timestep_embedding
 from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, param_shapes
 from tests.models.conftest import max_abs_rel, numpy_state, perturb_, run_once
+from tests.reference_data import official, sdxl_turbo
 from weights_convert import torch_to_flax
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-
-REFERENCE = Path("/work/shared/reference")
-SDXL_CONFIG = REFERENCE / "sdxl-turbo" / "unet_config.json"
-WEIGHT_SQNR = REFERENCE / "mixdq-official" / "sensitivity" / "weight_sqnr.yaml"
 
 # SDXL layout in miniature: plain first block, per-block heads and transformer depths, linear
 # projections, text_time added conditioning.
@@ -176,15 +172,16 @@ def test_timestep_embedding_matches_diffusers(dim, flip, shift):
 
 @pytest.mark.slow
 def test_sdxl_turbo_full_size_shapes_and_layer_names():
-    model = UNet2DConditionModel(UNetConfig.from_json(SDXL_CONFIG))
+    model = UNet2DConditionModel(UNetConfig.from_json(sdxl_turbo("unet_config.json")))
     flat = traverse_util.flatten_dict(param_shapes(model))
     assert sum(int(np.prod(v.shape)) for v in flat.values()) == 2_567_463_684
     dense = {".".join(k[:-1]) for k, v in flat.items() if k[-1] == "kernel" and len(v.shape) == 2}
     conv = {".".join(k[:-1]) for k, v in flat.items() if k[-1] == "kernel" and len(v.shape) == 4}
     assert (len(dense), len(conv)) == (743, 51)
-    official = set(re.findall(r"^model\.(\S+):$", WEIGHT_SQNR.read_text(), flags=re.M))
-    assert len(official) == 794
-    assert dense | conv == official
+    sqnr = official("sensitivity", "weight_sqnr.yaml").read_text()
+    names = set(re.findall(r"^model\.(\S+):$", sqnr, flags=re.M))
+    assert len(names) == 794
+    assert dense | conv == names
 
 
 BAD_VALUES = [

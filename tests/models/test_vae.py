@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,12 +11,11 @@ from flax import traverse_util
 
 from mixdq_jax.models.vae import AutoencoderKL, VAEConfig, legacy_vae_keys, param_shapes
 from tests.models.conftest import max_abs_rel, numpy_state, perturb_, run_once
+from tests.reference_data import sdxl_turbo
 from weights_convert import torch_to_flax
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-
-SDXL_VAE_CONFIG = Path("/work/shared/reference/sdxl-turbo/vae_config.json")
 
 TINY = dict(
     block_out_channels=(32, 64),
@@ -84,7 +82,7 @@ def test_legacy_attention_keys_load(tiny):
 
 
 def test_sdxl_vae_config_builds():
-    cfg = VAEConfig.from_json(SDXL_VAE_CONFIG)
+    cfg = VAEConfig.from_json(sdxl_turbo("vae_config.json"))
     flat = traverse_util.flatten_dict(param_shapes(AutoencoderKL(cfg), height=16, width=16))
     assert sum(int(np.prod(v.shape)) for v in flat.values()) == 83_653_863
     assert ("decoder", "mid_block", "attentions.0", "to_q", "kernel") in flat
@@ -95,6 +93,6 @@ def test_sdxl_vae_config_builds():
     [("down_block_types", ("AttnDownEncoderBlock2D",)), ("act_fn", "softsign"), ("bogus", 1)],
 )
 def test_bad_config_values_raise(key, value):
-    config = {**json.loads(SDXL_VAE_CONFIG.read_text()), key: value}
+    config = {**json.loads(sdxl_turbo("vae_config.json").read_text()), key: value}
     with pytest.raises(ValueError, match=key):
         VAEConfig.from_dict(config)

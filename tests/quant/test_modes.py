@@ -4,7 +4,6 @@ to_k/to_v, shortcut splitting, observation; and QuantSpec validation / official 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -24,6 +23,7 @@ from mixdq_jax.quant import (
     write_official_yaml,
 )
 from tests.quant.test_quantizers import np_asym, np_channel_range
+from tests.reference_data import official
 
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
 SHORTCUT = "up_blocks.0.resnets.0.conv_shortcut"
@@ -37,7 +37,6 @@ LAYERS = {
     SHORTCUT: C,  # input = concat(upsampled hidden [C], skip [C])
     "conv_out": None,
 }
-OFFICIAL = Path("/work/shared/reference/mixdq-official/final_config")
 MODES = {"quant": FakeQuant(), "observe": Observe()}
 
 
@@ -412,7 +411,8 @@ def test_spec_validation(toy):
 
 
 def test_official_yaml_round_trip(tmp_path):
-    wfile, afile = OFFICIAL / "weight/weight_4.00.yaml", OFFICIAL / "act/act_7.77.yaml"
+    wfile = official("final_config", "weight", "weight_4.00.yaml")
+    afile = official("final_config", "act", "act_7.77.yaml")
     layers = list(read_bits(wfile))
     assert len(layers) == 794
     ranges = dict.fromkeys(layers, [-1.0, 1.0])

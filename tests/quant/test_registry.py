@@ -12,10 +12,7 @@ from diffusers import UNet2DConditionModel as TorchUNet
 
 from mixdq_jax.cli import main
 from mixdq_jax.quant.registry import layer_group, registry_from_unet_config
-
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
-UNET_CONFIG = SHARED / "sdxl-turbo" / "unet_config.json"
-OFFICIAL = SHARED / "mixdq-official"
+from tests.reference_data import official, sdxl_turbo
 
 
 def _official(path: Path) -> dict:
@@ -25,28 +22,29 @@ def _official(path: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def sdxl_layers():
-    return registry_from_unet_config(UNET_CONFIG)
+    return registry_from_unet_config(sdxl_turbo("unet_config.json"))
 
 
 def test_cli_json_equals_official_names_and_groups(capsys):
-    assert main(["layers", "--unet-config", str(UNET_CONFIG), "--format", "json"]) == 0
+    config = str(sdxl_turbo("unet_config.json"))
+    assert main(["layers", "--unet-config", config, "--format", "json"]) == 0
     layers = json.loads(capsys.readouterr().out)
     names = [layer["name"] for layer in layers]
-    official = _official(OFFICIAL / "sensitivity" / "weight_sqnr.yaml")
+    sqnr = _official(official("sensitivity", "weight_sqnr.yaml"))
     assert len(names) == len(set(names)) == 794
-    assert set(names) == set(official)
-    content = {k for k in _official(OFFICIAL / "sensitivity" / "weight_ssim.yaml")}
+    assert set(names) == set(sqnr)
+    content = {k for k in _official(official("sensitivity", "weight_ssim.yaml"))}
     assert {layer["name"] for layer in layers if layer["group"] == "content"} == content
     # the official rule, applied literally to the official names
-    assert content == {k for k in official if "ff" in k or "attn2" in k}
+    assert content == {k for k in sqnr if "ff" in k or "attn2" in k}
     kinds = [layer["kind"] for layer in layers]
     assert kinds.count("linear") == 743 and kinds.count("conv") == 51
 
 
 def test_sizes_equal_official_ratio_files(sdxl_layers):
     """Weight numel / conv_in numel and input numel / 320 at a 64x64 latent, as officially."""
-    w_ratio = _official(OFFICIAL / "tensor_ratio" / "weight_ratio.yaml")
-    a_ratio = _official(OFFICIAL / "tensor_ratio" / "act_ratio.yaml")
+    w_ratio = _official(official("tensor_ratio", "weight_ratio.yaml"))
+    a_ratio = _official(official("tensor_ratio", "act_ratio.yaml"))
     for layer in sdxl_layers:
         assert layer.weight_params / 11520 == pytest.approx(w_ratio[layer.name], rel=1e-12)
         assert layer.input_size / 320 == pytest.approx(a_ratio[layer.name], rel=1e-12)
@@ -54,7 +52,7 @@ def test_sizes_equal_official_ratio_files(sdxl_layers):
 
 def test_shapes_and_split_points_match_diffusers(sdxl_layers):
     """Against diffusers' own module tree (built on the meta device: no memory)."""
-    config = json.loads(UNET_CONFIG.read_text())
+    config = json.loads(sdxl_turbo("unet_config.json").read_text())
     with torch.device("meta"):
         ref = TorchUNet.from_config(config)
     modules = dict(ref.named_modules())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import yaml
@@ -20,8 +19,7 @@ from mixdq_jax.methods import (
     act_budget,
 )
 from mixdq_jax.quant.qconfig import OFFICIAL_PROTECTED_ACT_LAYERS
-
-OFFICIAL = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "mixdq-official"
+from tests.reference_data import official as official_data
 
 
 def _ctx(sens, layers, target, knobs):
@@ -42,15 +40,13 @@ def weight_candidates(sens, layers, method, target, knobs):
 
 @pytest.fixture(scope="module")
 def official():
-    if not OFFICIAL.is_dir():
-        pytest.fail(f"the official reference data is missing: {OFFICIAL}")
     sens = {
-        (kind, metric): fmt.read_sensitivity(OFFICIAL / "sensitivity" / f"{kind}_{metric}.yaml")
+        (kind, metric): fmt.read_sensitivity(official_data("sensitivity", f"{kind}_{metric}.yaml"))
         for kind in ("weight", "act")
         for metric in ("sqnr", "ssim")
     }
-    w = fmt.read_sizes(OFFICIAL / "tensor_ratio" / "weight_ratio.yaml")
-    a = fmt.read_sizes(OFFICIAL / "tensor_ratio" / "act_ratio.yaml")
+    w = fmt.read_sizes(official_data("tensor_ratio", "weight_ratio.yaml"))
+    a = fmt.read_sizes(official_data("tensor_ratio", "act_ratio.yaml"))
     names = sorted(w)
     layers = Layers(
         names=names,
@@ -74,12 +70,12 @@ def test_top_one_percent_at_8_bits_is_exactly_the_official_protected_set(officia
 
 def test_cli_protect_top_leaves_out_exactly_the_official_layers(tmp_path):
     out = tmp_path / "act.yaml"
-    args = ["allocate", "--sensitivity", str(OFFICIAL / "sensitivity"), "--sizes",
-            str(OFFICIAL / "tensor_ratio" / "act_ratio.yaml"), "--kind", "act",
+    args = ["allocate", "--sensitivity", str(official_data("sensitivity")), "--sizes",
+            str(official_data("tensor_ratio", "act_ratio.yaml")), "--kind", "act",
             "--target", "7.7", "--protect-top", "1", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     written = {k.removeprefix("model."): v for k, v in yaml.safe_load(out.read_text()).items()}
-    sizes = fmt.read_sizes(OFFICIAL / "tensor_ratio" / "act_ratio.yaml")
+    sizes = fmt.read_sizes(official_data("tensor_ratio", "act_ratio.yaml"))
     assert set(sizes) - set(written) == set(OFFICIAL_PROTECTED_ACT_LAYERS)
 
 
