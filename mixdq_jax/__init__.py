@@ -8,7 +8,13 @@ See ARCHITECTURE.md. Imports are lazy so the CLI starts fast.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import Any
+
+try:
+    __version__ = importlib.metadata.version("mixdq-jax")
+except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 _EXPORTS = {
     "Pipeline": "mixdq_jax.pipeline",
