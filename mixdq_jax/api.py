@@ -19,6 +19,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from mixdq_jax.deploy.checkpoint import is_quantized_folder, load_quantized_pipeline
+from mixdq_jax.hub import ModelName
 from mixdq_jax.loader import assemble, load_components, resolve_model
 from mixdq_jax.pipeline import Pipeline, QuantizedPipeline
 from mixdq_jax.quant.build import Calibration, act_ranges, qconfig_for
@@ -29,6 +30,7 @@ def load_pipeline(
     path_or_repo_id: str | os.PathLike,
     *,
     dtype: Any = jnp.float32,
+    revision: str | None = None,
     variant: str | None = None,
     scheduler: str | Mapping[str, Any] | None = None,
     lora: str | os.PathLike | None = None,
@@ -37,9 +39,13 @@ def load_pipeline(
     backend: str = "auto",
     verify: bool = True,
 ) -> Pipeline | QuantizedPipeline:
-    """Load a diffusers SDXL or SD1.x/2.x pipeline folder (or a cached repo id) into JAX.
+    """Load a diffusers SDXL or SD1.x/2.x pipeline folder (or a Hugging Face repo id) into JAX.
 
-    ``"testbed"`` loads the small trained model shipped inside the package.
+    ``"testbed"`` loads the small trained model shipped inside the package. A repo id
+    ``OWNER/NAME[@REVISION]`` (or ``revision=``: a branch, tag or commit) is downloaded into the
+    hub cache on first use, only the files a load reads (``variant="fp16"``: the
+    ``*.fp16.safetensors`` weights where a component has them); with ``HF_HUB_OFFLINE=1`` the
+    cache alone is used. ``variant`` also picks a local folder's weight files.
     ``scheduler`` replaces the folder's scheduler: a class name (the folder's config is reused,
     as ``LCMScheduler.from_config(pipe.scheduler.config)``) or a full config dict. ``lora`` is a
     LoRA safetensors file fused into the weights with ``lora_scale``. A folder written by
@@ -47,7 +53,9 @@ def load_pipeline(
     the integer path (``backend``; ``verify`` checks the weights' checksum); quantize a float
     pipeline with :func:`qconfig_for`.
     """
-    folder = resolve_model(path_or_repo_id)
+    if variant is None and isinstance(path_or_repo_id, ModelName):  # the CLI's --variant
+        variant = path_or_repo_id.variant
+    folder = resolve_model(path_or_repo_id, revision=revision, variant=variant)
     if is_quantized_folder(folder):
         if lora is not None:
             raise ValueError("a LoRA cannot be fused into a quantized checkpoint; export with it")

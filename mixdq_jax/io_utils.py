@@ -1,5 +1,6 @@
-"""Atomic file writes and folder locks: a killed run never leaves a half-written result
-behind, and two commands never write one folder at once."""
+"""Atomic file writes, folder and file locks, and reading the user's text files: a killed run
+never leaves a half-written result behind, two commands never write one folder (or file) at
+once, and a file that does not decode is reported by name and line, not by a codec's message."""
 
 from __future__ import annotations
 
@@ -118,6 +119,31 @@ def exclusive_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[
                 folder.rmdir()  # only when empty: nothing was written
 
 
+@contextmanager
+def file_lock(path: str | os.PathLike, what: str = "output file") -> Iterator[Path]:
+    """Hold a lock for writing the single file ``path`` (``mixdq allocate --out FILE``, ``mixdq
+    bench --out``): ``.<name>.mixdq.lock`` beside it, created and removed as `exclusive_lock`
+    does, so two commands writing one file fail at once instead of racing. The parent folder
+    is created if missing (the file is written there anyway). Re-entrant within one process."""
+    path = Path(path)
+    key = path.resolve()
+    if key in _HELD:
+        yield path
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.parent / f".{path.name}{LOCK_FILE}"
+    fd = _acquire(lock, what, path)
+    _HELD.add(key)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, _lock_info(), 0)
+        yield path
+    finally:
+        _HELD.discard(key)
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
 def _acquire(path: Path, what: str, folder: Path) -> int:
     """An open descriptor of ``path`` holding its flock, or a LockError naming the holder."""
     while True:
@@ -143,6 +169,56 @@ def _acquire(path: Path, what: str, folder: Path) -> int:
         os.close(fd)
 
 
+# ------------------------------------------------------------------------------ user files
+def _label(path: Path, flag: str | None) -> str:
+    return f"{flag} {path}" if flag else str(path)
+
+
+def read_text(path: str | os.PathLike, flag: str | None = None) -> str:
+    """A user's text file as UTF-8 (a leading byte-order mark dropped), or a ``ValueError`` that
+    names the option, the file and the line of the first byte that is not UTF-8 (a codec's own
+    message names neither). ``flag``: the option that gave the file (``"--prompts-file"``)."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"{_label(path, flag)}: not UTF-8 text (line {line}: byte "
+            f"0x{data[err.start]:02x}); save the file as UTF-8"
+        ) from None
+
+
+def read_json(path: str | os.PathLike, flag: str | None = None, *, what: str = "") -> Any:
+    """A user's JSON file, or a ``ValueError`` naming the file and the line and column of the
+    syntax error. ``what``: what the file should be, for the message (``"a UNet
+    config.json"``)."""
+    path = Path(path)
+    text = read_text(path, flag)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        expected = f"; expected {what}" if what else ""
+        raise ValueError(
+            f"{_label(path, flag)}: not valid JSON (line {err.lineno}, column {err.colno}: "
+            f"{err.msg}){expected}"
+        ) from None
+
+
+def read_json_object(path: str | os.PathLike, flag: str | None = None, *, what: str) -> dict:
+    """A user's JSON file that must hold one object (``{...}``): anything else is a
+    ``ValueError`` naming the file and what it holds instead."""
+    data = read_json(path, flag, what=what)
+    if not isinstance(data, dict):
+        kinds = {list: "a list", str: "a string", bool: "true/false", type(None): "null"}
+        kind = kinds.get(type(data), "a number")
+        raise ValueError(
+            f"{_label(Path(path), flag)}: expected {what} (a JSON object {{...}}), got {kind}"
+        )
+    return data
+
+
 __all__ = [
     "LOCK_FILE",
     "LockError",
@@ -151,4 +227,8 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "exclusive_lock",
+    "file_lock",
+    "read_json",
+    "read_json_object",
+    "read_text",
 ]

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from mixdq_jax.hub import ModelName
 from mixdq_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, param_shapes
 from mixdq_jax.models.vae import AutoencoderKL, VAEConfig, legacy_vae_keys
@@ -186,11 +187,34 @@ def scheduler_config(folder: Path, scheduler: str | Mapping[str, Any] | None = N
     return dict(scheduler) if scheduler is not None else cfg
 
 
-def resolve_model(model: str | os.PathLike) -> Path:
-    """A ``--model`` argument as a folder: ``"testbed"``, a local folder, or a cached repo id."""
+def resolve_model(
+    model: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    configs_only: bool | None = None,
+) -> Path:
+    """A ``--model`` argument as a folder, tried in this order: ``"testbed"``, an existing
+    local folder, a Hugging Face repo id ``OWNER/NAME[@REVISION]`` (downloaded into the hub
+    cache on first use, only the files a load reads: ``variant``'s weights, or the configs
+    alone with ``configs_only``; offline, the cache). A `~mixdq_jax.hub.ModelName` (the CLI's
+    ``--model`` value) brings its own ``revision`` / ``variant`` / ``configs_only``; arguments
+    given here win.
+    """
+    if isinstance(model, ModelName):
+        revision = model.revision if revision is None else revision
+        variant = model.variant if variant is None else variant
+        configs_only = model.configs_only if configs_only is None else configs_only
     if str(model) == "testbed":
+        if revision is not None:
+            raise CheckpointError(
+                f"testbed: the built-in model has no revision {revision!r} (a revision selects "
+                "a commit of a Hugging Face repo id OWNER/NAME)"
+            )
         return testbed_path()
-    return resolve_model_path(model)
+    return resolve_model_path(
+        model, revision=revision, variant=variant, download=True, configs_only=bool(configs_only)
+    )
 
 
 def assemble(

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from mixdq_jax.io_utils import atomic_write_text
+from mixdq_jax.io_utils import atomic_write_text, read_text
 
 PREFIX = "model."
 SUPPORTED_BITS: tuple[int, ...] = (2, 4, 8)
@@ -49,8 +49,7 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 
 def _load(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path)  # a byte that is not UTF-8: the file and line are named
     try:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - strict SafeLoader subclass
     except ValueError as err:

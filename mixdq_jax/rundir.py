@@ -403,12 +403,34 @@ class RunDir:
     def chosen_bits_path(self, key: str, kind: str) -> Path:
         return self.recipe_dir(key) / f"{kind}_bits.json"
 
-    def chosen_bits(self, key: str, kind: str) -> dict[str, int] | None:
-        """The bits a recipe stage chose (float layers at 16), or ``None`` before it ran."""
+    def chosen_bits(
+        self, key: str, kind: str, layers: Sequence[str] | None = None
+    ) -> dict[str, int] | None:
+        """The bits a recipe stage chose (float layers at 16), or ``None`` before it ran. The
+        file may be edited by hand (the plan a later stage exports): with ``layers`` (the
+        model's), an unknown or missing layer or a bit-width that is no integer is a
+        ``ValueError`` naming the file, the layer and what to do."""
         path = self.chosen_bits_path(key, kind)
         if not path.is_file():
             return None
-        return {n: int(b) for n, b in _load_json(path).items()}
+        data = _load_json(path)
+        fix = f"fix the file, or delete it to choose the {kind} bits again"
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of layer names to bits; {fix}")
+        bad = [n for n, b in data.items() if isinstance(b, bool) or not isinstance(b, int)]
+        if bad:
+            raise ValueError(f"{path}: layer {bad[0]!r}: bit-width {data[bad[0]]!r} is no "
+                             f"integer; {fix}")  # fmt: skip
+        if layers is not None:
+            unknown = sorted(set(data) - set(layers))
+            missing = [n for n in layers if n not in data]
+            for what, names in (("not in this model's UNet", unknown), ("missing", missing)):
+                if names:
+                    shown = ", ".join(repr(n) for n in names[:5])
+                    more = f" (and {len(names) - 5} more)" if len(names) > 5 else ""
+                    raise ValueError(f"{path}: {len(names)} layer(s) {what}: {shown}{more}; "
+                                     f"{fix}")  # fmt: skip
+        return {n: int(b) for n, b in data.items()}
 
     def write_chosen_bits(self, key: str, kind: str, bits: Mapping[str, int]) -> None:
         """Record the choice (JSON, every layer) and the official-format YAML (float layers

@@ -21,6 +21,7 @@ RANKS = {
     "mixdq_jax.io_utils": 0,
     "mixdq_jax.rundir": 0,
     "mixdq_jax.compile_events": 0,
+    "mixdq_jax.hub": 0,  # hub ids -> a local snapshot (weights_convert resolves through it)
     "mixdq_jax.quant": 1,
     "mixdq_jax.pipeline": 2,
     "mixdq_jax.testbed": 0,  # data, judge, vocab, model (and a light package init)
@@ -37,6 +38,7 @@ RANKS = {
     "mixdq_jax.recipe": 5,
     "mixdq_jax.testbed.evaluate": 5,
     "mixdq_jax.evaluation": 5,
+    "mixdq_jax.inspection": 5,  # what an export or a run directory holds (reads deploy's files)
     "mixdq_jax.study": 6,
     "mixdq_jax.cli": 7,
     "mixdq_jax": 8,  # the package's lazy re-exports

@@ -3,19 +3,21 @@
 A diffusers pipeline folder has ``model_index.json`` and one sub-folder per component, each with a
 ``config.json`` and weights named ``diffusion_pytorch_model[.<variant>].safetensors`` (diffusers
 models) or ``model[.<variant>].safetensors`` (transformers models), possibly sharded behind a
-``*.safetensors.index.json``. Nothing here downloads: a Hugging Face repo id resolves only to a
-snapshot already in the local cache.
+``*.safetensors.index.json``. A Hugging Face repo id resolves to a snapshot in the local cache;
+with ``download=True`` (a pipeline's ``--model``) `mixdq_jax.hub` fetches what a load reads.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from mixdq_jax.hub import HubError, pipeline_snapshot
 from weights_convert.safetensors_io import load_safetensors
 
 _WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
@@ -46,16 +48,44 @@ def _hf_cache_dirs() -> list[Path]:
     return dirs
 
 
-def resolve_model_path(path_or_repo_id: str | os.PathLike, *, revision: str = "main") -> Path:
-    """A local folder, or the cached snapshot of a Hugging Face repo id (offline only)."""
+def resolve_model_path(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    download: bool = False,
+    configs_only: bool = False,
+) -> Path:
+    """A local folder, or the snapshot of a Hugging Face repo id ``OWNER/NAME[@REVISION]``.
+
+    Without ``download`` only a snapshot already in the cache is found (what the evaluation
+    metrics' weights use: nothing is fetched behind the user's back). With ``download`` a
+    pipeline is fetched as `mixdq_jax.hub.pipeline_snapshot` does (only what a load reads,
+    ``variant``'s weights; ``configs_only`` for commands that read configs alone), and the
+    cache alone is used offline. Every failure is a `CheckpointError` naming the repo.
+    """
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
+        if revision is not None:
+            raise CheckpointError(
+                f"{path}: a local folder has no revision {revision!r} (a revision selects a "
+                "commit of a Hugging Face repo id OWNER/NAME)"
+            )
         return path
     text = str(path_or_repo_id)
     if path.exists():
         raise CheckpointError(f"{text}: is a file, expected a diffusers pipeline folder")
+    if download:
+        try:
+            return pipeline_snapshot(
+                text, revision=revision, variant=variant, configs_only=configs_only
+            )
+        except HubError as err:
+            raise CheckpointError(str(err)) from err
+    text, _, in_text = text.partition("@")
+    asked = revision or in_text or None
     if text.count("/") != 1 or text.startswith((".", "/")):
-        raise CheckpointError(f"{text}: no such folder")
+        raise CheckpointError(f"{path_or_repo_id}: no such folder")
     org, name = text.split("/")
     tried = []
     for cache in _hf_cache_dirs():
@@ -63,18 +93,18 @@ def resolve_model_path(path_or_repo_id: str | os.PathLike, *, revision: str = "m
         tried.append(str(repo))
         if not repo.is_dir():
             continue
-        ref = repo / "refs" / revision
-        snap = ref.read_text().strip() if ref.is_file() else revision
+        ref = repo / "refs" / (asked or "main")
+        snap = ref.read_text().strip() if ref.is_file() else (asked or "main")
         folder = repo / "snapshots" / snap
         if folder.is_dir():
             return folder
         snaps = sorted((repo / "snapshots").glob("*"))
-        if len(snaps) == 1:
+        if len(snaps) == 1 and asked is None:  # the only snapshot, when no revision is asked
             return snaps[0]
     raise CheckpointError(
         f"{text}: not a local folder, and no cached snapshot of repo {text!r} was found "
-        f"(looked in {', '.join(tried)}). Nothing is downloaded: point --model at a local "
-        "diffusers folder or populate the Hugging Face cache first."
+        f"(looked in {', '.join(tried)}). Nothing is downloaded here: pass a local folder or "
+        "populate the Hugging Face cache first."
     )
 
 
@@ -133,8 +163,10 @@ def load_component_weights(
 ) -> ComponentWeights:
     """Read all tensors of one component folder (e.g. ``unet/``) as numpy arrays.
 
-    ``variant="fp16"`` reads ``*.fp16.safetensors``; without a variant the full-precision file is
-    read, falling back to the fp16 variant when it is the only one present. Pickled ``.bin``
+    ``variant="fp16"`` reads ``*.fp16.safetensors``, falling back (with a warning, as diffusers)
+    to the full-precision file for a component without that variant; without a variant the
+    full-precision file is read, falling back to the fp16 variant when it is the only one
+    present. Pickled ``.bin``
     weights execute code on load, so they are refused unless ``allow_pickle`` is set.
     """
     folder = Path(folder)
@@ -143,6 +175,13 @@ def load_component_weights(
     files = _weight_files(folder, variant)
     if files is None and variant is None:
         files = _weight_files(folder, "fp16")
+    elif files is None and _weight_files(folder, None) is not None:
+        warnings.warn(
+            f"{folder}: no {variant!r} variant of these weights; reading the full-precision "
+            "file instead",
+            stacklevel=2,
+        )
+        files = _weight_files(folder, None)
     if files is None:
         suffix = f".{variant}" if variant else ""
         pickled = [folder / f"{stem}{suffix}.bin" for stem in _PICKLE_NAMES]

@@ -1,4 +1,4 @@
-"""The ``mixdq`` command line: one sub-module per command, each exposing ``register``."""
+"""The ``mixdq`` command line; each command is a sub-module exposing ``register``."""
 
 from __future__ import annotations
 
@@ -21,19 +21,30 @@ from mixdq_jax.io_utils import LockError
 
 # Sub-command modules; each defines ``register(subparsers)`` that adds its parser and sets
 # ``func`` (called with the parsed namespace, returns an exit code).
-_COMMANDS = (
+_COMMANDS = (  # in the order a user meets them: --help lists them so
+    "demo",
+    "quantize",
     "generate",
+    "evaluate",
+    "inspect",
+    "export",
     "calibrate",
     "layers",
     "sensitivity",
     "allocate",
-    "quantize",
-    "evaluate",
-    "demo",
-    "testbed",
-    "export",
     "bench",
+    "testbed",
 )
+
+_DESCRIPTION = """\
+Quantize few-step text-to-image diffusion models (SDXL-turbo, SD1.5 + LCM) with MixDQ's
+mixed-precision recipe, in JAX: per-layer 2/4/8-bit weights and 8-bit activations chosen by
+measured sensitivity, exported as packed low-bit weights that run through INT8 kernels.
+
+Start with `mixdq demo` (the whole study on the built-in testbed model, minutes on a CPU),
+then `mixdq quantize --model MODEL --target W4A8 --out OUT` on your own checkpoint,
+`mixdq generate --model OUT` to render with it, `mixdq evaluate` to measure it and
+`mixdq inspect OUT` to see what it holds. The other commands run single steps of the recipe."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,9 +55,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mixdq", description=__doc__, epilog=_EPILOG)
+    parser = _Parser(
+        prog="mixdq",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"mixdq-jax {_version()}")
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _COMMANDS:
         try:
             module = importlib.import_module(f"mixdq_jax.cli.{name}")
@@ -65,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 _DEBUG_HELP = "show the full traceback of an error (also: environment MIXDQ_DEBUG=1)"
 _EPILOG = (
     "exit codes: 0 done, 1 internal error (a bug), 2 bad input or environment (the message "
-    "names the file, value or folder), 130 interrupted (finished results are kept)"
+    "names the file, value or folder), 3 a quality gate failed (mixdq evaluate --fail-if), "
+    "130 interrupted (finished results are kept)"
 )
 
 # Errors caused by the input or the environment (missing or corrupt files, bad values, a
@@ -81,6 +99,12 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
     LockError,
     MemoryError,
 )
+
+
+def _version() -> str:
+    from mixdq_jax import __version__  # noqa: PLC0415
+
+    return __version__
 
 
 def _debug(args: argparse.Namespace) -> bool:

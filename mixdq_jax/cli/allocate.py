@@ -15,6 +15,14 @@ import sys
 from pathlib import Path
 
 from mixdq_jax import official_format
+from mixdq_jax.cli import argtypes
+from mixdq_jax.cli.outputs import (
+    claim,
+    output_file,
+    output_folder,
+    read_json_quietly,
+    run_directory,
+)
 
 KINDS = ("weight", "act")
 
@@ -43,20 +51,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument(
         "--sensitivity",
-        type=Path,
+        type=argtypes.existing_dir,
         metavar="DIR",
         help="folder with <kind>_sqnr.yaml and <kind>_ssim.yaml",
     )
     src.add_argument(
         "--run",
-        type=Path,
+        type=argtypes.existing_dir,
         metavar="RUN",
         help="a run directory of `mixdq sensitivity`: its sensitivity files, and layer sizes "
         "from the calibrated model (weight elements or input-activation elements)",
     )
     p.add_argument(
         "--sizes",
-        type=Path,
+        type=argtypes.existing_file,
         metavar="FILE",
         help="per-layer sizes (official tensor_ratio format); defines the layers "
         "(required with --sensitivity)",
@@ -64,13 +72,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", choices=KINDS, required=True)
     p.add_argument(
         "--target",
-        type=float,
+        type=argtypes.positive_float,
         required=True,
         metavar="BITS",
         help="overall size-weighted average bit-width of the non-protected layers",
     )
     k = p.add_mutually_exclusive_group()
-    k.add_argument("--k", type=float, default=1.0, help="b_content / b_quality (default 1.0)")
+    k.add_argument(
+        "--k", type=argtypes.positive_float, default=1.0,
+        help="b_content / b_quality, > 0 (default 1.0)",
+    )  # fmt: skip
     k.add_argument(
         "--k-sweep",
         action="store_true",
@@ -78,13 +89,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--b-delta",
-        type=float,
+        type=argtypes.nonneg_float,
         default=0.3,
         help="with --k-sweep: budgets B in [target - delta, target] (default 0.3)",
     )
     p.add_argument(
-        "--b-num", type=int, default=10, help="with --k-sweep: number of budgets B (default 10)"
-    )
+        "--b-num", type=argtypes.positive_int, default=10,
+        help="with --k-sweep: number of budgets B (default 10)",
+    )  # fmt: skip
     p.add_argument(
         "--content-bits",
         type=_bits_list,
@@ -96,13 +108,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--protect",
-        type=Path,
+        type=argtypes.existing_file,
         metavar="FILE",
         help="YAML list of layers kept in float (absent from the output)",
     )
     p.add_argument(
         "--protect-top",
-        type=float,
+        type=argtypes.float_in(0.0, 100.0, "a percentage"),
         default=0.0,
         metavar="PCT",
         help="also keep in float the PCT%% most sensitive layers of each group "
@@ -126,7 +138,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--band",
-        type=float,
+        type=argtypes.positive_float,
         default=0.02,
         help="each group's average lands in budget +- band (default 0.02)",
     )
@@ -135,8 +147,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         required=True,
         metavar="FILE.yaml|DIR",
-        help="the config to write; with --k-sweep a folder of candidates",
+        help="the config to write; with --k-sweep a folder of candidates (new, empty or an "
+        "earlier sweep's)",
     )
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="replace an existing --out file, or write candidates into a non-empty folder that "
+        "is not an earlier sweep (files it does not write are kept)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -157,11 +175,14 @@ def options_from_args(args: argparse.Namespace):
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    from mixdq_jax.allocation import files  # noqa: PLC0415  (keeps --help fast)
+def _is_sweep(folder: Path) -> bool:
+    """An earlier ``--k-sweep`` output: its ``index.json``."""
+    index = read_json_quietly(folder / "index.json")
+    return isinstance(index, dict) and isinstance(index.get("candidates"), list)
 
-    options = options_from_args(args)
-    files.check_out(args.out, options)
+
+def _allocate(args: argparse.Namespace, options, files):
+    """Read the inputs, solve and write (the targets claimed by the caller)."""
     sensitivity_dir, sizes_path = args.sensitivity, args.sizes
     if args.run is not None:
         from mixdq_jax.rundir import RunDir  # noqa: PLC0415
@@ -169,15 +190,35 @@ def run(args: argparse.Namespace) -> int:
         sensitivity_dir = RunDir(args.run).sensitivity_dir
         if sizes_path is None:
             sizes_path = files.run_sizes(args.run, args.kind)
-    elif sizes_path is None:
-        raise ValueError("--sizes FILE is required with --sensitivity (or use --run RUN)")
     inputs = files.load_inputs(
         kind=args.kind,
         sensitivity_dir=sensitivity_dir,
         sizes_path=sizes_path,
         protect_path=args.protect,
     )
-    result = files.allocate(inputs, options, args.out, target=args.target)
+    return files.allocate(inputs, options, args.out, target=args.target)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mixdq_jax.allocation import files  # noqa: PLC0415  (keeps --help fast)
+
+    options = options_from_args(args)
+    files.check_out(args.out, options)
+    if args.run is None and args.sizes is None:
+        raise ValueError("--sizes FILE is required with --sensitivity (or use --run RUN)")
+    out = (output_file("--out", args.out) if options.k is not None else
+           output_folder("--out", args.out, own=_is_sweep, writes=("index.json",)))  # fmt: skip
+    # --run without --sizes: the run's layer sizes are written into it (RUN/sensitivity/...)
+    writes_run = args.run is not None and args.sizes is None
+    if writes_run and not (args.run / "calib" / "meta.json").is_file():
+        raise FileNotFoundError(
+            f"--run {args.run}: not a calibrated run directory (no calib/meta.json); run "
+            f"`mixdq calibrate --run {args.run}` and `mixdq sensitivity --run {args.run}` first, "
+            "or give --sensitivity DIR --sizes FILE"
+        )
+    targets = (run_directory("--run", args.run), out) if writes_run else (out,)
+    with claim(args, *targets):
+        result = _allocate(args, options, files)
     if result.inputs.protected:
         print(f"kept in float: {', '.join(sorted(result.inputs.protected))}")
     for candidate in result.candidates:

@@ -115,6 +115,16 @@ def existing_dir(text: str) -> Path:
     return path
 
 
+def scheduler_name(text: str) -> str:
+    """``--scheduler``: one of the schedulers this package implements (checked here, not
+    after the model has loaded)."""
+    from mixdq_jax.schedulers import SCHEDULERS  # noqa: PLC0415  (only when the option is given)
+
+    if text not in SCHEDULERS:
+        raise argparse.ArgumentTypeError(f"{text!r}: supported are {', '.join(SCHEDULERS)}")
+    return text
+
+
 def bits_or_file(text: str) -> str:
     """``--weight-bits``/``--act-bits``: a supported bit-width or an existing YAML file (read
     later, when the model's layers are known)."""

@@ -6,6 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from mixdq_jax.cli.argtypes import existing_file, positive_int
+from mixdq_jax.cli.layers import read_unet_config
+from mixdq_jax.cli.outputs import claim, output_file, read_json_quietly
 from mixdq_jax.io_utils import atomic_write_json
 
 
@@ -14,14 +17,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     which = p.add_subparsers(dest="bench", required=True)
 
     m = which.add_parser("memory", help="stored param bytes and compiled peak of one forward")
-    m.add_argument("--unet-config", type=Path, required=True, help="diffusers unet config.json")
+    m.add_argument(
+        "--unet-config", type=existing_file, required=True, help="diffusers unet config.json"
+    )
     m.add_argument(
         "--weight-bits",
-        type=Path,
+        type=existing_file,
         default=None,
         help="official-format per-layer weight bits (adds the 'mixed' entry, activations 8 bit)",
     )
-    m.add_argument("--latent", type=int, default=64, help="latent side (64 = 512x512 SDXL)")
+    m.add_argument(
+        "--latent", type=positive_int, default=64, help="latent side (64 = 512x512 SDXL)"
+    )
     m.add_argument(
         "--asymmetric-weights",
         action="store_true",
@@ -34,11 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="skip compiling the forward (param bytes only)",
     )
     m.add_argument("--json", action="store_true", help="print JSON (default: a table)")
-    m.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    _add_out(m)
     m.set_defaults(func=run_memory)
 
     k = which.add_parser("kernels", help="SDXL GEMM/conv shapes and a whole UNet forward")
-    k.add_argument("--repeats", type=int, default=10)
+    k.add_argument("--repeats", type=positive_int, default=10, help="timed calls per kernel")
     k.add_argument(
         "--interpret",
         action="store_true",
@@ -47,12 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--no-unet", dest="unet", action="store_false", help="skip the UNet forward")
     k.add_argument(
         "--unet-config",
-        type=Path,
+        type=existing_file,
         default=None,
         help="UNet config.json for the forward (default: a reduced SDXL-shaped UNet)",
     )
-    k.add_argument("--latent", type=int, default=32)
-    k.add_argument("--unet-repeats", type=int, default=3)
+    k.add_argument("--latent", type=positive_int, default=32, help="latent side of the forward")
+    k.add_argument("--unet-repeats", type=positive_int, default=3, help="timed UNet forwards")
     k.add_argument(
         "--dtype",
         default=None,
@@ -60,8 +67,33 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="float dtype of the FP run (default: float32 on CPU, float16 on GPU)",
     )
     k.add_argument("--json", action="store_true", help="print JSON (default: a summary)")
-    k.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    _add_out(k)
     k.set_defaults(func=run_kernels)
+
+
+def _add_out(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--out", type=Path, default=None,
+        help="also write the JSON here (a new file or an earlier bench result)",
+    )  # fmt: skip
+    p.add_argument(
+        "--overwrite", action="store_true", help="let --out replace a file that is no bench result"
+    )
+
+
+def _is_bench(path: Path) -> bool:
+    """An earlier ``mixdq bench --out`` JSON (memory or kernels)."""
+    data = read_json_quietly(path)
+    return isinstance(data, dict) and ("peak_note" in data or "kernels" in data)
+
+
+def _claimed(args: argparse.Namespace):
+    """``--out`` checked and locked before the measurement (`outputs.claim`)."""
+    from contextlib import nullcontext  # noqa: PLC0415
+
+    if args.out is None:
+        return nullcontext()
+    return claim(args, output_file("--out", args.out, own=_is_bench))
 
 
 def _emit(result: dict, args: argparse.Namespace, summary: list[str]) -> None:
@@ -77,17 +109,19 @@ def _mb(n: int | None) -> str:
 def run_memory(args: argparse.Namespace) -> int:
     from mixdq_jax.deploy.memory import memory_table  # noqa: PLC0415
 
-    if not args.unet_config.is_file():
-        raise FileNotFoundError(f"--unet-config {args.unet_config}: no such file")
-    if args.weight_bits is not None and not args.weight_bits.is_file():
-        raise FileNotFoundError(f"--weight-bits {args.weight_bits}: no such file")
-    result = memory_table(
-        args.unet_config,
-        weight_bits=args.weight_bits,
-        latent=args.latent,
-        symmetric_weights=not args.asymmetric_weights,
-        peak=args.peak,
-    )
+    config = read_unet_config(args.unet_config, "--unet-config")
+    with _claimed(args):
+        result = memory_table(
+            config,
+            weight_bits=args.weight_bits,
+            latent=args.latent,
+            symmetric_weights=not args.asymmetric_weights,
+            peak=args.peak,
+        )
+        return _memory_summary(result, args)
+
+
+def _memory_summary(result: dict, args: argparse.Namespace) -> int:
     lines = [f"{'config':8s} {'params':>14s} {'ratio':>7s} {'peak':>14s}"]
     for name, e in result["configs"].items():
         lines.append(
@@ -102,16 +136,21 @@ def run_memory(args: argparse.Namespace) -> int:
 def run_kernels(args: argparse.Namespace) -> int:
     from mixdq_jax.deploy.latency import run_kernel_bench, unet_latency  # noqa: PLC0415
 
-    result = {"kernels": run_kernel_bench(repeats=args.repeats, include_interpret=args.interpret)}
-    if args.unet:
-        if args.unet_config is not None and not args.unet_config.is_file():
-            raise FileNotFoundError(f"--unet-config {args.unet_config}: no such file")
-        result["unet"] = unet_latency(
-            args.unet_config,
-            latent=args.latent,
-            float_dtype=args.dtype,
-            repeats=args.unet_repeats,
-        )
+    config = None
+    if args.unet and args.unet_config is not None:
+        config = read_unet_config(args.unet_config, "--unet-config")
+    with _claimed(args):
+        result = {
+            "kernels": run_kernel_bench(repeats=args.repeats, include_interpret=args.interpret)
+        }
+        if args.unet:
+            result["unet"] = unet_latency(
+                config, latent=args.latent, float_dtype=args.dtype, repeats=args.unet_repeats
+            )
+        return _kernels_summary(result, args)
+
+
+def _kernels_summary(result: dict, args: argparse.Namespace) -> int:
     lines = []
     for shape, e in result["kernels"]["gemm"].items():
         lines.append(f"{shape}: " + ", ".join(f"{k} {v} ms" for k, v in e["ms"].items()))

@@ -41,7 +41,8 @@ from typing import Any, NoReturn
 
 import yaml
 
-from mixdq_jax.io_utils import atomic_write_json
+from mixdq_jax.cli import model_args
+from mixdq_jax.io_utils import atomic_write_json, read_text
 
 SETTINGS_FILE = "settings.json"  # in the run directory (RUN/settings.json)
 EXPORT_SETTINGS_FILE = "mixdq_settings.json"  # in an exported folder
@@ -138,7 +139,7 @@ def parse_args(
     name = next((a for a in argv if not a.startswith("-")), None)
     sub = commands.get(name) if name is not None else None
     if sub is None or not _has_config(sub) or "-h" in argv or "--help" in argv:
-        return parser.parse_args(argv)
+        return _finished(parser.parse_args(argv), sub or parser)
     with _relaxed(sub) as unset:  # which options the command line gives, nothing required
         given_ns = parser.parse_args(argv)
     given = {dest for dest, empty in unset.items() if getattr(given_ns, dest, empty) is not empty}
@@ -159,6 +160,16 @@ def parse_args(
             else SOURCE_DEFAULT
         )  # fmt: skip
     setattr(args, _ATTR, Settings(command=name, parser=sub, config=config, sources=sources))
+    return _finished(args, sub)
+
+
+def _finished(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """What needs every option's final value: ``--model`` with ``--revision``/``--variant``
+    (either may come from the file); a conflict is a usage error."""
+    try:
+        model_args.finish(args)
+    except ValueError as err:
+        parser.error(str(err))
     return args
 
 
@@ -245,12 +256,14 @@ def load_config(
         parser.error(f"{where}: {message}")
 
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path, "--config")
     except FileNotFoundError:
         fail("no such file")
     except IsADirectoryError:
         fail("a folder, not a file")
-    except (OSError, UnicodeDecodeError) as err:
+    except ValueError as err:  # not UTF-8: read_text names the file and the line
+        parser.error(str(err))
+    except OSError as err:
         fail(f"cannot read it ({err})")
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)

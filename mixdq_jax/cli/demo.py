@@ -9,6 +9,7 @@ from pathlib import Path
 from mixdq_jax.cli import argtypes
 from mixdq_jax.cli.config_file import add_config_option, write_run_settings
 from mixdq_jax.cli.metric_args import add_report_eval_args, report_eval
+from mixdq_jax.cli.model_args import add_model_args
 from mixdq_jax.cli.quantize import target_arg
 from mixdq_jax.cli.recon_args import add_recon_args, recon_config
 
@@ -16,12 +17,17 @@ from mixdq_jax.cli.recon_args import add_recon_args, recon_config
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the MixDQ study (calibrate, sweep, allocate, evaluate)")
     add_config_option(p)
-    p.add_argument("--model", default="testbed")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory")
-    p.add_argument("--num-eval", type=int, default=64, help="held-out test captions")
+    add_model_args(p)
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/demo"),
+        help="run directory: new, empty or an earlier run's (resumes); not inside --model",
+    )  # fmt: skip
+    p.add_argument(
+        "--num-eval", type=argtypes.positive_int, default=64, help="held-out test captions"
+    )
     p.add_argument(
         "--num-calib",
-        type=int,
+        type=argtypes.positive_int,
         default=16,
         help="calibration captions (the sweeps run on all of them)",
     )
@@ -32,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=1,
         help="sampling steps: 1 (Euler-A trailing, default) or 2/4 (LCM, the paper's LCM rows)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=argtypes.seed, default=0, help="image i uses seed+i (0)")
     p.add_argument(
         "--targets", nargs="+", type=target_arg, default=None, metavar="TARGET",
         help="the row groups (default: W8A8 W5A8 W4A8 W4A16 W3.66A16)",
@@ -46,6 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--plugin", type=argtypes.existing_file, action="append", default=[], metavar="FILE",
         help="a Python file that registers methods (examples/custom_method.py); repeatable",
+    )  # fmt: skip
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="write into a non-empty --out that is not a mixdq run directory (files it does not "
+        "write are kept)",
     )  # fmt: skip
     add_recon_args(p)
     add_report_eval_args(p)
@@ -61,16 +72,21 @@ def methods_named(names: list[str]) -> tuple:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mixdq_jax.io_utils import exclusive_lock  # noqa: PLC0415
+    from mixdq_jax.cli.outputs import claim, run_directory  # noqa: PLC0415
     from mixdq_jax.methods import load_plugin  # noqa: PLC0415
     from mixdq_jax.study import StudyConfig, run_study  # noqa: PLC0415
 
+    if args.seed + args.num_eval - 1 > argtypes.MAX_SEED:
+        raise ValueError(
+            f"--seed {args.seed}: test image i uses seed+i, and --num-eval {args.num_eval} "
+            f"goes past {argtypes.MAX_SEED}; use a smaller --seed"
+        )
     for plugin in args.plugin:
         load_plugin(plugin)
     methods = None if args.methods is None else methods_named(args.methods)  # before any work
     evaluation = report_eval(args)  # the metrics' weights checked before any work
     start = time.perf_counter()
-    with exclusive_lock(args.out, "run directory"):
+    with claim(args, run_directory("--out", args.out)):
         write_run_settings(args.out, args)  # OUT/settings.json: the options and their sources
         report = run_study(
             StudyConfig(

@@ -4,6 +4,10 @@ With ``--prompts`` or ``--metrics`` it runs the paper's evaluation (`mixdq_jax.e
 COCO captions or a prompt file, images written to ``--out`` as they are made, FID / CLIP score /
 ImageReward / LPIPS, SSIM, PSNR vs float, BOPs and storage in ``metrics.json``. Without them it
 is the testbed evaluation it always was (held-out testbed captions, the testbed's judge).
+
+``--out`` follows the write policy of every command (`mixdq_jax.cli.outputs`): new, empty or
+an earlier evaluation's folder, else ``--overwrite``; locked while the command runs.
+``--fail-if`` is a quality gate (`mixdq_jax.cli.gate`): exit 3 after ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import json
 import math
 from pathlib import Path
 
+from mixdq_jax.cli import gate
 from mixdq_jax.cli.argtypes import (
     MAX_SEED,
     existing_file,
@@ -21,10 +26,18 @@ from mixdq_jax.cli.argtypes import (
     positive_int,
     seed,
 )
-from mixdq_jax.cli.metric_args import add_weight_args, metric_weights
+from mixdq_jax.cli.metric_args import (
+    add_weight_args,
+    check_fid_count,
+    metric_names,
+    metric_weights,
+)
+from mixdq_jax.cli.model_args import add_model_args
+from mixdq_jax.cli.outputs import claim, output_folder, read_json_quietly
 from mixdq_jax.cli.quant_args import (
     add_dtype_arg,
     add_quant_args,
+    check_bits_files,
     describe,
     resolve_dtype,
     spec_from_args,
@@ -42,11 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Otherwise: held-out testbed captions scored by the testbed's judge and compared with "
         "the float model's images on the same captions and seeds.",
     )
-    p.add_argument(
-        "--model",
-        default="testbed",
-        help="testbed (default), a testbed-like folder, or a quantized folder of `mixdq export` "
-        "/ `mixdq quantize` (then compared with the float model it was exported from)",
+    add_model_args(
+        p,
+        help_text="testbed (default), a testbed-like folder, or a quantized folder of `mixdq "
+        "export` / `mixdq quantize` (then compared with the float model it was exported from), "
+        "or a Hugging Face repo id OWNER/NAME[@REVISION] of either (downloaded on first use)",
     )
     p.add_argument(
         "--float-model",
@@ -64,9 +77,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_dtype_arg(p)
     p.add_argument(
         "--out", type=Path, default=None,
-        help="write metrics.json (and grid.png, or images/ with --prompts) here; a rerun with the "
-        "same settings resumes",
+        help="write metrics.json (and grid.png, or images/ with --prompts) here: a new or empty "
+        "folder or an earlier evaluation's; a rerun with the same settings resumes",
     )  # fmt: skip
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="write into a non-empty --out that is not an earlier evaluation (replacing "
+        "metrics.json, grid.png, prompts.json and images/ there; other files are kept)",
+    )  # fmt: skip
+    gate.add_fail_if(p)
     add_quant_args(p)
     g = p.add_argument_group("the paper's evaluation (any of these selects it)")
     g.add_argument(
@@ -75,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "one caption per image)",
     )  # fmt: skip
     g.add_argument(
-        "--metrics", default=None,
+        "--metrics", type=metric_names, default=None,
         help="comma-separated, from fid,clip,imagereward,lpips,ssim,psnr (default with "
         "--prompts: ssim,psnr; those need no weights)",
     )  # fmt: skip
@@ -116,9 +135,45 @@ def run(args: argparse.Namespace) -> int:
     return run_testbed(args)
 
 
+_WRITES = ("metrics.json", "grid.png", "prompts.json", "images")
+
+
+def is_evaluation(folder: Path) -> bool:
+    """An earlier ``mixdq evaluate --out``: its metrics.json (either evaluation's), or the
+    image set of a paper evaluation killed before its metrics."""
+    if (folder / "images" / "set.json").is_file():
+        return True
+    metrics = read_json_quietly(folder / "metrics.json")
+    if not isinstance(metrics, dict):
+        return False
+    settings = metrics.get("settings")
+    paper = isinstance(settings, dict) and "metrics" in settings
+    return paper or {"model", "quantization", "weight_bits", "act_bits"} <= metrics.keys()
+
+
+def _out(args: argparse.Namespace):
+    return output_folder("--out", args.out, own=is_evaluation, writes=_WRITES)
+
+
 def run_testbed(args: argparse.Namespace) -> int:
     """The testbed evaluation: held-out testbed captions scored by the testbed's judge, and
     compared with the float model's images on the same captions and seeds."""
+    num = 256 if args.num is None else args.num
+    if args.seed + num - 1 > MAX_SEED:
+        raise ValueError(
+            f"--seed {args.seed}: image i uses seed+i, and --num {num} goes past {MAX_SEED}"
+        )
+    spec = spec_from_args(args)
+    conds = gate.flatten(args.fail_if)
+    gate.check_testbed(conds)
+    if args.out is None:
+        return _testbed(args, spec, conds)
+    with claim(args, _out(args)):
+        return _testbed(args, spec, conds)
+
+
+def _testbed(args: argparse.Namespace, spec, conds: tuple[gate.Condition, ...]) -> int:
+    """Generate, score and write (``--out`` claimed by the caller)."""
     from mixdq_jax.api import load_pipeline, quantized_config  # noqa: PLC0415
     from mixdq_jax.io_utils import atomic_write_json  # noqa: PLC0415
     from mixdq_jax.pipeline import QuantizedPipeline  # noqa: PLC0415
@@ -126,14 +181,11 @@ def run_testbed(args: argparse.Namespace) -> int:
     from mixdq_jax.testbed import evaluate  # noqa: PLC0415
 
     num = 256 if args.num is None else args.num
-    if args.seed + num - 1 > MAX_SEED:
-        raise ValueError(
-            f"--seed {args.seed}: image i uses seed+i, and --num {num} goes past {MAX_SEED}"
-        )
-    spec = spec_from_args(args)
     scheduler = default_scheduler(args.steps)
     dtype = resolve_dtype(args.dtype)
     pipe = load_pipeline(args.model, scheduler=scheduler, dtype=dtype)
+    check_bits_files(args, spec, pipe)  # before the float images: fails in seconds
+    qconfig = quantized_config(pipe, spec, args.calib)
     kw = dict(split=args.split, steps=args.steps, num=num, seed=args.seed)
     float_model = args.float_model
     if float_model is None and isinstance(pipe, QuantizedPipeline):
@@ -151,7 +203,6 @@ def run_testbed(args: argparse.Namespace) -> int:
         result = evaluate.evaluate(pipe, reference_images=reference.images, **kw)
         metrics = dict(result.metrics)
     else:
-        qconfig = quantized_config(pipe, spec, args.calib)
         result = evaluate.evaluate(pipe, reference_images=reference.images, qconfig=qconfig, **kw)
         metrics = dict(result.metrics)
     metrics["model"] = str(args.model)
@@ -165,7 +216,8 @@ def run_testbed(args: argparse.Namespace) -> int:
         atomic_write_json(args.out / "metrics.json", shown)
         evaluate.save_grid(args.out / "grid.png", result.images[:64], result.scenes.captions[:64])
         print(f"wrote {args.out / 'metrics.json'} and {args.out / 'grid.png'}")
-    return 0
+    where = "the printed metrics" if args.out is None else str(args.out / "metrics.json")
+    return gate.apply(conds, metrics, "mixdq evaluate", where)
 
 
 def _export_source(model: str) -> str:
@@ -195,11 +247,8 @@ def _file_digest(value: str | None) -> str | None:
 def run_paper(args: argparse.Namespace) -> int:
     """The paper's evaluation (see `mixdq_jax.evaluation.run`)."""
     from mixdq_jax.evaluation.coco import load_prompts  # noqa: PLC0415
-    from mixdq_jax.evaluation.images import GenerationSettings  # noqa: PLC0415
     from mixdq_jax.evaluation.run import (  # noqa: PLC0415
-        EvalRequest,
         check_weights,
-        evaluate_model,
         parse_metrics,
     )
 
@@ -209,12 +258,25 @@ def run_paper(args: argparse.Namespace) -> int:
     if args.out is None:
         raise ValueError("--prompts: give --out DIR for the images and metrics.json")
     metrics = parse_metrics(args.metrics or "ssim,psnr")
+    conds = gate.flatten(args.fail_if)
+    gate.check_paper(conds, metrics)
     prompts = load_prompts(args.prompts, num=args.num, select=args.select, seed=args.prompt_seed)
     if args.seed + len(prompts.prompts) - 1 > MAX_SEED:
         raise ValueError(f"--seed {args.seed}: image i uses seed+i, and {len(prompts.prompts)} "
                          f"prompts go past {MAX_SEED}")  # fmt: skip
+    check_fid_count(metrics, len(prompts.prompts), "--num")
+    spec_from_args(args)  # bit files and --calib checked before any work
     weights = metric_weights(args)
-    check_weights(metrics, weights)  # before loading the model
+    with claim(args, _out(args)):  # a refused --out costs nothing
+        check_weights(metrics, weights)  # each network read and checked before the model loads
+        return _paper(args, prompts, metrics, weights, conds)
+
+
+def _paper(args: argparse.Namespace, prompts, metrics, weights, conds) -> int:
+    """Load the model, generate and score (``--out`` claimed by the caller)."""
+    from mixdq_jax.evaluation.images import GenerationSettings  # noqa: PLC0415
+    from mixdq_jax.evaluation.run import EvalRequest, evaluate_model  # noqa: PLC0415
+
     subject, float_model = _subject(args)
     native_h, native_w = subject.pipe.image_size
     generation = GenerationSettings(
@@ -238,7 +300,8 @@ def run_paper(args: argparse.Namespace) -> int:
     print(json.dumps(shown, indent=2))
     print(f"wrote {args.out / 'metrics.json'} ({len(prompts.prompts)} images in "
           f"{args.out / 'images'})")  # fmt: skip
-    return 0
+    values = {**result, **shown}
+    return gate.apply(conds, values, "mixdq evaluate", str(args.out / "metrics.json"))
 
 
 def _subject(args: argparse.Namespace):
@@ -259,6 +322,7 @@ def _subject(args: argparse.Namespace):
     # an exported folder has its LoRA fused already; --lora then applies to its float source
     pipe = load_pipeline(args.model, scheduler=scheduler, dtype=dtype, **({} if exported else lora))
     spec = spec_from_args(args)
+    check_bits_files(args, spec, pipe)
     qconfig = quantized_config(pipe, spec, args.calib)
     lora_id = {"lora": str(args.lora), "lora_scale": args.lora_scale} if args.lora else {}
     run_id = {"dtype": dtype, "scheduler": scheduler, **lora_id}

@@ -6,25 +6,23 @@ import argparse
 from pathlib import Path
 
 from mixdq_jax.cli.argtypes import existing_file, finite_float
+from mixdq_jax.cli.model_args import MODEL_HELP, add_model_args
+from mixdq_jax.cli.outputs import claim, output_folder
 from mixdq_jax.cli.quant_args import (
     add_dtype_arg,
     add_quant_args,
+    check_bits_files,
     describe,
     resolve_dtype,
     spec_from_args,
 )
-from mixdq_jax.io_utils import exclusive_lock
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export", help="write a quantized pipeline (packed low-bit UNet weights + scales)"
     )
-    p.add_argument(
-        "--model",
-        default="testbed",
-        help="float diffusers folder, cached repo id, or testbed (default)",
-    )
+    add_model_args(p, help_text=f"the float model: {MODEL_HELP}; default: testbed", variant=False)
     p.add_argument("--out", type=Path, required=True, help="output pipeline folder")
     add_dtype_arg(p)
     p.add_argument(
@@ -65,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     if spec is None:
         raise ValueError("the given bits keep every layer float: nothing to export")
     source = resolve_model(args.model)
-    with exclusive_lock(args.out, "output folder"):
+    # the folder's contents follow the export's own rules (check_export_folder)
+    with claim(args, output_folder("--out", args.out, own=None)):
         # the folder is checked before the model loads, and again (cheap) before writing
         check_export_folder(
             source, args.out, link_components=args.link_components, overwrite=args.overwrite
@@ -77,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
             lora=args.lora,
             lora_scale=args.lora_scale,
         )
+        check_bits_files(args, spec, pipe)
         meta = export_quantized_pipeline(
             pipe,
             spec,

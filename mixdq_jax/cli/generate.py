@@ -16,6 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from mixdq_jax.cli import argtypes
 from mixdq_jax.cli.argtypes import (
     MAX_SEED,
     existing_file,
@@ -25,15 +26,18 @@ from mixdq_jax.cli.argtypes import (
     seed,
 )
 from mixdq_jax.cli.calibrate import native_size
+from mixdq_jax.cli.model_args import add_model_args
+from mixdq_jax.cli.outputs import claim, output_folder
 from mixdq_jax.cli.quant_args import (
     add_dtype_arg,
     add_quant_args,
+    check_bits_files,
     describe,
     resolve_dtype,
     spec_from_args,
 )
 from mixdq_jax.evaluation.images import plan_images, write_images
-from mixdq_jax.io_utils import atomic_write_json, exclusive_lock
+from mixdq_jax.io_utils import atomic_write_json, read_text
 
 INDEX = "prompts.json"  # the run's settings and one record per image written
 _IMAGE_NAME = re.compile(r"\d{4,}\.png")  # the names this command gives its images
@@ -41,9 +45,7 @@ _IMAGE_NAME = re.compile(r"\d{4,}\.png")  # the names this command gives its ima
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images from text prompts")
-    p.add_argument(
-        "--model", default="testbed", help="diffusers folder, cached repo id, or testbed (default)"
-    )
+    add_model_args(p, variant=False)  # its own --variant follows
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", type=existing_file, help="text file, one prompt per line")
     p.add_argument("--negative-prompt", default=None)
@@ -54,7 +56,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--width", type=positive_int, default=None)
     p.add_argument("--seed", type=seed, default=0, help="seed of the first image; +1 per image")
-    p.add_argument("--scheduler", default=None, help="override, e.g. LCMScheduler")
+    p.add_argument(
+        "--scheduler",
+        type=argtypes.scheduler_name,
+        default=None,
+        help="override, e.g. LCMScheduler",
+    )
     p.add_argument(
         "--lora", type=existing_file, default=None, help="LoRA safetensors fused into the UNet"
     )
@@ -71,7 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an earlier run in --out made with other settings or prompts",
+        help="replace an earlier run in --out made with other settings or prompts, or write "
+        "into a folder holding other files (replacing those this run writes; others are kept)",
     )
     add_quant_args(p)
     p.set_defaults(func=run)
@@ -82,7 +90,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompts_file is not None:
         if not args.prompts_file.is_file():
             raise FileNotFoundError(f"--prompts-file {args.prompts_file}: no such file")
-        prompts += [ln.strip() for ln in args.prompts_file.read_text().splitlines() if ln.strip()]
+        text = read_text(args.prompts_file, "--prompts-file")
+        prompts += [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not prompts:
         raise ValueError("no prompt given: use --prompt TEXT or --prompts-file FILE")
     if args.seed + len(prompts) - 1 > MAX_SEED:
@@ -174,7 +183,9 @@ def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     spec = spec_from_args(args)  # reads bit files: before the model loads
     records = plan_records(prompts, args.seed)
-    with exclusive_lock(args.out, "output folder"):
+    # an earlier run of this command (its index) or a new or empty folder (outputs.claim)
+    target = output_folder("--out", args.out, own=lambda out: (out / INDEX).is_file())
+    with claim(args, target):
         index = _index_or_none(args.out) if args.overwrite else read_index(args.out)
         check_out_folder(args.out, index, records, None, args.overwrite)
         written = _generate(args, spec, records, index)
@@ -204,6 +215,7 @@ def _generate(args: argparse.Namespace, spec: Any, records: list[dict], index: d
         lora_scale=args.lora_scale,
         allow_pickle=args.allow_pickle,
     )
+    check_bits_files(args, spec, pipe)
     qconfig = quantized_config(pipe, spec, args.calib)
     native_h, native_w = native_size(pipe)
     height, width = args.height or native_h, args.width or native_w

@@ -13,6 +13,19 @@ from pathlib import Path
 from mixdq_jax.cli.argtypes import existing_file, positive_int, seed
 
 
+def metric_names(text: str) -> str:
+    """``--metrics``/``--eval-metrics``: comma-separated metric names, checked at parse time
+    (the message then names the option given); the text is kept as given."""
+    from mixdq_jax.evaluation.run import METRICS  # noqa: PLC0415
+
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in METRICS]
+    if bad or not names:
+        shown = f"unknown {', '.join(bad)}" if bad else "no metric named"
+        raise argparse.ArgumentTypeError(f"{shown}; choose from {','.join(METRICS)}")
+    return text
+
+
 def add_weight_args(group: argparse._ActionsContainer) -> None:
     """``--reference-images``, ``--inception-weights``, ``--clip-model``,
     ``--imagereward-weights``, ``--lpips-weights``."""
@@ -47,6 +60,14 @@ def metric_weights(args: argparse.Namespace):
     )  # fmt: skip
 
 
+def check_fid_count(metrics: tuple[str, ...], num: int, flag: str) -> None:
+    """FID of one image has no covariance: refuse before generating, naming the option."""
+    if "fid" in metrics and num < 2:
+        raise ValueError(f"fid: needs at least 2 generated images, and {num} prompt is "
+                         f"selected; raise {flag} or give more prompts (thousands for a "
+                         "meaningful number; the paper uses 1,024 or more)")  # fmt: skip
+
+
 def add_report_eval_args(parser: argparse.ArgumentParser) -> None:
     """The options that put the paper's metrics into a report."""
     g = parser.add_argument_group(
@@ -66,7 +87,7 @@ def add_report_eval_args(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     g.add_argument("--eval-prompt-seed", type=seed, default=0)
     g.add_argument(
-        "--eval-metrics", default=None,
+        "--eval-metrics", type=metric_names, default=None,
         help="comma-separated, from fid,clip,imagereward,lpips,ssim,psnr (default: ssim,psnr "
         "and every metric whose weights are given)",
     )  # fmt: skip
@@ -104,8 +125,9 @@ def report_eval(args: argparse.Namespace):
     metrics = (
         implied_metrics(weights) if args.eval_metrics is None else parse_metrics(args.eval_metrics)
     )
-    check_weights(metrics, weights)
     prompts = load_prompts(args.eval_prompts, num=args.eval_num, select=args.eval_select,
                            seed=args.eval_prompt_seed)  # fmt: skip
+    check_fid_count(metrics, len(prompts.prompts), "--eval-num")
+    check_weights(metrics, weights)
     return ReportEval(prompts=prompts, metrics=metrics, weights=weights, batch=args.eval_batch,
                       cache=args.eval_cache)  # fmt: skip

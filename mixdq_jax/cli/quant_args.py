@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from mixdq_jax.cli.argtypes import bits_or_file, existing_dir
 from mixdq_jax.quant.qconfig import FLOAT_BITS, QUANT_BITS, QuantSpec
@@ -94,11 +96,21 @@ def _bits(value: str | None, what: str) -> tuple[int | dict[str, int], bool]:
 
 
 def spec_from_args(args: argparse.Namespace) -> QuantSpec | None:
-    """The spec the options describe, or ``None`` for the float model."""
+    """The spec the options describe, or ``None`` for the float model. Quantized activations
+    without ``--calib`` fail here, naming the option, before any model loads (later, the
+    missing ranges would be a list of every layer's name)."""
     w, _ = _bits(args.weight_bits, "weight-bits")
     a, a_file = _bits(args.act_bits, "act-bits")
     if w == FLOAT_BITS and a == FLOAT_BITS and args.quant_format == "int":
         return None
+    quantized_acts = any(b < FLOAT_BITS for b in a.values()) if isinstance(a, dict) else (
+        a < FLOAT_BITS)  # fmt: skip
+    if quantized_acts and args.calib is None:
+        raise ValueError(
+            f"--act-bits {args.act_bits} quantizes activations, which needs their calibrated "
+            "ranges: add --calib RUN, a run directory of `mixdq calibrate --run RUN` on the "
+            "same model"
+        )
     return QuantSpec(
         weight_bits=w,
         act_bits=a,
@@ -108,6 +120,44 @@ def spec_from_args(args: argparse.Namespace) -> QuantSpec | None:
         bos_aware=args.bos_aware,
         shortcut_split=args.shortcut_split,
     )
+
+
+def check_bits_files(args: argparse.Namespace, spec: QuantSpec | None, pipe: Any) -> None:
+    """Bit-width files (``--weight-bits``/``--act-bits FILE``) checked against the loaded
+    model's UNet layers: an unknown layer (a file edited by hand, or written for another
+    model) or a weight layer the file leaves out is named with the file, not as the spec's
+    internal field."""
+    if spec is None or not hasattr(getattr(pipe, "unet", None), "config"):
+        return
+    if getattr(pipe, "quantized", None) is not None:  # an export: quantized_config refuses it
+        return
+    from mixdq_jax.quant.registry import unet_layers  # noqa: PLC0415
+
+    names = [layer.name for layer in unet_layers(pipe.unet.config)]
+    model = getattr(args, "model", None)
+    listing = f"`mixdq layers --model {model}` lists them" if model else "`mixdq layers` lists them"
+    for flag, value, bits in (("--weight-bits", args.weight_bits, spec.weight_bits),
+                              ("--act-bits", args.act_bits, spec.act_bits)):  # fmt: skip
+        if not isinstance(bits, Mapping):
+            continue
+        unknown = sorted(set(bits) - set(names))
+        if unknown:
+            raise ValueError(
+                f"{flag} {value}: {len(unknown)} layer(s) not in this model's UNet: "
+                f"{_some(unknown)} (a file for another model, or a misspelt name?); {listing}"
+            )
+        missing = [n for n in names if n not in bits]
+        if flag == "--weight-bits" and missing and spec.default_weight_bits is None:
+            raise ValueError(
+                f"{flag} {value}: no bit-width for {len(missing)} layer(s) of this model's "
+                f"UNet: {_some(missing)}; a weight file lists every layer (use 16 for float); "
+                f"{listing}"
+            )
+
+
+def _some(names: list[str], limit: int = 5) -> str:
+    more = len(names) - limit
+    return ", ".join(repr(n) for n in names[:limit]) + (f" (and {more} more)" if more > 0 else "")
 
 
 def describe(spec: QuantSpec | None) -> str:

@@ -33,6 +33,7 @@ from mixdq_jax.cli.config_file import (
     write_settings,
 )
 from mixdq_jax.cli.metric_args import add_report_eval_args, report_eval
+from mixdq_jax.cli.model_args import MODEL_HELP, add_model_args
 from mixdq_jax.cli.quant_args import add_dtype_arg, resolve_dtype
 from mixdq_jax.cli.recon_args import add_recon_args, recon_config
 
@@ -63,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     # --help: the everyday options first, the rest under their own headings
     p = parser.add_argument_group("the everyday options")
     add_config_option(p)
-    p.add_argument("--model", default="testbed", help="float diffusers folder or testbed")
+    add_model_args(p, help_text=f"the float model: {MODEL_HELP}; default: testbed", variant=False)
     p.add_argument(
         "--target", type=target_arg, required=True, help="W8A8, W5A8, W4A8, W3.66A16, ..."
     )
@@ -77,7 +78,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a Python file that registers methods (mixdq_jax.methods.register_method); "
         "repeat for several (examples/custom_method.py)",
     )  # fmt: skip
-    p.add_argument("--run", type=Path, required=True, help="run directory (resumable)")
+    p.add_argument(
+        "--run", type=Path, required=True,
+        help="run directory (resumable): new, empty or an earlier run's; not inside --model",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="quantized pipeline folder to write")
     p.add_argument(
         "--preset", choices=("ours", "official"), default="ours",
@@ -102,8 +106,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="let --out replace files in a non-empty folder that is not an earlier export "
-        "(files the export does not write are kept)",
+        help="let --out replace files in a non-empty folder that is not an earlier export, and "
+        "--run write into a non-empty folder that is not a run directory (files they do not "
+        "write are kept)",
     )
     g = parser.add_argument_group("sampling")
     g.add_argument("--guidance-scale", type=argtypes.nonneg_float, default=0.0)
@@ -111,7 +116,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--width", type=_count, default=None)
     g.add_argument("--seed", type=argtypes.seed, default=0)
     g.add_argument("--batch-size", type=_count, default=8, help="images per batch (8)")
-    g.add_argument("--scheduler", default=None, help="override, e.g. LCMScheduler")
+    g.add_argument(
+        "--scheduler",
+        type=argtypes.scheduler_name,
+        default=None,
+        help="override, e.g. LCMScheduler",
+    )
     g = parser.add_argument_group("sensitivity sweep and bit allocation")
     g.add_argument(
         "--objective", choices=("official", "noise"), default=None,
@@ -173,7 +183,10 @@ def prompts_for(model: str, path: Path | None, num_calib: int, num_select: int):
     if path is not None:
         if not path.is_file():
             raise FileNotFoundError(f"--prompts {path}: no such file")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        from mixdq_jax.io_utils import read_text  # noqa: PLC0415
+
+        prompts = [line.strip() for line in read_text(path, "--prompts").splitlines()
+                   if line.strip()]  # fmt: skip
         where = str(path)
     elif model == "testbed":
         from mixdq_jax.testbed import calibration_captions  # noqa: PLC0415
@@ -193,10 +206,8 @@ def prompts_for(model: str, path: Path | None, num_calib: int, num_select: int):
 
 
 def run(args: argparse.Namespace) -> int:
-    from contextlib import ExitStack  # noqa: PLC0415
-
+    from mixdq_jax.cli.outputs import claim, output_folder, run_directory  # noqa: PLC0415
     from mixdq_jax.deploy.checkpoint import check_export_folder  # noqa: PLC0415
-    from mixdq_jax.io_utils import exclusive_lock  # noqa: PLC0415
     from mixdq_jax.loader import resolve_model  # noqa: PLC0415
     from mixdq_jax.methods import AllocationOptions, get_method, load_plugin  # noqa: PLC0415
     from mixdq_jax.recipe import PRESETS, RecipeConfig  # noqa: PLC0415
@@ -225,12 +236,12 @@ def run(args: argparse.Namespace) -> int:
         width=args.width, seed=args.seed, batch_size=args.batch_size, chunk=args.chunk,
         reconstruction=recon_config(args),
     )  # fmt: skip
-    if args.out is not None:  # before any work: a refused folder costs nothing
-        check_export_folder(resolve_model(args.model), args.out, overwrite=args.overwrite)
-    with ExitStack() as locks:
-        locks.enter_context(exclusive_lock(args.run, "run directory"))
-        if args.out is not None:
-            locks.enter_context(exclusive_lock(args.out, "output folder"))
+    targets = [run_directory("--run", args.run)]
+    if args.out is not None:  # its contents: check_export_folder's rules
+        targets.append(output_folder("--out", args.out, own=None))
+    with claim(args, *targets):
+        if args.out is not None:  # before any work: a refused folder costs nothing
+            check_export_folder(resolve_model(args.model), args.out, overwrite=args.overwrite)
         return _quantize(args, config, method, evaluation)
 
 

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import argparse
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from pathlib import Path
 
-from mixdq_jax.cli.argtypes import bits_list, nonneg_int, positive_float, positive_int
+from mixdq_jax.cli import argtypes
+from mixdq_jax.cli.argtypes import (
+    bits_list,
+    existing_file,
+    nonneg_int,
+    positive_float,
+    positive_int,
+)
+from mixdq_jax.cli.model_args import add_model_args
+from mixdq_jax.cli.outputs import claim, run_directory
 from mixdq_jax.cli.quant_args import add_dtype_arg, resolve_dtype
-from mixdq_jax.io_utils import exclusive_lock
 from mixdq_jax.quant.qconfig import QUANT_BITS
 from mixdq_jax.rundir import RunDir
 
@@ -24,9 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Resumable: finished chunks are kept. Uses every JAX device (the configurations are "
         "sharded); on a cluster run it on every host with --distributed.",
     )
-    p.add_argument(
-        "--model", default="testbed", help="diffusers folder, cached repo id, or testbed (default)"
-    )
+    add_model_args(p)
     p.add_argument("--run", type=Path, required=True, help="a calibrated run directory")
     p.add_argument("--kind", choices=["weight", "act", "both"], default="both")
     p.add_argument(
@@ -46,11 +52,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk", type=positive_int, default=8, help="configurations per batched call")
     p.add_argument(
         "--layers",
-        type=Path,
+        type=existing_file,
         default=None,
         help="sweep only these layers: a YAML list of names (default: every layer)",
     )
-    p.add_argument("--scheduler", default=None, help="the scheduler used for calibration")
+    p.add_argument(
+        "--scheduler",
+        type=argtypes.scheduler_name,
+        default=None,
+        help="the scheduler used for calibration",
+    )
     add_dtype_arg(p)
     p.add_argument(
         "--format",
@@ -113,14 +124,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_lock(args: argparse.Namespace) -> AbstractContextManager:
-    """The run directory's lock; with --distributed only process 0 takes it (every host runs
-    the same command on a shared run directory, and only process 0 writes)."""
+    """The run directory checked (`outputs.claim`) and locked; with --distributed only
+    process 0 takes the lock (every host runs the same command on a shared run directory,
+    and only process 0 writes)."""
+    writer = True
     if args.distributed:
         import jax  # noqa: PLC0415
 
-        if jax.process_index() != 0:
-            return nullcontext()
-    return exclusive_lock(args.run, "run directory")
+        writer = jax.process_index() == 0
+    return claim(args, run_directory("--run", args.run), lock=writer)
 
 
 def _sensitivity(args: argparse.Namespace, run: RunDir, layers: tuple[str, ...] | None) -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
+
+from mixdq_jax.cli import argtypes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,12 +43,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     for f in dataclasses.fields(TrainConfig):
         t.add_argument(
             f"--{f.name.replace('_', '-')}",
-            type=type(f.default),
+            type=_train_type(f.name, f.default),
             default=f.default,
             help=f"(default: {f.default})",
         )
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=run_train)
+
+
+def _train_type(name: str, default: object) -> Callable[[str], object]:
+    """The range-checked argument type of a `TrainConfig` field, from its name and default:
+    a seed, a decay in [0, 1], weights >= 0, and counts, steps and rates > 0."""
+    if name == "seed":
+        return argtypes.seed
+    if isinstance(default, int):
+        return argtypes.positive_int
+    if name.endswith("decay"):
+        return argtypes.probability
+    if name.endswith("weight"):
+        return argtypes.nonneg_float
+    return argtypes.positive_float
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -3,19 +3,25 @@ int4/int2 weights + scales) and run through the int8 kernels of `pallas_kernels`
 
 - `packed`: the per-layer plan and the packer (float params -> packed params tree);
 - `layers`: the ``Deployed`` mode of the one interceptor: planned layers on the integer path;
-- `checkpoint`: in-memory freezing, ``mixdq export`` folders and loading them;
+- `checkpoint`: in-memory freezing, ``mixdq export`` folders, verifying and loading them
+  (`export_folder`: where an export may write, its manifest and checksums);
 - `memory`, `latency`: the measurements behind ``mixdq bench``.
 """
 
 from mixdq_jax.deploy.checkpoint import (
+    ExportDamagedError,
     QuantCheckpointError,
+    check_export,
     deploy_pipeline,
     export_quantized_pipeline,
     freeze,
     is_quantized_folder,
     load_quantized_pipeline,
     load_quantized_unet,
+    quantization_config,
+    verify_export,
 )
+from mixdq_jax.deploy.export_folder import ExportProblem
 from mixdq_jax.deploy.layers import Deployed, run_layer
 from mixdq_jax.deploy.packed import (
     FORMAT_VERSION,
@@ -31,8 +37,11 @@ __all__ = [
     "FORMAT_VERSION",
     "DeployPlan",
     "Deployed",
+    "ExportDamagedError",
+    "ExportProblem",
     "LayerPlan",
     "QuantCheckpointError",
+    "check_export",
     "deploy_pipeline",
     "export_quantized_pipeline",
     "freeze",
@@ -42,6 +51,8 @@ __all__ = [
     "pack_unet_params",
     "pack_unet_params_by_layer",
     "packed_shapes",
+    "quantization_config",
     "quantize_weight_codes",
     "run_layer",
+    "verify_export",
 ]

@@ -1,28 +1,37 @@
 """Quantized pipelines: freeze in memory, export to a folder, load back.
 
-Folder layout written by :func:`export_quantized_pipeline` (``mixdq export``)::
+Folder layout written by :func:`export_quantized_pipeline` (``mixdq export``; the full
+schema: ``docs/export_format.md``)::
 
-    OUT/model_index.json, scheduler/, text_encoder*/, tokenizer*/, vae/   copied from the source
-    OUT/unet/config.json                                                 the diffusers config
+    OUT/scheduler/, text_encoder*/, tokenizer*/, vae/   copied (or linked) from the source:
+                                        only the components the pipeline loads
+    OUT/model_index.json                the source's, components not carried set to nulls
+    OUT/unet/config.json                the diffusers config, with a ``quantization_config``
+                                        (``quant_method: "mixdq"``, per-layer bits) derived
+                                        from the metadata (:func:`quantization_config`)
     OUT/unet/mixdq_unet.safetensors     packed weights, scales, float params ("/"-joined paths)
     OUT/unet/mixdq_quant.json           format version, per-layer plan, spec, activation ranges,
                                         the weights file's size and sha256, PTQD's noise
                                         model (``noise_model``, a multi-step PTQD export)
-    OUT/.mixdq_export.json              the files the export wrote (written first; see
-                                        `mixdq_jax.deploy.export_folder`)
+    OUT/.mixdq_export.json              the manifest: the files the export wrote (written
+                                        first), then the size and sha256 of every file it
+                                        relies on (see `mixdq_jax.deploy.export_folder`)
 
 A folder with a noise model is written as format version :data:`NOISE_MODEL_VERSION`
 (older readers refuse it instead of sampling without the correction); others keep
 :data:`FORMAT_VERSION`. Loading checks the format version, the file size (truncation), the
 checksum (a file from another export) and every tensor's name, shape and dtype against the
 packed tree the plan and config imply, so a damaged or mismatched checkpoint is a clear
-:class:`QuantCheckpointError`.
+:class:`QuantCheckpointError`. Loading a whole folder (:func:`load_quantized_pipeline`) first
+checks every file against the manifest (:func:`check_export`): an edited ``mixdq_quant.json``
+or ``config.json``, a truncated or missing component is an :class:`ExportDamagedError` naming
+the file, not a silently different model.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,11 +41,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixdq_jax.deploy.export_folder import (
+    INDEX,
+    MANIFEST,
     ExportFolder,
+    ExportProblem,
     begin_export,
+    describe_problems,
+    file_digest,
     finish_export,
     plan_export_folder,
 )
+from mixdq_jax.deploy.export_folder import verify_export as _verify_manifest
 from mixdq_jax.deploy.layers import Deployed
 from mixdq_jax.deploy.packed import (
     F32_LEAVES,
@@ -53,6 +68,7 @@ from mixdq_jax.pipeline import Pipeline, QuantizedPipeline
 from mixdq_jax.quant.build import Calibration, qconfig_for
 from mixdq_jax.quant.quantized import QuantizedUNet
 from mixdq_jax.schedulers.noise_correction import NoiseModel
+from pallas_kernels.grid import FLOAT_BITS
 from weights_convert.checkpoint import CheckpointError, read_json
 from weights_convert.safetensors_io import (
     SafetensorsError,
@@ -68,15 +84,33 @@ _SEP = "/"
 # the version of an export whose sampling loop must apply a noise model
 NOISE_MODEL_VERSION = FORMAT_VERSION + 1
 EXPORT_UNET_FILES = ("unet/config.json", f"unet/{WEIGHTS_FILE}", f"unet/{META_FILE}")
+# quantization_config: diffusers' key in a model's config.json naming its quantization backend
+QUANT_METHOD = "mixdq"
+QUANTIZATION_CONFIG_VERSION = 1
 
 
 class QuantCheckpointError(CheckpointError):
     """A quantized checkpoint is truncated, corrupt, from another export or another version."""
 
 
+class ExportDamagedError(QuantCheckpointError):
+    """An exported folder's files differ from what its export wrote (``problems``: each one
+    names the file, see `ExportProblem`)."""
+
+    def __init__(self, folder: str | os.PathLike, problems: list[ExportProblem]) -> None:
+        self.folder, self.problems = Path(folder), list(problems)
+        super().__init__(
+            f"{folder}: damaged export: {describe_problems(self.problems)}; export it again "
+            "(mixdq export, or mixdq quantize with its --run and --out), or, to load it as it "
+            "is, load_pipeline(..., verify=False) in Python"
+        )
+
+
 def is_quantized_folder(path: str | os.PathLike) -> bool:
-    """True for a folder written by ``mixdq export`` (what `load_pipeline` dispatches on)."""
-    return (Path(path) / "unet" / META_FILE).is_file()
+    """True for a folder written by ``mixdq export`` (what `load_pipeline` dispatches on);
+    one that lost its metadata but keeps its manifest too, so loading names the damage."""
+    path = Path(path)
+    return (path / "unet" / META_FILE).is_file() or (path / MANIFEST).is_file()
 
 
 # ------------------------------------------------------------------------------ in memory
@@ -150,11 +184,7 @@ def _unflatten(flat: Mapping[str, Any]) -> dict:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path)["sha256"]
 
 
 def save_quantized_unet(
@@ -168,23 +198,26 @@ def save_quantized_unet(
     spec: Mapping[str, Any] | None = None,
     source: str = "",
     noise_model: NoiseModel | None = None,
+    recipe: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``config.json``, the packed tensors and the metadata; returns the metadata.
-    ``noise_model``: PTQD's correction the sampling loop of this UNet applies."""
+    """Write the packed tensors, ``config.json`` (with its `quantization_config`) and the
+    metadata; returns the metadata. ``noise_model``: PTQD's correction the sampling loop of
+    this UNet applies; ``recipe``: what chose the bits (``method``, ``target``, ``preset``,
+    ``objective``), when known."""
     unet_dir = Path(unet_dir)
     unet_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(unet_dir / "config.json", dict(unet_config))
     flat = {k: np.asarray(v) for k, v in _flatten(packed).items()}
     weights = unet_dir / WEIGHTS_FILE
     save_safetensors(
         weights, flat, metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
     )
+    digest = file_digest(weights)
     meta = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION if noise_model is None else NOISE_MODEL_VERSION,
         "weights_file": WEIGHTS_FILE,
-        "weights_bytes": weights.stat().st_size,
-        "weights_sha256": _sha256(weights),
+        "weights_bytes": digest["bytes"],
+        "weights_sha256": digest["sha256"],
         "num_tensors": len(flat),
         "param_bytes": int(sum(a.nbytes for a in flat.values())),
         "float_dtype": jnp.dtype(float_dtype).name,
@@ -196,8 +229,49 @@ def save_quantized_unet(
     }
     if noise_model is not None:
         meta["noise_model"] = noise_model.as_dict()
-    atomic_write_json(unet_dir / META_FILE, meta)  # written last: marks a complete export
+    if recipe:
+        meta["recipe"] = {k: v for k, v in recipe.items() if v is not None}
+    config = {k: v for k, v in unet_config.items() if k != "quantization_config"}
+    atomic_write_json(unet_dir / "config.json", {**config, "quantization_config":
+                                                 quantization_config(meta)})  # fmt: skip
+    atomic_write_json(unet_dir / META_FILE, meta)  # written last: marks a complete UNet
     return meta
+
+
+def _bits_or_null(bits: int) -> int | None:
+    return None if bits >= FLOAT_BITS else int(bits)
+
+
+def quantization_config(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """``unet/config.json``'s ``quantization_config`` (diffusers' convention: ``quant_method``
+    names the backend), derived from the metadata of ``mixdq_quant.json`` alone, so the two
+    cannot disagree. Per layer the weight and activation bits (``null``: float) and the
+    packed width of the weights; a layer absent from the maps stays float. Schema:
+    ``docs/export_format.md``."""
+    plan = meta["plan"]
+    weighted = {n: lp for n, lp in plan.items() if lp["w_bits"] < FLOAT_BITS}
+    config: dict[str, Any] = {
+        "quant_method": QUANT_METHOD,
+        "version": QUANTIZATION_CONFIG_VERSION,
+        "format": meta["format"],
+        "format_version": meta["format_version"],
+        "weights_file": meta["weights_file"],
+        "float_dtype": meta["float_dtype"],
+        "weight_format": "int",
+        "weight_granularity": "per_output_channel",
+        "symmetric_weights": bool(weighted) and all(lp["symmetric"] for lp in weighted.values()),
+        "act_format": "int",
+        "act_granularity": "per_tensor",
+        "weight_bits": {n: _bits_or_null(lp["w_bits"]) for n, lp in sorted(plan.items())},
+        "act_bits": {n: _bits_or_null(lp["a_bits"]) for n, lp in sorted(plan.items())},
+        "weight_storage_bits": {n: int(lp["storage_bits"]) for n, lp in sorted(weighted.items())},
+        "shortcut_split": {n: lp["split"] for n, lp in sorted(plan.items()) if lp.get("split")},
+        "bos_aware": sorted(n for n, lp in plan.items() if lp.get("bos")),
+        "noise_correction": "ptqd" if "noise_model" in meta else None,
+    }
+    for key in ("method", "target", "preset", "objective"):
+        config[key] = meta.get("recipe", {}).get(key)
+    return config
 
 
 def _bos_dim(packed: Mapping, plan: DeployPlan) -> int | None:
@@ -247,12 +321,18 @@ def export_quantized_pipeline(
     link_components: bool = False,
     overwrite: bool = False,
     unet: QuantizedUNet | None = None,
+    recipe: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Freeze ``spec`` on ``pipe`` (a float pipeline loaded from a diffusers folder) and write
     a quantized pipeline folder that `load_quantized_pipeline` (and `load_pipeline`) run.
     ``unet``: a refined UNet of this pipeline to freeze instead of its float one (learned
     params; its ``correction``, PTQD's noise model, is stored; ``calib`` defaults to its
-    activation ranges).
+    activation ranges). ``recipe``: what chose the bits (``method``, ``target``, ``preset``,
+    ``objective``), recorded in the metadata and the ``quantization_config``.
+
+    Only the components the pipeline loads are taken from the source (other files of the
+    source folder stay behind); the finished export's manifest records the size and sha256
+    of every file it relies on (:func:`verify_export`).
 
     ``out`` is checked before the packing work: it must be new, empty or an earlier export
     (replaced). A non-empty folder that is not one, a file the export would replace that it
@@ -269,7 +349,7 @@ def export_quantized_pipeline(
         pipe = pipe.with_params(unet=unet.params)
         calib = dict(unet.act_ranges) if calib is None else calib
     plan, packed, ranges = freeze(pipe, spec, calib, float_dtype=float_dtype)
-    begin_export(folder)
+    digests = begin_export(folder)
     unet_config = read_json(folder.src / "unet" / "config.json", what="unet config")
     meta = save_quantized_unet(
         folder.out / "unet",
@@ -281,9 +361,62 @@ def export_quantized_pipeline(
         spec=spec_summary(spec),
         source=str(folder.src),
         noise_model=None if unet is None else unet.correction,
+        recipe=recipe,
     )
-    finish_export(folder)
+    digests[f"unet/{WEIGHTS_FILE}"] = {"bytes": meta["weights_bytes"],
+                                       "sha256": meta["weights_sha256"]}  # fmt: skip
+    finish_export(folder, digests)
     return meta
+
+
+# the files a quantized pipeline cannot load without: the manifest must cover them
+EXPORT_REQUIRED = (INDEX, *EXPORT_UNET_FILES)
+
+
+def verify_export(folder: str | os.PathLike, *, checksums: bool = True) -> list[ExportProblem]:
+    """What is wrong with the export in ``folder``: ``[]`` when every file it relies on
+    (``unet/mixdq_quant.json``, ``unet/config.json``, the weights, every component file)
+    has the size and, with ``checksums``, the sha256 its manifest records. Each problem is
+    a string ``"PATH: what"`` naming the file (`ExportProblem`: also ``path`` and ``kind``);
+    an export made before the manifest carried checksums gives one problem of kind
+    ``"unchecked"``. Sizes are checked first, the checksums (a read of every file, a few
+    at a time) only when every size is right."""
+    return _verify_manifest(folder, checksums=checksums, required=EXPORT_REQUIRED)
+
+
+def check_export(folder: str | os.PathLike, *, checksums: bool = True) -> bool:
+    """Raise :class:`ExportDamagedError` naming the damaged files of the export in
+    ``folder``; ``True`` when every file is verified, ``False`` (with a warning) for an
+    export older than the checksums, which loads as before (its weights checksum only)."""
+    problems = verify_export(folder, checksums=checksums)
+    damage = [p for p in problems if p.kind != "unchecked"]
+    if damage:
+        raise ExportDamagedError(folder, damage)
+    if problems:
+        warnings.warn(f"{folder}: {problems[0]} (only the weights file is checked)", stacklevel=2)
+        return False
+    return True
+
+
+def verified_export(
+    out: str | os.PathLike,
+) -> tuple[dict[str, Any] | None, list[ExportProblem]]:
+    """``(metadata, problems)`` of the export in ``out`` for a caller deciding whether to
+    trust it (`mixdq quantize`'s export stage): the metadata when it reads, and every
+    problem `verify_export` finds (an unreadable metadata file is one); ``(None, [])`` when
+    ``out`` holds no export at all."""
+    out = Path(out)
+    if not (out / MANIFEST).is_file() and not (out / "unet" / META_FILE).is_file():
+        return None, []
+    problems = verify_export(out)
+    try:
+        meta = read_quant_meta(out / "unet")
+    except (OSError, ValueError) as err:
+        meta = None
+        if not any(p.path in (f"unet/{META_FILE}", "unet/") for p in problems):
+            why = str(err).removeprefix(f"{out / 'unet' / META_FILE}: ")
+            problems.append(ExportProblem(f"unet/{META_FILE}", "unreadable", why))
+    return meta, problems
 
 
 def read_quant_meta(unet_dir: str | os.PathLike) -> dict[str, Any]:
@@ -391,9 +524,19 @@ def load_quantized_pipeline(
 ) -> QuantizedPipeline:
     """Load a folder written by ``mixdq export``: float text encoders / VAE and the packed
     UNet on the real low-bit path (a `QuantizedUNet` in the ``Deployed`` mode, with PTQD's
-    correction when the folder stores one)."""
+    correction when the folder stores one).
+
+    ``verify``: first check every file of the folder against the sizes and sha256 its
+    manifest records (:func:`check_export`; an edited ``mixdq_quant.json`` or a truncated
+    component is an :class:`ExportDamagedError` naming the file). ``verify=False`` loads
+    the folder as it is: the escape hatch for a deliberately edited export (the weights
+    file's size and every tensor's shape are still checked)."""
     folder = resolve_model(path)
-    unet_plan, unet_params, meta = load_quantized_unet(folder / "unet", dtype=dtype, verify=verify)
+    # the whole folder against its manifest (the weights' checksum among them, not read twice)
+    covered = check_export(folder) if verify else False
+    unet_plan, unet_params, meta = load_quantized_unet(
+        folder / "unet", dtype=dtype, verify=verify and not covered
+    )
     base = load_components(
         folder, dtype=dtype, variant=variant, allow_pickle=allow_pickle, unet=False
     )

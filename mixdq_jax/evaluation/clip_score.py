@@ -264,6 +264,28 @@ def _image_processor_config(folder: Path) -> dict:
 
 def load_clip_scorer(path: str | Path | None) -> CLIPScorer:
     """A CLIP scorer from a transformers CLIP folder (or a repo id already in the HF cache)."""
+    model, params, folder, preprocess = _load(path, jnp.asarray)
+    return CLIPScorer(model, params, CLIPTokenizer.from_pretrained(folder), preprocess)
+
+
+def check_clip_scorer(path: str | Path | None) -> None:
+    """Read and check the folder (config, image processor, tokenizer, every tensor's name,
+    shape and values) without keeping the weights: `mixdq evaluate` calls it before
+    generating any image."""
+    _, _, folder, _ = _load(path, _discard)
+    try:
+        CLIPTokenizer.from_pretrained(folder)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{folder}: its tokenizer files do not load ({err})") from err
+
+
+def _discard(_value: np.ndarray) -> None:
+    return None
+
+
+def _load(path: str | Path | None, to_leaf):
+    """The model, its params (each tensor through ``to_leaf``), the folder and the image
+    preprocessing, everything checked."""
     if path is None:
         raise MissingWeightsError(METRIC, None, expected=EXPECTED, source=SOURCE)
     try:
@@ -307,6 +329,6 @@ def load_clip_scorer(path: str | Path | None) -> CLIPScorer:
     )["params"]  # fmt: skip
     params = torch_to_flax(
         state, target, sources=weights.sources, what=f"CLIP model {folder}", dtype=np.float32,
-        to_leaf=jnp.asarray,
+        to_leaf=to_leaf,
     )  # fmt: skip
-    return CLIPScorer(model, params, CLIPTokenizer.from_pretrained(folder), preprocess)
+    return model, params, folder, preprocess

@@ -10,7 +10,6 @@ seeded sample with ``select="random"``).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mixdq_jax.io_utils import read_json, read_text
 
 SELECTIONS = ("first", "random")
 
@@ -67,10 +68,7 @@ def _clean(text: str) -> str:
 def read_coco_captions(path: str | os.PathLike) -> dict[int, list[str]]:
     """``{image_id: [captions]}`` of a COCO captions file, images in first-mention order."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); expected a COCO captions file") from err
+    data = read_json(path, what="a COCO captions file (captions_val2014.json)")
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise ValueError(
             f"{path}: a COCO captions file has a top-level 'annotations' list "
@@ -85,7 +83,14 @@ def read_coco_captions(path: str | os.PathLike) -> dict[int, list[str]]:
         caption = ann["caption"]
         if not isinstance(caption, str) or not _clean(caption):
             raise ValueError(f"{path}: annotations[{i}] has an empty or non-text caption")
-        out.setdefault(int(ann["image_id"]), []).append(_clean(caption))
+        image_id = ann["image_id"]
+        if (
+            isinstance(image_id, bool)
+            or not isinstance(image_id, int | str)
+            or not str(image_id).strip().isdigit()
+        ):
+            raise ValueError(f"{path}: annotations[{i}] has image_id {image_id!r}, not a number")
+        out.setdefault(int(image_id), []).append(_clean(caption))
     if not out:
         raise ValueError(f"{path}: the 'annotations' list is empty")
     return out
@@ -94,7 +99,7 @@ def read_coco_captions(path: str | os.PathLike) -> dict[int, list[str]]:
 def read_text_prompts(path: str | os.PathLike) -> list[str]:
     """Non-empty lines of a UTF-8 text file, whitespace-normalised."""
     path = Path(path)
-    lines = [_clean(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [_clean(line) for line in read_text(path).splitlines()]
     lines = [line for line in lines if line]
     if not lines:
         raise ValueError(f"{path}: no prompts (one prompt per non-empty line)")

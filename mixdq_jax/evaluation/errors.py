@@ -16,4 +16,3 @@ class MissingWeightsError(FileNotFoundError):
         )
         self.metric = metric
         self.path = path
-

@@ -102,7 +102,11 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
         )
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if len(files) < 2:
-        raise ValueError(f"--reference-images {folder}: found {len(files)} image file(s)")
+        raise ValueError(
+            f"--reference-images {folder}: found {len(files)} image file(s) "
+            f"({', '.join(sorted(IMAGE_SUFFIXES))}); FID needs at least 2 (a covariance), and "
+            "thousands for a meaningful number (the paper: COCO val2014's 40,504)"
+        )
     return files
 
 

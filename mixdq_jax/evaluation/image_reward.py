@@ -20,7 +20,6 @@ cross-attending to every image token, the MLP on the [CLS] state, and
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from mixdq_jax.evaluation.image_reward_model import (
     ImageRewardNet,
 )
 from mixdq_jax.evaluation.weights_file import read_state_dict
+from mixdq_jax.io_utils import read_json_object
 from weights_convert.convert import torch_to_flax
 
 METRIC = "ImageReward"
@@ -145,6 +145,24 @@ def _configs(state: dict, med: dict, where: str):
 
 def load_image_reward(path: str | Path | None) -> ImageRewardScorer:
     """ImageReward from the released files (see the module doc for ``path``)."""
+    net, params, vocab_file = _load(path, jnp.asarray)
+    return ImageRewardScorer(net, params, BertTokenizer.from_vocab_file(vocab_file))
+
+
+def check_image_reward(path: str | Path | None) -> None:
+    """Read and check the released files (config, vocabulary, every tensor's name, shape and
+    values) without keeping the weights: `mixdq evaluate` calls it before generating any
+    image."""
+    _, _, vocab_file = _load(path, _discard)
+    BertTokenizer.from_vocab_file(vocab_file)
+
+
+def _discard(_value: np.ndarray) -> None:
+    return None
+
+
+def _load(path: str | Path | None, to_leaf) -> tuple[ImageRewardNet, dict, Path]:
+    """The network, its params (each tensor through ``to_leaf``) and the vocabulary file."""
     if path is None:
         raise MissingWeightsError(METRIC, None, expected=EXPECTED, source=SOURCE)
     path = Path(path).expanduser()
@@ -156,10 +174,7 @@ def load_image_reward(path: str | Path | None) -> ImageRewardScorer:
     med_file, vocab_file = folder / "med_config.json", folder / "vocab.txt"
     if weights is None or not med_file.is_file() or not vocab_file.is_file():
         raise MissingWeightsError(METRIC, path, expected=EXPECTED, source=SOURCE)
-    try:
-        med = json.loads(med_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{med_file}: not valid JSON ({err})") from err
+    med = read_json_object(med_file, what="BLIP's BERT config (med_config.json)")
     state = {k: v for k, v in read_state_dict(weights).items()
              if k.startswith(_PREFIXES) and not k.endswith("position_ids")}  # fmt: skip
     vision, text, head = _configs(state, med, str(weights))
@@ -175,6 +190,6 @@ def load_image_reward(path: str | Path | None) -> ImageRewardScorer:
     )["params"]  # fmt: skip
     params = torch_to_flax(
         state, target, sources=dict.fromkeys(state, str(weights)), what="ImageReward",
-        dtype=np.float32, to_leaf=jnp.asarray,
+        dtype=np.float32, to_leaf=to_leaf,
     )  # fmt: skip
-    return ImageRewardScorer(net, params, BertTokenizer.from_vocab_file(vocab_file))
+    return net, params, vocab_file

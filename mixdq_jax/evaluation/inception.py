@@ -140,9 +140,10 @@ def state_dict_shapes() -> dict[str, tuple[int, ...]]:
 
 
 # ------------------------------------------------------------------------------ weights
-def load_inception(path: str | os.PathLike | None) -> dict[str, jax.Array]:
-    """The network's params (NHWC convs, BN as scale and shift) from the user's weights file;
-    a missing file or one without the FID Inception's tensors is a `MissingWeightsError`."""
+def _checked_tensors(path: str | os.PathLike | None) -> dict[str, np.ndarray]:
+    """The weights file's tensors, every one the network needs present, of its shape and
+    finite; otherwise a `MissingWeightsError` (or a ``ValueError`` for a file that does not
+    parse) naming the file."""
     expected = f"the FID Inception-v3 weights ({WEIGHTS_NAME})"
     if path is None or not Path(path).is_file():
         raise MissingWeightsError("fid", path, expected=expected, source=WEIGHTS_SOURCE)
@@ -156,6 +157,23 @@ def load_inception(path: str | os.PathLike | None) -> dict[str, jax.Array]:
         raise MissingWeightsError(
             "fid", path, expected=f"{expected}; this file has {detail}", source=WEIGHTS_SOURCE
         )
+    bad = [k for k in shapes if not np.all(np.isfinite(tensors[k]))]
+    if bad:
+        raise ValueError(f"{path}: non-finite values in {bad[:3]}; the file is damaged: fetch "
+                         f"it again ({WEIGHTS_SOURCE})")  # fmt: skip
+    return tensors
+
+
+def check_inception(path: str | os.PathLike | None) -> None:
+    """Read and check the weights file (every tensor, shape and value) without building the
+    network: `mixdq evaluate` calls it before generating any image."""
+    _checked_tensors(path)
+
+
+def load_inception(path: str | os.PathLike | None) -> dict[str, jax.Array]:
+    """The network's params (NHWC convs, BN as scale and shift) from the user's weights file;
+    a missing file or one without the FID Inception's tensors is a `MissingWeightsError`."""
+    tensors = _checked_tensors(path)
     params: dict[str, jax.Array] = {}
     for name, *_ in CONVS:
         w = np.asarray(tensors[f"{name}.conv.weight"], np.float32)
@@ -320,6 +338,7 @@ __all__ = [
     "FEATURES",
     "INPUT_SIZE",
     "WEIGHTS_NAME",
+    "check_inception",
     "extract",
     "feature_extractor",
     "features",

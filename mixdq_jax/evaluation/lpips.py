@@ -146,6 +146,21 @@ def _find(folder: Path, patterns: tuple[str, ...]) -> Path | None:
 
 def load_lpips(path: str | Path | None) -> LPIPS:
     """LPIPS (AlexNet, v0.1) from a folder with the two weight files (see the module doc)."""
+    return LPIPS(_params(path, jnp.asarray))
+
+
+def check_lpips(path: str | Path | None) -> None:
+    """Read and check both weight files (every tensor the network needs, its shape and
+    values) without keeping them: `mixdq evaluate` calls it before generating any image."""
+    _params(path, _discard)
+
+
+def _discard(_value: np.ndarray) -> None:
+    return None
+
+
+def _params(path: str | Path | None, to_leaf) -> dict:
+    """The network's params from the folder's two files, each tensor through ``to_leaf``."""
     if path is None:
         raise MissingWeightsError(METRIC, None, expected=EXPECTED, source=SOURCE)
     folder = Path(path).expanduser()
@@ -165,7 +180,6 @@ def load_lpips(path: str | Path | None) -> LPIPS:
             jnp.zeros((1, 64, 64, 3), jnp.uint8),
         )
     )["params"]  # fmt: skip
-    params = torch_to_flax(
-        state, target, sources=sources, what="LPIPS", dtype=np.float32, to_leaf=jnp.asarray
+    return torch_to_flax(
+        state, target, sources=sources, what="LPIPS", dtype=np.float32, to_leaf=to_leaf
     )
-    return LPIPS(params)

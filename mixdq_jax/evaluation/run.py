@@ -144,29 +144,41 @@ class Subject:
     load_float: Callable[[], Any] | None = None
 
 
-# metric -> (module, loader, MetricWeights field)
+# metric -> (module, loader, checker, MetricWeights field)
 _NETWORKS = {
-    "clip": ("clip_score", "load_clip_scorer", "clip_model"),
-    "imagereward": ("image_reward", "load_image_reward", "imagereward"),
-    "lpips": ("lpips", "load_lpips", "lpips"),
-    "fid": ("inception", "load_inception", "inception"),
+    "clip": ("clip_score", "load_clip_scorer", "check_clip_scorer", "clip_model"),
+    "imagereward": ("image_reward", "load_image_reward", "check_image_reward", "imagereward"),
+    "lpips": ("lpips", "load_lpips", "check_lpips", "lpips"),
+    "fid": ("inception", "load_inception", "check_inception", "inception"),
 }
+_CHECKED: set[tuple[str, str, tuple]] = set()  # (metric, path, file stamps) checked this process
 
 
-def _loader(metric: str) -> Callable[[Any], Any]:
-    module, name, _ = _NETWORKS[metric]
+def _loader(metric: str, which: int = 1) -> Callable[[Any], Any]:
+    module, name = _NETWORKS[metric][0], _NETWORKS[metric][which]
     return getattr(importlib.import_module(f"mixdq_jax.evaluation.{module}"), name)
 
 
+def _stamp(path: Path) -> tuple:
+    """What changes when the weights at ``path`` change (size and mtime of its files)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
 def check_weights(metrics: Sequence[str], weights: MetricWeights) -> None:
-    """Fail before generating when a requested metric's weights (or FID's real images) are
-    missing: the loaders' `MissingWeightsError` says what is needed and where it comes from."""
-    for metric in metrics:
-        if metric not in _NETWORKS:
-            continue
-        path = getattr(weights, _NETWORKS[metric][2])
-        if path is None or not Path(path).exists():
-            _loader(metric)(path)  # raises MissingWeightsError naming the files
+    """Fail before generating when a requested metric's network does not load: each one is
+    read and checked as its loader checks it (config, every tensor's name, shape and values;
+    the weights are not kept), so a folder that is not a CLIP model or a truncated Inception
+    file fails in seconds, naming the file, instead of after every image. The loaders'
+    `MissingWeightsError` says what is needed and where it comes from. FID's real images
+    (at least two) are listed first. A check passed in this process is not repeated while the
+    files are unchanged."""
+    networks = [(m, getattr(weights, _NETWORKS[m][3])) for m in metrics if m in _NETWORKS]
+    done = set()
+    for metric, path in networks:  # the cheap checks first: the files are there
+        if path is None or not Path(path).exists():  # missing, or a cached repo id (CLIP)
+            _loader(metric, 2)(path)  # raises MissingWeightsError naming the files
+            done.add(metric)
     if "fid" in metrics:
         from mixdq_jax.evaluation.fid import list_images  # noqa: PLC0415
 
@@ -176,6 +188,13 @@ def check_weights(metrics: Sequence[str], weights: MetricWeights) -> None:
                 "val2014's 40,504 JPEGs from https://cocodataset.org for the paper's numbers)"
             )
         list_images(weights.reference_images)
+    for metric, path in networks:  # then each network, read and checked
+        if metric in done:
+            continue
+        key = (metric, str(path), _stamp(Path(path)))
+        if key not in _CHECKED:
+            _loader(metric, 2)(path)  # raises MissingWeightsError / ValueError naming files
+            _CHECKED.add(key)
 
 
 def _float_set(
@@ -341,7 +360,7 @@ def _carry_over(path: Path, result: dict[str, Any], metrics: Sequence[str]) -> N
         for key in extra:
             if key in previous["settings"]:
                 settings.setdefault(key, previous["settings"][key])
-        fields = (_NETWORKS[metric][2],) if metric in _NETWORKS else ()
+        fields = (_NETWORKS[metric][3],) if metric in _NETWORKS else ()
         for field in fields + (("reference_images",) if metric == "fid" else ()):
             settings["weights"][field] = previous["settings"].get("weights", {}).get(field)
     settings["metrics"] = [m for m in METRICS if m in metrics or m in done]

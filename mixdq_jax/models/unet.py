@@ -124,9 +124,14 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> UNetConfig:
-        """From a diffusers config dict; skips `_`-prefixed metadata, fails on unknown keys."""
+        """From a diffusers config dict; skips `_`-prefixed metadata and the
+        ``quantization_config`` of a quantized export, fails on unknown keys."""
         known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: _tuplify(v) for k, v in config.items() if not k.startswith("_")}
+        values = {
+            k: _tuplify(v)
+            for k, v in config.items()
+            if not k.startswith("_") and k != "quantization_config"
+        }
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown UNet config key(s): {', '.join(unknown)}")

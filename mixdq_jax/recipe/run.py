@@ -314,7 +314,7 @@ class Recipe:
     def weights(self, target: Target, method: Method) -> Bits:
         """Stage ``weights``: the chosen weight bits (activations float while choosing)."""
         key = self._start(target, method)
-        chosen = self.run.chosen_bits(key, "weight")
+        chosen = self.run.chosen_bits(key, "weight", self.layers.names)  # names an edited file
         if chosen is None:
             cands = method.allocator.weights(self.context(target, method))
             floats = dict.fromkeys(self.layers.names, FLOAT_BITS)
@@ -329,7 +329,7 @@ class Recipe:
         chosen weights (A16: every activation float, nothing to choose)."""
         w_bits = self.weights(target, method)
         key = recipe_key(target, method)
-        chosen = self.run.chosen_bits(key, "act")
+        chosen = self.run.chosen_bits(key, "act", self.layers.names)
         if chosen is None:
             if target.quantizes_acts:
                 ctx = self.context(target, method)
@@ -408,26 +408,35 @@ class Recipe:
     def export(
         self, allocation: ChosenBits, out: str | Path, *, overwrite: bool = False
     ) -> dict[str, Any]:
-        """Stage ``export``: the quantized folder (skipped when ``out`` already holds it;
-        ``overwrite``: as `mixdq export --overwrite`)."""
+        """Stage ``export``: the quantized folder (skipped when ``out`` already holds it,
+        every file verified against its manifest; a damaged one is exported again, saying
+        what was damaged; ``overwrite``: as `mixdq export --overwrite`)."""
         from mixdq_jax.deploy.checkpoint import (  # noqa: PLC0415
             export_quantized_pipeline,
-            read_quant_meta,
+            verified_export,
         )
+        from mixdq_jax.deploy.export_folder import describe_problems  # noqa: PLC0415
 
         check_request(allocation.target, allocation.method, out)
         out = Path(out)
         recorded = self.run.export_record(allocation.key)
-        if recorded is not None and (out / "unet").is_dir():
-            try:
-                meta = read_quant_meta(out / "unet")
-            except (OSError, ValueError):
-                meta = None
-            if meta is not None and recorded.get("meta") == _jsonable(meta):
+        if recorded is not None:
+            meta, problems = verified_export(out)
+            if meta is not None and not problems and recorded.get("meta") == _jsonable(meta):
                 return meta
+            if problems:
+                log(f"{out}: the export there is not intact ({describe_problems(problems)}); "
+                    "exporting it again")  # fmt: skip
+        recipe = {
+            "method": allocation.method.name,
+            "target": allocation.target.name,
+            "preset": self.config.preset.name,
+            "objective": self.config.knobs.objective,
+        }
         meta = export_quantized_pipeline(
-            self.pipe, allocation.spec, out, unet=self.learned(allocation), overwrite=overwrite
-        )
+            self.pipe, allocation.spec, out, unet=self.learned(allocation), overwrite=overwrite,
+            recipe=recipe,
+        )  # fmt: skip
         self.run.write_export_record(allocation.key, {"out": str(out), "meta": _jsonable(meta)})
         return meta
 

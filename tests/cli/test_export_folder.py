@@ -16,7 +16,8 @@ from tests.cli.conftest import failed, fingerprint, mixdq
 def _source(folder: Path, names=("vae/config.json", "vae/w.safetensors")) -> Path:
     (folder / "unet").mkdir(parents=True)
     (folder / "unet" / "diffusion_pytorch_model.safetensors").write_text("float unet")
-    (folder / "model_index.json").write_text("{}")
+    index = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
     for name in names:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(name)

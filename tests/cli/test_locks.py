@@ -75,6 +75,7 @@ def test_lock_is_released_reentrant_and_leaves_nothing(tmp_path):
         ["calibrate", "--num-prompts", "1", "--run", "{run}"],
         ["generate", "--prompt", "a red circle", "--out", "{run}"],
         ["export", "--weight-bits", "8", "--out", "{run}"],
+        ["evaluate", "--num", "1", "--out", "{run}"],  # the testbed evaluation locks too
     ],
 )
 def test_commands_refuse_a_folder_in_use(holder, argv):

@@ -29,6 +29,15 @@ def test_single_file_and_fp16_variant(tmp_path):
     got16 = load_component_weights(tmp_path, variant="fp16")
     assert got16.state["layer0.weight"].dtype == np.float16
     np.testing.assert_array_equal(got16.state["layer0.weight"], half["layer0.weight"].numpy())
+    # a component without the asked variant reads the full-precision file, with a warning
+    with pytest.warns(UserWarning, match="no 'bf16' variant"):
+        got_bf16 = load_component_weights(tmp_path, variant="bf16")
+    np.testing.assert_array_equal(got_bf16.state["layer0.weight"], full["layer0.weight"].numpy())
+
+
+def test_missing_variant_without_full_precision_file_is_an_error(tmp_path):
+    half = {k: v.half() for k, v in _tensors().items()}
+    safetensors.torch.save_file(half, tmp_path / "model.fp16.safetensors")
     with pytest.raises(CheckpointError, match="no weights for variant 'bf16'"):
         load_component_weights(tmp_path, variant="bf16")
 
