@@ -29,6 +29,11 @@ def write_clip_tokenizer(folder: Path, *, pad_token: str = "<|endoftext|>") -> i
     return write_tokenizer(folder, pad_token=pad_token, words=words)["vocab_size"]
 
 
+# one block of each kind (plain and cross-attention down/up blocks, split up-block shortcuts):
+# the tests whose time is compilation use it where a property holds layer by layer
+SMALL_UNET = dict(layers_per_block=1, transformer_layers_per_block=(1, 1))
+
+
 def sdxl_unet_config(**overrides) -> dict:
     """A tiny SDXL-shaped UNet config (diffusers keyword arguments); ``overrides`` replace keys."""
     pooled = overrides.pop("pooled_dim", 32)

@@ -13,6 +13,8 @@ they are already there, so a killed study resumes where it stopped:
     RUN/eval/<row>.json, .npy       testbed metrics and images of each evaluated row
     RUN/paper_eval/<row>/           with `StudyConfig.evaluation`: the paper's metrics
                                     (images/, metrics.json; `mixdq_jax.evaluation.run`)
+    RUN/export/<row>/               the headline row (MixDQ, W4A8 where studied) exported:
+                                    `mixdq inspect` / `mixdq generate --model` it
     RUN/report/                     report.md, grid.png, sensitivity.png, pareto.png
 """
 
@@ -59,6 +61,15 @@ def study_recipe(config: StudyConfig, pipe: Pipeline) -> Recipe:
     )
 
 
+def _headline(rows: dict[str, ChosenBits | str]) -> ChosenBits | None:
+    """The row the study exports: MixDQ at W4A8 where it ran, else its first MixDQ row, else
+    the first row with a packed format (FP8 is fake quantization only)."""
+    done = [r for r in rows.values() if not isinstance(r, str) and r.method.format.exportable]
+    mixdq = [r for r in done if r.method.name == "mixdq"]
+    w4a8 = [r for r in mixdq if r.target.name == "W4A8"]
+    return (w4a8 or mixdq or done or [None])[0]
+
+
 def run_study(config: StudyConfig) -> Path:
     """Run (or resume) the study; returns the report folder."""
     start = time.perf_counter()
@@ -86,6 +97,12 @@ def run_study(config: StudyConfig) -> Path:
             rows[key] = why if why is not None else walk(recipe, row, stop_after="reconstruct")
             if method.name == "mixdq" and target.weight_bits < 8:
                 pareto[target.name] = allocation_baselines(recipe, rows[key], config.seed)
+
+    headline = _headline(rows)
+    if headline is not None:
+        folder = run.path / "export" / headline.key
+        _stage(f"3/5 exporting {headline.key} to {folder} (`mixdq inspect {folder}`)")
+        recipe.export(headline, folder)
 
     _stage("4/5 evaluation on held-out test captions")
     kw = dict(split="test", steps=config.steps, num=config.num_eval, seed=config.seed)

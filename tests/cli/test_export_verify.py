@@ -91,3 +91,66 @@ def test_generate_refuses_an_edited_export(quantized, tmp_path):
     assert not list(images.glob("*.png"))
     qc = json.loads((out / "unet" / "config.json").read_text())["quantization_config"]
     assert (qc["method"], qc["target"]) == ("naive", "W8A8")  # the recipe that chose the bits
+
+
+# ------------------------------------------------------------------------------ mixdq inspect
+def _inspect(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(["inspect", *map(str, args)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_inspect_an_export(quantized, capsys):
+    root, model = quantized
+    code, text, _ = _inspect(capsys, root / "out", "--json", "--layers")
+    assert code == 0
+    summary = json.loads(text)
+    assert (summary["kind"], summary["method"], summary["target"]) == ("export", "naive", "W8A8")
+    assert summary["checksums"] == {"ok": True, "problems": []}
+    plan = json.loads((root / "out" / "unet" / "mixdq_quant.json").read_text())["plan"]
+    label = lambda b: "float" if b is None or b >= 16 else str(b)  # noqa: E731
+    pairs: dict[tuple[str, str], int] = {}
+    for layer in plan.values():
+        key = (label(layer["w_bits"]), label(layer["a_bits"]))
+        pairs[key] = pairs.get(key, 0) + 1
+    assert {(r["weights"], r["acts"]): r["layers"] for r in summary["formats"]} == pairs
+    assert set(summary["per_layer"]) == set(plan)
+    # FP16 size: every tensor of the float UNet at two bytes (read with safetensors itself)
+    from safetensors.numpy import load_file
+
+    float_unet = load_file(model / "unet" / "diffusion_pytorch_model.safetensors")
+    sizes = summary["sizes"]
+    assert sizes["fp16_bytes"] == 2 * sum(a.size for a in float_unet.values())
+    assert sizes["unet_bytes"] == (root / "out" / "unet" / "mixdq_unet.safetensors").stat().st_size
+    code, text, _ = _inspect(capsys, root / "out")
+    assert code == 0 and "every file verified" in text and "naive" in text
+
+
+def test_inspect_names_the_damage_and_exits_2(quantized, tmp_path, capsys):
+    out = Path(shutil.copytree(quantized[0] / "out", tmp_path / "edited"))
+    _edit_act_bits(out)
+    code, text, _ = _inspect(capsys, out)
+    assert code == 2 and "FAILED" in text and "unet/mixdq_quant.json" in text
+
+
+def test_inspect_a_run_directory(quantized, capsys):
+    root, _ = quantized
+    code, text, _ = _inspect(capsys, root / "run", "--json")
+    assert code == 0
+    summary = json.loads(text)
+    calib = summary["calibrate"]
+    assert (calib["state"], calib["batches"], calib["batches_expected"]) == ("done", 2, 2)
+    row = summary["quantize"]["W8A8_naive"]
+    assert row["method"] == "naive" and Path(row["out"]) == root / "out"
+    assert all(row["stages"][s] for s in ("weights", "acts", "export", "report"))
+    code, text, _ = _inspect(capsys, root / "run")
+    assert code == 0 and "calibrate    done" in text
+
+
+def test_inspect_refuses_what_it_cannot_read(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("x")
+    for path, words in ((tmp_path / "missing", "no such"), (tmp_path / "notes.txt", "not a folder"),
+                        (tmp_path, "neither an exported")):  # fmt: skip
+        code, _, err = _inspect(capsys, path)
+        assert code == 2 and words in err and "Traceback" not in err, err

@@ -12,7 +12,7 @@ import pytest
 
 from mixdq_jax.api import load_pipeline, qconfig_for
 from mixdq_jax.quant import Observe, QuantSpec, forward, update_ranges
-from tests.tiny_models import build_sdxl
+from tests.tiny_models import SMALL_UNET, build_sdxl
 
 PROMPTS = ["a red circle", "a blue square on a green background", "two yellow triangles"]
 SIZE = 32  # image side; latents are 16x16
@@ -20,7 +20,7 @@ SIZE = 32  # image side; latents are 16x16
 
 @pytest.fixture(scope="package")
 def pipe_dir(tmp_path_factory):
-    return build_sdxl(tmp_path_factory.mktemp("deploy") / "pipe")
+    return build_sdxl(tmp_path_factory.mktemp("deploy") / "pipe", unet_overrides=SMALL_UNET)
 
 
 @pytest.fixture(scope="package")

@@ -28,7 +28,11 @@ from mixdq_jax.quant import (
 from mixdq_jax.quant.forward import unet_arguments
 from tests.tiny_models import sdxl_unet_config
 
-CONFIG = UNetConfig.from_dict(sdxl_unet_config())
+# one block of each kind (plain and cross-attention down/up blocks, a split up-block shortcut):
+# every property here holds layer by layer, and compilation is most of these tests' time
+CONFIG = UNetConfig.from_dict(
+    sdxl_unet_config(layers_per_block=1, transformer_layers_per_block=(1, 1))
+)
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,14 @@ from mixdq_jax.cli import main
 from mixdq_jax.quant import QuantSpec
 from mixdq_jax.quant.registry import unet_layers
 from mixdq_jax.rundir import RunDir
-from tests.tiny_models import build_sdxl
+from tests.tiny_models import SMALL_UNET, build_sdxl
 
 PROMPTS = ["a red circle", "a blue square on a green background", "two yellow triangles"]
 
 
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory):
-    return build_sdxl(tmp_path_factory.mktemp("qsdxl") / "pipe")
+    return build_sdxl(tmp_path_factory.mktemp("qsdxl") / "pipe", unet_overrides=SMALL_UNET)
 
 
 @pytest.fixture(scope="module")

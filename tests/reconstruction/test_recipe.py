@@ -186,6 +186,10 @@ def test_a_study_row_of_a_reconstruction_method_is_its_learned_model(model, tmp_
                  "--eval-metrics", "ssim,psnr"])  # fmt: skip
     assert code == 0
     assert "| W8A8 | PTQD | 8.00 | 8.00 |" in (run / "report/report.md").read_text()
+    # the study exports its headline row (no MixDQ row here: the first one with a packed format)
+    from mixdq_jax.deploy import verify_export  # noqa: PLC0415
+
+    assert verify_export(run / "export" / "W8A8_naive") == []
 
     from mixdq_jax.methods import RECONSTRUCTION_METHODS, Target  # noqa: PLC0415
     from mixdq_jax.reconstruction import ReconConfig  # noqa: PLC0415

@@ -33,7 +33,7 @@ from mixdq_jax.sensitivity import (
     sweep,
 )
 from mixdq_jax.sensitivity.orthogonality import gram
-from tests.tiny_models import build_sdxl
+from tests.tiny_models import SMALL_UNET, build_sdxl
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ("a red circle", "a blue square on a green background", "two yellow triangles")
@@ -44,8 +44,8 @@ SEL = (
     "conv_in",
     "up_blocks.1.resnets.0.conv_shortcut",
     "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
-    "up_blocks.0.attentions.0.transformer_blocks.1.ff.net.2",
-    "down_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q",
+    "up_blocks.0.attentions.1.transformer_blocks.0.ff.net.2",
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
     "conv_out",
 )
 
@@ -87,7 +87,7 @@ def _ssim_np(x: np.ndarray, y: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory):
-    return build_sdxl(tmp_path_factory.mktemp("sens_sdxl") / "pipe")
+    return build_sdxl(tmp_path_factory.mktemp("sens_sdxl") / "pipe", unet_overrides=SMALL_UNET)
 
 
 @pytest.fixture(scope="module")
