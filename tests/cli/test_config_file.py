@@ -259,12 +259,16 @@ steps: 2
 def test_quantize_from_a_config_file_records_its_settings_in_the_run_and_the_export(
     tmp_path, prompts
 ):
-    """End to end on the testbed: the file's options (one overridden on the command line)
+    """End to end on a tiny SDXL: the file's options (one overridden on the command line)
     run the recipe, and the run directory and the exported folder say what ran."""
+    from tests.tiny_models import SMALL_UNET, build_sdxl  # noqa: PLC0415  (torch: only here)
+
+    model = build_sdxl(tmp_path / "model", unet_overrides=SMALL_UNET)
     run, out = tmp_path / "run", tmp_path / "out"
     config = _write(
         tmp_path / "recipe.yaml",
         f"""
+model: {model}
 target: W8A8
 method: naive
 run: {run}
