@@ -387,14 +387,26 @@ class Recipe:
         """The float pipeline bound to :meth:`quantized` (what evaluation renders)."""
         return QuantizedPipeline(self.pipe, self.quantized(allocation))
 
+    def labels(self, allocation: ChosenBits) -> dict[str, Any]:
+        """What a row is, as every report and export states it: the preset, the integer
+        program's objective (None: the allocator reads no scores) and the method's settings."""
+        method = allocation.method
+        return {
+            "preset": self.config.preset.name,
+            "objective": self.config.knobs.objective if method.allocator.uses_scores else None,
+            "method_settings": method.settings(),
+        }
+
     def summary(self, allocation: ChosenBits) -> dict[str, Any]:
-        """The numbers every report row states: average bits, the stored UNet size (None
-        for a format without a packed export) and the paper's Compute Opt."""
+        """The numbers every report row states: what the row is (`labels`), average bits,
+        the stored UNet size (None for a format without a packed export) and the paper's
+        Compute Opt."""
         from mixdq_jax.deploy.memory import stored_param_bytes  # noqa: PLC0415
 
         unet_config = self.pipe.unet.config
         exportable = allocation.method.format.exportable
         return {
+            **self.labels(allocation),
             **bits_summary(allocation.weight_bits, allocation.act_bits, self.layers),
             "unet_mb": stored_param_bytes(unet_config, allocation.spec) / 1e6
             if exportable else None,
@@ -427,11 +439,12 @@ class Recipe:
             if problems:
                 log(f"{out}: the export there is not intact ({describe_problems(problems)}); "
                     "exporting it again")  # fmt: skip
+        labels = self.labels(allocation)
         recipe = {
             "method": allocation.method.name,
             "target": allocation.target.name,
-            "preset": self.config.preset.name,
-            "objective": self.config.knobs.objective,
+            "preset": labels["preset"],
+            "objective": labels["objective"],
         }
         meta = export_quantized_pipeline(
             self.pipe, allocation.spec, out, unet=self.learned(allocation), overwrite=overwrite,
@@ -460,7 +473,6 @@ class Recipe:
         report = {
             "target": allocation.target.name,
             "method": method.name,
-            "preset": self.config.preset.name,
             "model": str(self.pipe.source),
             **summary,
             "float_unet_mb": float_mb,
@@ -597,7 +609,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     floats = report["act_float_layers"]
     return "\n".join(
         [
-            f"# mixdq quantize: {report['target']} {report['method']} ({report['preset']} preset)",
+            f"# mixdq quantize: {report['target']} {report['method']} ({report['preset']} preset"
+            + (f", {report['objective']} objective)" if report.get("objective") else ")"),
             "",
             f"- model: `{report['model']}`",
             f"- weights: {report['weight_avg_bits']:.3f} average bits",

@@ -112,6 +112,19 @@ def _fig8_table(pareto: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def _labels_line(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The quantizer preset and the integer program's objective every row ran with."""
+    rows = [r for k, r in results.items() if k != "float" and "preset" in r]
+    if not rows:
+        return []
+    presets = sorted({r["preset"] for r in rows})
+    objectives = sorted({r["objective"] for r in rows if r.get("objective")})
+    line = f"Quantizer preset: {', '.join(presets)}"
+    if objectives:
+        line += f"; the integer programs' objective: {', '.join(objectives)}"
+    return [line + " (each row's settings: metrics.json `method_settings`).", ""]
+
+
 def table(
     config: StudyConfig,
     results: Mapping[str, Mapping[str, Any]],
@@ -130,6 +143,7 @@ def table(
         + f" (seed {config.seed}). Run time {seconds / 60:.1f} min (this "
         "run; stages found on disk are not recomputed).",
         "",
+        *_labels_line(results),
         "Every row is the recipe of `mixdq quantize --target T --method M`. W bits: average "
         "weight bits. A bits (eff.): average activation bits with the float layers counted at "
         "16 (A8 targets stay at or below 8). A float: activation layers kept float. UNet MB: "

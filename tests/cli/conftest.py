@@ -43,6 +43,20 @@ def mixdq(
     )  # fmt: skip
 
 
+def in_process(capsys: pytest.CaptureFixture[str], argv) -> tuple[int, str]:
+    """``mixdq ARGV`` in this process (the same ``main`` as the entry point, no interpreter
+    start): its exit code and stderr, which never holds a traceback."""
+    from mixdq_jax import cli  # noqa: PLC0415
+
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return code, err
+
+
 def failed(proc: subprocess.CompletedProcess, code: int, *names: str) -> str:
     """Assert ``proc`` exited with ``code``, printed no traceback, and named every ``names``
     on stderr; returns stderr."""

@@ -12,23 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mixdq_jax import cli
 from mixdq_jax.testbed import TESTBED_PATH
-from tests.cli.conftest import failed, fingerprint, mixdq
+from tests.cli.conftest import failed, fingerprint, in_process, mixdq
 from weights_convert.safetensors_io import save_safetensors
 
 BAD_UTF8 = b"a red circle\n\xff\xfe a blue square\n"
 
 
-def _run(capsys, argv) -> tuple[int, str]:
-    """``mixdq ARGV`` in this process (the same ``main`` as the entry point)."""
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    return code, err
 
 
 # ------------------------------------------------------------------ counts and sizes
@@ -65,7 +55,7 @@ def test_counts_and_names_are_checked_at_parse_time(tmp_path, capsys, argv, name
     for a in argv:
         full += alloc if a == "{alloc}" else [a.replace("{cfg}", str(tmp_path / "u.json"))
                                               .replace("{tmp}", str(tmp_path))]  # fmt: skip
-    code, err = _run(capsys, full)
+    code, err = in_process(capsys, full)
     assert code == 2 and "error: argument" in err and all(n in err for n in names), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["u.json"]  # nothing written
 
@@ -106,7 +96,7 @@ def test_a_file_that_does_not_decode_is_named_with_its_line(tmp_path, capsys, ar
         (tmp_path / name).write_text("")
     argv = [a.replace("{bad}", str(bad)).replace("{tmp}", str(tmp_path)) for a in argv]
     path = next(a for a in argv if a.startswith(str(bad)))
-    code, err = _run(capsys, argv)
+    code, err = in_process(capsys, argv)
     assert code == 2, err
     assert f"{path}: not UTF-8 text (line 2: byte 0xff)" in err, err
     assert flag is None or f"{flag} {path}" in err, err
@@ -115,7 +105,7 @@ def test_a_file_that_does_not_decode_is_named_with_its_line(tmp_path, capsys, ar
 
 # ------------------------------------------------------------------ what to fix, named
 def test_a_missing_calibration_names_the_option(tmp_path, capsys):
-    code, err = _run(capsys, ["generate", "--prompt", "a", "--act-bits", "8", "--out",
+    code, err = in_process(capsys, ["generate", "--prompt", "a", "--act-bits", "8", "--out",
                               tmp_path / "o"])  # fmt: skip
     assert code == 2 and "--act-bits 8" in err and "--calib RUN" in err, err
     assert "down_blocks" not in err and len(err) < 400, err
@@ -129,7 +119,7 @@ def test_an_edited_bits_file_names_the_file_and_the_layer(tmp_path, capsys):
                                                                "config.json")]  # fmt: skip
     edited = tmp_path / "edited.yaml"
     edited.write_text("".join(f"model.{n}: 8\n" for n in [*names, "down_blocks.9.typo"]))
-    code, err = _run(capsys, ["generate", "--prompt", "a", "--weight-bits", edited, "--out",
+    code, err = in_process(capsys, ["generate", "--prompt", "a", "--weight-bits", edited, "--out",
                               tmp_path / "o"])  # fmt: skip
     assert code == 2, err
     assert f"--weight-bits {edited}" in err and "'down_blocks.9.typo'" in err, err
@@ -177,7 +167,7 @@ def test_a_damaged_inception_file_fails_before_any_image(tmp_path, capsys, damag
         if damage == "truncated":
             weights.write_bytes(weights.read_bytes()[:200])
     out = tmp_path / "eval"
-    code, err = _run(capsys, ["evaluate", "--prompts", _prompts(tmp_path), "--metrics", "fid",
+    code, err = in_process(capsys, ["evaluate", "--prompts", _prompts(tmp_path), "--metrics", "fid",
                               "--inception-weights", weights, "--reference-images", real,
                               "--out", out])  # fmt: skip
     assert code == 2 and str(weights) in err, err
@@ -189,11 +179,11 @@ def test_fid_needs_two_images_and_says_so(tmp_path, capsys):
     real = tmp_path / "real"
     real.mkdir()
     (real / "0.png").write_bytes(b"")
-    code, err = _run(capsys, ["evaluate", "--prompts", _prompts(tmp_path), "--metrics", "fid",
+    code, err = in_process(capsys, ["evaluate", "--prompts", _prompts(tmp_path), "--metrics", "fid",
                               "--inception-weights", tmp_path / "p.txt", "--reference-images",
                               real, "--out", tmp_path / "o"])  # fmt: skip
     assert code == 2 and f"--reference-images {real}" in err and "at least 2" in err, err
-    code, err = _run(capsys, ["evaluate", "--prompts", _prompts(tmp_path), "--num", "1",
+    code, err = in_process(capsys, ["evaluate", "--prompts", _prompts(tmp_path), "--num", "1",
                               "--metrics", "fid", "--out", tmp_path / "o"])  # fmt: skip
     assert code == 2 and "--num" in err and "at least 2" in err, err
     assert not (tmp_path / "o").exists()

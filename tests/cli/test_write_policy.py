@@ -13,11 +13,11 @@ import sys
 import numpy as np
 import pytest
 
-from mixdq_jax import cli, official_format
+from mixdq_jax import official_format
 from mixdq_jax.cli.outputs import Target, claim, output_file, output_folder, run_directory
 from mixdq_jax.io_utils import LOCK_FILE, LockError, file_lock
 from mixdq_jax.quant.registry import registry_from_unet_config
-from tests.cli.conftest import ROOT, failed, fingerprint, mixdq
+from tests.cli.conftest import ROOT, failed, fingerprint, in_process, mixdq
 
 UNET = {
     "_class_name": "UNet2DConditionModel", "sample_size": 8, "in_channels": 4, "out_channels": 4,
@@ -36,15 +36,6 @@ def _user_folder(path, **files: str):
     return path
 
 
-def _in_process(capsys, argv) -> tuple[int, str]:
-    """``mixdq ARGV`` in this process (the same ``main``): its exit code and stderr."""
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    return code, err
 
 
 @pytest.fixture
@@ -141,7 +132,7 @@ def test_every_command_refuses_a_folder_of_the_users(tmp_path, capsys, argv, fla
     (tmp_path / "unet.json").write_text(json.dumps(UNET))
     before = fingerprint(mine)
     argv = [a.replace("{mine}", str(mine)).replace("{tmp}", str(tmp_path)) for a in argv]
-    code, err = _in_process(capsys, argv)
+    code, err = in_process(capsys, argv)
     assert code == 2, err
     assert f"{flag} {mine}" in err and "notes.txt" in err and "--overwrite" in err, err
     assert fingerprint(mine) == before and not any(mine.glob("**/*.lock"))
@@ -163,7 +154,7 @@ def test_no_command_writes_into_the_model(capsys, model_copy, argv):
         (model_copy / "run" / "calib").mkdir(parents=True)
         (model_copy / "run" / "calib" / "act_ranges.npz").write_bytes(b"")
     before = fingerprint(model_copy)
-    code, err = _in_process(capsys, [a.replace("{model}", str(model_copy)) for a in argv])
+    code, err = in_process(capsys, [a.replace("{model}", str(model_copy)) for a in argv])
     assert code == 2 and f"model folder {model_copy.resolve()} (--model)" in err, err
     assert fingerprint(model_copy) == before
 
@@ -179,7 +170,7 @@ def test_a_file_where_a_folder_goes_and_the_reverse(tmp_path, capsys, calibrated
         (["allocate", "--run", calibrated, "--kind", "weight", "--target", "4", "--out",
           tmp_path], [f"--out {tmp_path} is a folder"]),
     ]:  # fmt: skip
-        code, err = _in_process(capsys, argv)
+        code, err = in_process(capsys, argv)
         assert code == 2 and all(n in err for n in names) and "Errno" not in err, err
     assert afile.read_text() == "the user's"
 
@@ -190,15 +181,15 @@ def test_own_output_is_rewritten_and_overwrite_replaces(tmp_path, capsys, calibr
     common = ["allocate", "--run", calibrated, "--kind", "weight", "--target", "4"]
     sweep = tmp_path / "sweep"
     for _ in range(2):
-        code, err = _in_process(capsys, [*common, "--k-sweep", "--b-num", "1", "--out", sweep])
+        code, err = in_process(capsys, [*common, "--k-sweep", "--b-num", "1", "--out", sweep])
         assert code == 0, err
     assert (sweep / "index.json").is_file() and not any(sweep.glob(f"*{LOCK_FILE}"))
     out = tmp_path / "w4.yaml"
-    assert _in_process(capsys, [*common, "--out", out])[0] == 0
+    assert in_process(capsys, [*common, "--out", out])[0] == 0
     written = out.read_bytes()
-    code, err = _in_process(capsys, [*common[:-1], "5", "--out", out])
+    code, err = in_process(capsys, [*common[:-1], "5", "--out", out])
     assert code == 2 and f"--out {out} already exists" in err and out.read_bytes() == written
-    assert _in_process(capsys, [*common[:-1], "5", "--out", out, "--overwrite"])[0] == 0
+    assert in_process(capsys, [*common[:-1], "5", "--out", out, "--overwrite"])[0] == 0
     assert out.read_bytes() != written
     assert (calibrated / "sensitivity" / "weight_sizes.yaml").is_file()
     assert not list(tmp_path.rglob(f"*{LOCK_FILE}"))

@@ -74,6 +74,11 @@ def _config() -> RecipeConfig:
 def test_the_command_writes_a_loadable_folder_and_an_honest_report(reference, model):
     report = json.loads((reference / "run" / "quantize" / "W4A8_mixdq" / "report.json").read_text())
     assert report["target"] == "W4A8" and report["method"] == "mixdq"
+    # what the row is: preset, the integer program's objective, the method's settings
+    assert (report["preset"], report["objective"]) == ("ours", "noise")
+    assert report["method_settings"]["name"] == "mixdq"
+    markdown = (reference / "run" / "quantize" / "W4A8_mixdq" / "report.md").read_text()
+    assert markdown.startswith("# mixdq quantize: W4A8 mixdq (ours preset, noise objective)")
     assert report["act_effective_bits"] <= 8.0 + 1e-9
     assert 3.5 <= report["weight_avg_bits"] <= 4.02
     assert report["unet_mb"] < report["float_unet_mb"]

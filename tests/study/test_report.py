@@ -43,6 +43,18 @@ def test_tables_list_every_row_and_the_w8a8_ablation_in_order():
     assert rows == [METHODS[n].title for n in ("naive", "naive+bos", "sqnr-mp", "mixdq")]
 
 
+def test_the_report_names_the_preset_and_objective():
+    config = StudyConfig(targets=(Target.parse("W8A8"),))
+    labels = {"preset": "ours", "method_settings": {}}
+    results = {
+        "float": {"content_score": 0.95, "frechet_distance": 0.5, "unet_mb": 3.6},
+        "W8A8_naive": {**_metrics(8, 8, 0, 1.9), **labels, "objective": None},
+        "W8A8_mixdq": {**_metrics(8, 7.99, 3, 1.9), **labels, "objective": "noise"},
+    }
+    text = table(config, results, 60.0)
+    assert "Quantizer preset: ours; the integer programs' objective: noise" in text
+
+
 def test_the_papers_metrics_replace_the_judge_on_another_model():
     """With `StudyConfig.evaluation` on a model other than the testbed, Table 1 holds the
     paper's metrics (only the columns some row computed) and no judge columns."""
