@@ -16,18 +16,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from mixdq_jax.deploy.checkpoint import is_quantized_folder, read_quant_meta, verify_export
+from mixdq_jax.hub import EXPORT_SETTINGS_FILE
+from mixdq_jax.rundir import is_run_directory
 from weights_convert.checkpoint import read_json
 
-EXPORT_SETTINGS_FILE = "mixdq_settings.json"  # written beside an export by `mixdq quantize`
 _PACKED = "/q"  # packed tensors live under `<layer>/q<part>/...` in the weights file
-
-
-def is_export(path: Path) -> bool:
-    return (path / "unet" / "mixdq_quant.json").is_file()
-
-
-def is_run_dir(path: Path) -> bool:
-    return any((path / name).exists() for name in ("calib", "quantize", "settings.json"))
 
 
 def inspect_path(path: str | os.PathLike, *, layers: bool = False) -> dict[str, Any]:
@@ -37,9 +31,9 @@ def inspect_path(path: str | os.PathLike, *, layers: bool = False) -> dict[str, 
         raise FileNotFoundError(f"{folder}: no such file or folder")
     if not folder.is_dir():
         raise ValueError(f"{folder}: not a folder; give an exported folder or a --run directory")
-    if is_export(folder):
+    if is_quantized_folder(folder):
         return export_summary(folder, layers=layers)
-    if is_run_dir(folder):
+    if is_run_directory(folder):
         return run_summary(folder)
     raise ValueError(
         f"{folder}: neither an exported quantized folder (no unet/mixdq_quant.json) nor a run "
@@ -81,8 +75,6 @@ def _bits_label(bits: Any) -> str:
 
 def export_summary(folder: Path, *, layers: bool = False) -> dict[str, Any]:
     """Source, method and settings, per-layer formats, sizes and a checksum verdict."""
-    from mixdq_jax.deploy.checkpoint import read_quant_meta  # noqa: PLC0415
-
     unet = folder / "unet"
     meta = read_quant_meta(unet)
     plan: dict[str, Any] = meta["plan"]
@@ -153,8 +145,6 @@ def _sizes(weights: Path, plan: dict[str, Any]) -> dict[str, Any]:
 
 def _verify(folder: Path) -> dict[str, Any]:
     """Every file of the export against the checksums its manifest records."""
-    from mixdq_jax.deploy.checkpoint import verify_export  # noqa: PLC0415
-
     problems = verify_export(folder)
     return {"ok": not problems, "problems": list(problems)}
 

@@ -97,23 +97,12 @@ def exclusive_lock(folder: str | os.PathLike, what: str = "folder") -> Iterator[
     (``"run directory"``, ``"output folder"``).
     """
     folder = Path(folder)
-    key = folder.resolve()
-    if key in _HELD:
-        yield folder
-        return
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_FILE
-    fd = _acquire(path, what, folder)
-    _HELD.add(key)
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, _lock_info(), 0)
-        yield folder
+        with _holding(folder, folder / LOCK_FILE, what):
+            yield folder
     finally:
-        _HELD.discard(key)
-        path.unlink(missing_ok=True)  # before unlocking: a waiter re-checks the inode
-        os.close(fd)  # releases the flock
         if created:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only when empty: nothing was written
@@ -126,22 +115,29 @@ def file_lock(path: str | os.PathLike, what: str = "output file") -> Iterator[Pa
     does, so two commands writing one file fail at once instead of racing. The parent folder
     is created if missing (the file is written there anyway). Re-entrant within one process."""
     path = Path(path)
-    key = path.resolve()
-    if key in _HELD:
-        yield path
-        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.parent / f".{path.name}{LOCK_FILE}"
-    fd = _acquire(lock, what, path)
+    with _holding(path, path.parent / f".{path.name}{LOCK_FILE}", what):
+        yield path
+
+
+@contextmanager
+def _holding(subject: Path, lock: Path, what: str) -> Iterator[None]:
+    """Hold ``lock`` (for writing ``subject``) recording the holder; re-entrant within one
+    process; the file is removed on release, before the flock is dropped."""
+    key = subject.resolve()
+    if key in _HELD:
+        yield
+        return
+    fd = _acquire(lock, what, subject)
     _HELD.add(key)
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, _lock_info(), 0)
-        yield path
+        yield
     finally:
         _HELD.discard(key)
-        lock.unlink(missing_ok=True)
-        os.close(fd)
+        lock.unlink(missing_ok=True)  # before unlocking: a waiter re-checks the inode
+        os.close(fd)  # releases the flock
 
 
 def _acquire(path: Path, what: str, folder: Path) -> int:

@@ -488,3 +488,22 @@ class RunDir:
 
     def write_reconstructed_unit(self, key: str, index: int, arrays: Mapping[str, Any]) -> None:
         atomic_write_bytes(self.reconstructed_unit_path(key, index), _npz_bytes(arrays))
+
+
+RUN_SETTINGS = "settings.json"  # `mixdq_jax.cli.config_file.SETTINGS_FILE` (the CLI's record)
+
+
+def is_run_directory(path: str | os.PathLike) -> bool:
+    """A folder a mixdq command made a run directory: calibrated (``calib/meta.json``, the
+    first file calibration writes, or its ranges) or with the ``settings.json`` that
+    ``quantize``/``demo`` write first. The one recogniser: the CLI's write policy and
+    `mixdq inspect` both ask it."""
+    path = Path(path)
+    calib = path / "calib"
+    if (calib / "meta.json").is_file() or (calib / "act_ranges.npz").is_file():
+        return True
+    try:
+        settings = json.loads((path / RUN_SETTINGS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(settings, dict) and settings.get("format") == "mixdq-settings"

@@ -30,9 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixdq_jax.io_utils import LOCK_FILE, exclusive_lock, file_lock
+from mixdq_jax.rundir import is_run_directory
 
-RUN_SETTINGS = "settings.json"  # config_file.SETTINGS_FILE (not imported: keeps this light)
-_SETTINGS_FORMAT = "mixdq-settings"
 _MODEL_FLAGS = (("--model", "model"), ("--float-model", "float_model"))
 _SHOWN = 5  # files named in a refusal
 
@@ -84,17 +83,6 @@ def read_json_quietly(path: Path) -> object:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def is_run_directory(path: Path) -> bool:
-    """A folder a mixdq command made a run directory: calibrated (``calib/meta.json``, the
-    first file calibration writes, or its ranges) or with a ``settings.json`` of
-    ``quantize``/``demo``."""
-    calib = path / "calib"
-    if (calib / "meta.json").is_file() or (calib / "act_ranges.npz").is_file():
-        return True
-    settings = read_json_quietly(path / RUN_SETTINGS)
-    return isinstance(settings, dict) and settings.get("format") == _SETTINGS_FORMAT
 
 
 # ------------------------------------------------------------------------------ the policy
