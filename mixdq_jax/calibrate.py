@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from mixdq_jax.compile_events import first_call
 from mixdq_jax.pipeline import Pipeline, seed_keys
-from mixdq_jax.quant.modes import Observe, update_ranges
+from mixdq_jax.quant.modes import Observe, ObserveQuantized, update_ranges
 from mixdq_jax.quant.qconfig import FLOAT_BITS, QUANT_BITS, QConfig, QuantSpec
 from mixdq_jax.quant.registry import layer_splits, unet_layers
 from mixdq_jax.rundir import KEY_NOISE, RunDir
@@ -44,7 +44,13 @@ class CalibConfig:
     ``observe_weight_bits`` < 16 observes the activation ranges on the model with weights at
     that bit-width (``symmetric_weights``: symmetric grid), as the official code does (W8);
     the references (UNet inputs, outputs, images) always come from the float model, so
-    each batch then runs twice.
+    each batch then runs twice. ``ema_updates``: EMA updates per UNet call with the same
+    observed range (the released quantizer updates once per bit-width of its
+    ``mixed_precision`` list: 3, an effective momentum ``0.95 ** 3 = 0.857``).
+    ``observe_act_bits`` < 16 (with ``method="ema"``) is the released loop
+    (`ObserveQuantized`): each call updates the running ranges and quantizes the activations
+    with them at that bit-width while observing; a batch file then holds the running ranges
+    after that batch, and the last batch's are the result.
     """
 
     prompts: tuple[str, ...]
@@ -58,8 +64,22 @@ class CalibConfig:
     momentum: float = 0.95
     observe_weight_bits: int = FLOAT_BITS
     symmetric_weights: bool = False
+    ema_updates: int = 1
+    observe_act_bits: int = FLOAT_BITS
 
     def __post_init__(self) -> None:
+        if self.ema_updates < 1:
+            raise ValueError(f"CalibConfig: ema_updates {self.ema_updates} must be >= 1")
+        if self.observe_act_bits not in (*QUANT_BITS, FLOAT_BITS):
+            raise ValueError(
+                f"CalibConfig: observe_act_bits {self.observe_act_bits} not in "
+                f"{[*QUANT_BITS, FLOAT_BITS]}"
+            )
+        if self.observe_act_bits < FLOAT_BITS and self.method != "ema":
+            raise ValueError(
+                "CalibConfig: observing with quantized activations (observe_act_bits "
+                f"{self.observe_act_bits}) is the released running-EMA loop: set method='ema'"
+            )
         if not self.prompts:
             raise ValueError("CalibConfig: no calibration prompts")
         if self.method not in ("minmax", "ema"):
@@ -79,7 +99,21 @@ class CalibConfig:
         out["prompts"] = list(self.prompts)
         if self.observe_weight_bits == FLOAT_BITS and not self.symmetric_weights:
             del out["observe_weight_bits"], out["symmetric_weights"]
+        if self.ema_updates == 1:
+            del out["ema_updates"]
+        if self.observe_act_bits == FLOAT_BITS:
+            del out["observe_act_bits"]
         return out
+
+    @property
+    def call_momentum(self) -> float:
+        """The EMA momentum of one UNet call (``momentum ** ema_updates``)."""
+        return self.momentum**self.ema_updates
+
+    @property
+    def observes_quantized(self) -> bool:
+        """Whether calibration runs the released loop (`ObserveQuantized`)."""
+        return self.observe_act_bits < FLOAT_BITS
 
 
 def _dtype_name(pipe: Pipeline) -> str:
@@ -92,12 +126,19 @@ def float_qconfig(pipe: Pipeline) -> QConfig:
 
 
 def observed_qconfig(pipe: Pipeline, config: CalibConfig) -> QConfig:
-    """The configuration whose activations calibration observes: float activations, weights
-    at ``config.observe_weight_bits``."""
+    """The configuration whose activations calibration observes: weights at
+    ``config.observe_weight_bits``, activations float or (the released loop,
+    `ObserveQuantized.running` sets the ranges of each call) at ``config.observe_act_bits``."""
     spec = QuantSpec(
-        weight_bits=config.observe_weight_bits, symmetric_weights=config.symmetric_weights
-    )
-    return spec.to_qconfig(layer_splits(unet_layers(pipe.unet.config)))
+        weight_bits=config.observe_weight_bits, symmetric_weights=config.symmetric_weights,
+        act_bits=config.observe_act_bits,
+    )  # fmt: skip
+    splits = layer_splits(unet_layers(pipe.unet.config))
+    if not config.observes_quantized:
+        return spec.to_qconfig(splits)
+    placeholder = {n: np.zeros((1 if s is None or not spec.shortcut_split else 2, 2))
+                   for n, s in splits.items()}  # fmt: skip
+    return spec.to_qconfig(splits, placeholder)
 
 
 def run_batch(
@@ -108,11 +149,13 @@ def run_batch(
     qconfig: QConfig | None = None,
     observe: bool = True,
     embeddings: tuple[jax.Array, jax.Array | None] | None = None,
+    running: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Sample one batch step by step: ``(references, ranges)``: the inputs/outputs, images,
     conditioning and step-noise key, and (when observing) the batch's activation ranges.
     ``embeddings``: the batch's ``pipe.prompt_embeddings`` computed earlier (then the text
-    encoders are not used)."""
+    encoders are not used). With ``config.observes_quantized`` (the released loop) the
+    ranges are the running ranges after this batch, starting from ``running``."""
     cfg = pipe.uses_cfg(config.guidance_scale)
     plan = pipe.scheduler.set_timesteps(config.num_inference_steps)
     if embeddings is None:
@@ -128,17 +171,23 @@ def run_batch(
     )
     key_latents, key_noise = seed_keys(config.seed + batch_index)
     latents = jax.random.normal(key_latents, shape, jnp.float32)
-    step = pipe.compiled_step(cfg=cfg, mode=Observe() if observe else None)
+    released = observe and config.observes_quantized
+    mode = ObserveQuantized(momentum=config.call_momentum) if released else Observe()
+    step = pipe.compiled_step(cfg=cfg, mode=mode if observe else None)
     x = latents * plan.init_noise_sigma
     g = jnp.float32(config.guidance_scale)
     inputs, outputs, ranges = [], [], None
     for i in range(config.num_inference_steps):
+        if released:  # every call starts from the running ranges of the one before
+            qconfig = ObserveQuantized.running(qconfig, running if ranges is None else ranges)
         args = (pipe.params["unet"], qconfig, plan, i, x, cond, g, key_noise)
         with first_call("the UNet calibration step", step, *args):
             x, inp, out, stats = step(*args)
         inputs.append(np.asarray(inp))
         outputs.append(np.asarray(out))
-        if observe:
+        if released:
+            ranges = {k: np.asarray(v) for k, v in stats.items()}
+        elif observe:
             ranges = update_ranges(ranges, stats, method="minmax")
     images = np.asarray(pipe.decode(x))
     result = {
@@ -194,7 +243,8 @@ def calibrate(
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     run.start_calibration(_meta(pipe, config))
     qconfig = float_qconfig(pipe)  # references: every layer with float weights and activations
-    observed = None if config.observe_weight_bits == FLOAT_BITS else observed_qconfig(pipe, config)
+    separate = config.observe_weight_bits < FLOAT_BITS or config.observes_quantized
+    observed = observed_qconfig(pipe, config) if separate else None
     batches = _batches(config)
     for b, batch in enumerate(tqdm(batches, desc="calibration", unit="batch")):
         if run.has_batch(b):
@@ -204,12 +254,19 @@ def calibrate(
             pipe, batch, config, b, qconfig, observe=observed is None, embeddings=emb
         )
         if observed is not None:
-            _, ranges = run_batch(pipe, batch, config, b, observed, embeddings=emb)
+            # the released loop continues from the running ranges after the batch before
+            running = run.batch_ranges(b - 1) if config.observes_quantized and b else None
+            _, ranges = run_batch(pipe, batch, config, b, observed, embeddings=emb, running=running)
         run.write_batch(b, arrays, ranges)
-    ranges = None
-    for b in range(len(batches)):
-        batch = {k: jnp.asarray(v) for k, v in run.batch_ranges(b).items()}
-        ranges = update_ranges(ranges, batch, method=config.method, momentum=config.momentum)
+    if config.observes_quantized:  # the running ranges after the last batch
+        ranges = dict(run.batch_ranges(len(batches) - 1))
+    else:
+        ranges = None
+        for b in range(len(batches)):
+            batch = {k: jnp.asarray(v) for k, v in run.batch_ranges(b).items()}
+            ranges = update_ranges(
+                ranges, batch, method=config.method, momentum=config.call_momentum
+            )
     ranges = {k: np.asarray(v) for k, v in ranges.items()}
     run.write_act_ranges(ranges)
     return ranges

@@ -10,6 +10,7 @@ from mixdq_jax.cli import argtypes
 from mixdq_jax.cli.config_file import add_config_option, write_run_settings
 from mixdq_jax.cli.metric_args import add_report_eval_args, report_eval
 from mixdq_jax.cli.model_args import add_model_args
+from mixdq_jax.cli.preset_args import add_allocation_args, add_preset_arg, allocation_options
 from mixdq_jax.cli.quantize import target_arg
 from mixdq_jax.cli.recon_args import add_recon_args, recon_config
 
@@ -58,6 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="write into a non-empty --out that is not a mixdq run directory (files it does not "
         "write are kept)",
     )  # fmt: skip
+    add_preset_arg(p)
+    add_allocation_args(p.add_argument_group("bit allocation (as mixdq quantize)"))
     add_recon_args(p)
     add_report_eval_args(p)
     p.set_defaults(func=run)
@@ -74,6 +77,7 @@ def methods_named(names: list[str]) -> tuple:
 def run(args: argparse.Namespace) -> int:
     from mixdq_jax.cli.outputs import claim, run_directory  # noqa: PLC0415
     from mixdq_jax.methods import load_plugin  # noqa: PLC0415
+    from mixdq_jax.recipe import PRESETS  # noqa: PLC0415
     from mixdq_jax.study import StudyConfig, run_study  # noqa: PLC0415
 
     if args.seed + args.num_eval - 1 > argtypes.MAX_SEED:
@@ -98,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
                 steps=args.steps,
                 evaluation=evaluation,
                 reconstruction=recon_config(args),
+                preset=PRESETS[args.preset],
+                knobs=allocation_options(args),
                 **({} if methods is None else {"methods": methods}),
                 **({} if args.targets is None else {"targets": tuple(dict.fromkeys(args.targets))}),
             )

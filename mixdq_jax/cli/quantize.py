@@ -34,13 +34,12 @@ from mixdq_jax.cli.config_file import (
 )
 from mixdq_jax.cli.metric_args import add_report_eval_args, report_eval
 from mixdq_jax.cli.model_args import MODEL_HELP, add_model_args
+from mixdq_jax.cli.preset_args import add_allocation_args, add_preset_arg, allocation_options
 from mixdq_jax.cli.quant_args import add_dtype_arg, resolve_dtype
 from mixdq_jax.cli.recon_args import add_recon_args, recon_config
 
 STAGES = ("calibrate", "sensitivity", "weights", "acts", "reconstruct", "export", "report")
 _count = argtypes.positive_int
-_act_average = argtypes.float_in(4.0, 8.0, "the {4, 8} activation average")
-_percent = argtypes.float_in(0.0, 100.0, "a percentage")
 
 
 def target_arg(text: str):
@@ -83,12 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run directory (resumable): new, empty or an earlier run's; not inside --model",
     )  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="quantized pipeline folder to write")
-    p.add_argument(
-        "--preset", choices=("ours", "official"), default="ours",
-        help="quantizer settings the paper leaves open: ours (asymmetric weights, min/max "
-        "ranges on the float model; default) or official (symmetric weights, EMA(0.95) ranges "
-        "observed on the W8 model)",
-    )  # fmt: skip
+    add_preset_arg(p)
     p.add_argument(
         "--prompts", type=argtypes.existing_file, default=None,
         help="text file, one prompt per line: the first --num-calib calibrate, the next "
@@ -123,22 +117,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="override, e.g. LCMScheduler",
     )
     g = parser.add_argument_group("sensitivity sweep and bit allocation")
-    g.add_argument(
-        "--objective", choices=("official", "noise"), default=None,
-        help="what the integer program maximises: noise (least summed quantization noise "
-        "power; default with --preset ours, measured to predict the image better: README) or "
-        "official (summed SSIM / SQNR dB, the paper's; default with --preset official)",
-    )  # fmt: skip
-    g.add_argument(
-        "--act-average", type=_act_average, default=None,
-        help="A8: average bits of the non-protected activation layers (default: the paper's "
-        "7.7, lowered if needed so the effective average, float layers at 16, is <= 8)",
-    )  # fmt: skip
-    g.add_argument(
-        "--protect-top", type=_percent, default=1.0,
-        help="A8: percent of activation layers per group kept float, the lowest-scoring at "
-        "8 bits (1, the paper's)",
-    )  # fmt: skip
+    add_allocation_args(g)
     g.add_argument("--chunk", type=_count, default=8, help="sweep configurations per call (8)")
     add_recon_args(parser.add_argument_group(
         "learned rounding (methods that reconstruct blocks: qdiffusion, ptqd, edadm, ...)"
@@ -209,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     from mixdq_jax.cli.outputs import claim, output_folder, run_directory  # noqa: PLC0415
     from mixdq_jax.deploy.checkpoint import check_export_folder  # noqa: PLC0415
     from mixdq_jax.loader import resolve_model  # noqa: PLC0415
-    from mixdq_jax.methods import AllocationOptions, get_method, load_plugin  # noqa: PLC0415
+    from mixdq_jax.methods import get_method, load_plugin  # noqa: PLC0415
     from mixdq_jax.recipe import PRESETS, RecipeConfig  # noqa: PLC0415
     from mixdq_jax.recipe.run import check_request  # noqa: PLC0415
 
@@ -226,12 +205,9 @@ def run(args: argparse.Namespace) -> int:
 
         lora = {"lora": str(args.lora), "lora_scale": args.lora_scale}
         evaluation = replace(evaluation, identity=lora)
-    objective = args.objective or ("official" if args.preset == "official" else "noise")
     config = RecipeConfig(
         calib_prompts=calib, select_prompts=select, preset=PRESETS[args.preset],
-        knobs=AllocationOptions(
-            act_average=args.act_average, protect_top=args.protect_top, objective=objective
-        ),
+        knobs=allocation_options(args),
         steps=args.steps, guidance_scale=args.guidance_scale, height=args.height,
         width=args.width, seed=args.seed, batch_size=args.batch_size, chunk=args.chunk,
         reconstruction=recon_config(args),

@@ -11,12 +11,14 @@ take their token-0 output row from the float layer.
 Observation (calibration) runs activations in float, weights as configured, and records each
 layer's input range per input part as a ``[parts, 2]`` array of ``(lo, hi)`` containing 0,
 token 0 excluded for BOS-aware layers; accumulate batches with :func:`update_ranges`.
+:class:`ObserveQuantized` is the released MixDQ loop instead: running ranges updated at every
+call and the activations quantized with them while observing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
@@ -101,8 +103,11 @@ def _observed_range(x: Array, lq: LayerQConfig) -> Array:
     return jnp.stack([_minmax(x[..., a:b]) for a, b in input_parts(lq.split, x.shape[-1])])
 
 
-def _fake_quant_call(call: LayerCall, qconfig: QConfig, records: Records, observe: bool) -> Array:
-    lq = qconfig.layers[call.name]
+def _fake_quant_call(
+    call: LayerCall, qconfig: QConfig, records: Records, observe: bool,
+    lq: LayerQConfig | None = None,
+) -> Array:  # fmt: skip
+    lq = qconfig.layers[call.name] if lq is None else lq
     params = call.params
     kernel = params["kernel"]
     _check(call, kernel, lq)
@@ -150,6 +155,48 @@ class Observe(Mode):
 
     def handle(self, call: LayerCall, qconfig: QConfig, records: Records) -> Array:
         return _fake_quant_call(call, qconfig, records, observe=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObserveQuantized(Mode):
+    """The released MixDQ calibration loop (its ``running_stat`` quantizers with activation
+    quantization on): each layer updates its running range with this call's range, then
+    quantizes its input with the updated range at the configuration's activation bits (and its
+    weights as configured), so later layers see quantized inputs. The running range is data:
+    the configuration's ``a_range`` holds the range before this call (NaN: none yet, this
+    call's range starts it) and the mode records the updated one. ``momentum``: per call
+    (``m ** u`` for ``u`` updates of the same value: the released quantizer updates once per
+    bit-width of its ``mixed_precision`` list, three times a call)."""
+
+    momentum: float = 0.95
+    collects = True
+
+    @staticmethod
+    def running(qconfig: QConfig, ranges: Mapping[str, Any] | None = None) -> QConfig:
+        """``qconfig`` with each layer's running range set to ``ranges[name]`` (the records
+        of the call before), or NaN for none yet (the first call starts them)."""
+        layers = {
+            name: replace(
+                lq,
+                a_range=jnp.full(lq.a_range.shape, jnp.nan, jnp.float32)
+                if ranges is None
+                else jnp.asarray(ranges[name], jnp.float32).reshape(lq.a_range.shape),
+            )
+            for name, lq in qconfig.layers.items()
+        }
+        return replace(qconfig, layers=layers)
+
+    def layers(self, qconfig: QConfig) -> Collection[str]:
+        return qconfig.layers
+
+    def handle(self, call: LayerCall, qconfig: QConfig, records: Records) -> Array:
+        lq = qconfig.layers[call.name]
+        seen = _observed_range(call.x, lq)
+        prev = lq.a_range.astype(jnp.float32)
+        new = jnp.where(jnp.isnan(prev), seen, self.momentum * prev + (1.0 - self.momentum) * seen)
+        records.add(call.name, new, union_ranges)
+        return _fake_quant_call(call, qconfig, records, observe=False,
+                                lq=replace(lq, a_range=new))  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -72,15 +72,17 @@ class RecipeConfig:
     """Settings shared by every target and method of one run.
 
     ``calib_prompts`` drive calibration and the sweeps; ``select_prompts`` (held out from
-    calibration) pick among candidates by image MSE vs float. ``height``/``width``: ``None``
-    is the model's native size. ``reconstruction``: the settings of the ``reconstruct``
-    stage (methods with learned rounding).
+    calibration) pick among candidates by image MSE vs float (by the preset's
+    ``selection``). ``knobs``: the allocation's options (``None``: the preset's,
+    `Preset.knobs`). ``height``/``width``: ``None`` is the model's native size.
+    ``reconstruction``: the settings of the ``reconstruct`` stage (methods with learned
+    rounding).
     """
 
     calib_prompts: tuple[str, ...]
     select_prompts: tuple[str, ...]
     preset: Preset = PRESETS["ours"]
-    knobs: AllocationOptions = field(default_factory=AllocationOptions)
+    knobs: AllocationOptions | None = None
     steps: int = 1
     guidance_scale: float = 0.0
     height: int | None = None
@@ -93,6 +95,8 @@ class RecipeConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "calib_prompts", tuple(self.calib_prompts))
         object.__setattr__(self, "select_prompts", tuple(self.select_prompts))
+        if self.knobs is None:
+            object.__setattr__(self, "knobs", self.preset.knobs())
         if not self.calib_prompts or not self.select_prompts:
             raise ValueError("the recipe needs calibration prompts and selection prompts")
         if self.steps < 1 or self.batch_size < 1 or self.chunk < 1:
@@ -149,6 +153,7 @@ class Recipe:
         self._sens: dict[bool, Sensitivities] = {}
         self._evaluator: Evaluator | None = None
         self._reference: np.ndarray | None = None
+        self._first_reference: np.ndarray | None = None
         self._ranges: dict[str, np.ndarray] | None = None
         self._learned: dict[str, QuantizedUNet] = {}
         self._chosen: dict[str, ChosenBits] = {}
@@ -167,7 +172,8 @@ class Recipe:
                 guidance_scale=c.guidance_scale, height=self.height, width=self.width,
                 seed=c.seed, batch_size=c.batch_size, method=p.range_method,
                 momentum=p.momentum, observe_weight_bits=p.observe_weight_bits,
-                symmetric_weights=p.symmetric_weights,
+                symmetric_weights=p.symmetric_weights, ema_updates=p.ema_updates,
+                observe_act_bits=p.observe_act_bits,
             ),
             self.run,
         )  # fmt: skip
@@ -178,7 +184,9 @@ class Recipe:
             self._evaluator = Evaluator(self.pipe, load_calibration(self.run, self.pipe))
         symmetric = self.config.preset.symmetric_weights
         spec = QuantSpec(symmetric_weights=symmetric, bos_aware=bos_aware)
-        sweep_config = SweepConfig(chunk=self.config.chunk, spec=spec, layers=layers)
+        sweep_config = SweepConfig(
+            chunk=self.config.chunk, spec=spec, layers=layers, sqnr=self.config.preset.sqnr
+        )
         return sweep(self.pipe, run, sweep_config, evaluator=self._evaluator)
 
     def sensitivities(self, *, bos_aware: bool = True) -> Sensitivities:
@@ -211,14 +219,16 @@ class Recipe:
         return self.spec(method, w_bits, a_bits).to_qconfig(self.splits, self._ranges)
 
     def render(
-        self, qconfig: QConfig | None = None, *, quantized: QuantizedUNet | None = None
-    ) -> np.ndarray:
+        self, qconfig: QConfig | None = None, *, quantized: QuantizedUNet | None = None,
+        count: int | None = None,
+    ) -> np.ndarray:  # fmt: skip
         """The selection prompts' images (``[N, H, W, 3]`` in [0, 1]); batch ``b`` uses seed
         ``seed + b``. A configuration whose images hold NaN/inf is an error naming the stage
         (it would otherwise score NaN and win or lose the selection at random). ``qconfig``:
-        fake quantization of the float UNet; ``quantized``: a refined UNet (`quantized`)."""
+        fake quantization of the float UNet; ``quantized``: a refined UNet (`quantized`);
+        ``count``: only the first ``count`` prompts."""
         c, pipe = self.config, self.pipe
-        prompts = list(c.select_prompts)
+        prompts = list(c.select_prompts)[:count]
         out = []
         for b, start in enumerate(range(0, len(prompts), c.batch_size)):
             out.append(
@@ -250,11 +260,21 @@ class Recipe:
     def image_mse(self, qconfig: QConfig) -> float:
         return float(np.mean((self.render(qconfig) - self.reference()) ** 2))
 
+    def selection_error(self, qconfig: QConfig) -> float:
+        """What the candidate pick minimises (the preset's ``selection``): the image MSE vs
+        float on every selection prompt, or the released pick's `released_pixel_error` on
+        the first prompt alone."""
+        if self.config.preset.selection == "mse":
+            return self.image_mse(qconfig)
+        if self._first_reference is None:  # one float image, kept in memory (cheap)
+            self._first_reference = self.render(None, count=1)
+        return released_pixel_error(self.render(qconfig, count=1), self._first_reference)
+
     # ---------------------------------------------------------------- allocation stages
     def _settings(self, target: Target, method: Method) -> dict[str, Any]:
         c = self.config
         return {
-            "target": target.name, "method": method.settings(), "preset": asdict(c.preset),
+            "target": target.name, "method": method.settings(), "preset": c.preset.settings(),
             "knobs": _knob_settings(c.knobs), "select_prompts": list(c.select_prompts),
             "seed": c.seed,
             "steps": c.steps, "guidance_scale": c.guidance_scale,
@@ -269,7 +289,7 @@ class Recipe:
         qconfig_of: Callable[[Bits], QConfig],
         sizes: Mapping[str, float],
     ) -> Bits:
-        """The candidate with the lowest image MSE vs float; scores are written as they go."""
+        """The candidate with the lowest `selection_error`; scores are written as they go."""
         if len(candidates) == 1:
             return dict(candidates[0])
         state = self.run.candidate_scores(key, kind)
@@ -289,7 +309,7 @@ class Recipe:
         )  # fmt: skip
         with bar:
             for i in todo:
-                scores[fingerprints[i]] = self.image_mse(qconfig_of(candidates[i]))
+                scores[fingerprints[i]] = self.selection_error(qconfig_of(candidates[i]))
                 self.run.write_candidate_scores(
                     key, kind, {"candidates": listing, "scores": scores}
                 )
@@ -529,7 +549,7 @@ class Recipe:
                 "recipe": allocation.key,
                 "bits": fingerprint({"w": allocation.weight_bits, "a": allocation.act_bits,
                                      "method": allocation.method.settings(),
-                                     "preset": asdict(c.preset)}),
+                                     "preset": c.preset.settings()}),
             }  # fmt: skip
             load_float = self._float_pipe
             out = out or self.run.recipe_dir(allocation.key) / "evaluation"
@@ -556,6 +576,16 @@ class Recipe:
         return self.pipe
 
 
+def released_pixel_error(images: np.ndarray, reference: np.ndarray) -> float:
+    """The released final pick's score (its ``MSE_pixel``): both images as the 8-bit PNGs it
+    saves (``round(255 x)``), then ``mean((a - b) ** 2)`` computed in uint8, so differences
+    and squares wrap modulo 256 (its ``cv2.imread`` arrays are uint8)."""
+    a = np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
+    b = np.round(np.clip(reference, 0.0, 1.0) * 255.0).astype(np.uint8)
+    d = a - b
+    return float(np.mean(d * d))
+
+
 def _knob_settings(knobs: AllocationOptions) -> dict[str, Any]:
     """The allocation options a resumed run must match; the fields the recipe's options
     did not have before they became `mixdq allocate`'s too (``k``, the candidate lists) only
@@ -564,6 +594,8 @@ def _knob_settings(knobs: AllocationOptions) -> dict[str, Any]:
     for name in ("k", "content_bits", "quality_bits"):
         if out[name] is None:
             del out[name]
+    if out.get("budget_rule") == "ours":  # added later: recorded only when not the default
+        del out["budget_rule"]
     return out
 
 

@@ -12,6 +12,7 @@ from mixdq_jax.quant.qconfig import QUANT_BITS, QuantSpec
 KINDS: tuple[str, ...] = ("weight", "act")
 METRICS: tuple[str, ...] = ("sqnr", "ssim")
 SQNR_CAP_DB = 200.0  # float32 outputs cannot resolve more; an exactly zero error maps here
+SQNR_AGGREGATES: tuple[str, ...] = ("mean_db", "ratio_of_sums")
 
 Scores = dict[str, tuple[float, ...]]  # {layer: (score at bits[0], bits[1], ...)}
 
@@ -30,6 +31,9 @@ class SweepConfig:
     ``chunk`` configurations are evaluated per call (rounded up to a multiple of the devices);
     each device holds ``chunk / devices`` copies of the activations of one calibration batch
     (for SSIM: through the VAE decoder too), so on SDXL start with one or two per device.
+    ``sqnr``: how SQNR aggregates over the calibration rows (`Evaluator.sqnr_db`):
+    ``"mean_db"`` (mean of per-prompt dB, the paper's wording) or ``"ratio_of_sums"`` (the
+    released code).
     """
 
     kinds: tuple[str, ...] = KINDS
@@ -38,8 +42,11 @@ class SweepConfig:
     chunk: int = 8
     spec: QuantSpec = field(default_factory=QuantSpec)
     layers: tuple[str, ...] | None = None
+    sqnr: str = "mean_db"
 
     def __post_init__(self) -> None:
+        if self.sqnr not in SQNR_AGGREGATES:
+            raise ValueError(f"SweepConfig: sqnr must be one of {SQNR_AGGREGATES}: {self.sqnr!r}")
         kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
         object.__setattr__(self, "kinds", kinds)
         bad = [k for k in kinds if k not in KINDS]

@@ -18,7 +18,7 @@ from mixdq_jax.pipeline import Pipeline
 from mixdq_jax.quant.forward import forward
 from mixdq_jax.quant.qconfig import QConfig
 from mixdq_jax.sensitivity.calibration import CalibBatch, CalibData
-from mixdq_jax.sensitivity.config import METRICS, SQNR_CAP_DB
+from mixdq_jax.sensitivity.config import METRICS, SQNR_AGGREGATES, SQNR_CAP_DB
 from mixdq_jax.sensitivity.configs import bits_attr, is_swept_leaf, split_swept
 
 AXIS = "cfg"  # the mesh axis the configurations are sharded over
@@ -179,11 +179,17 @@ class Evaluator:
                 parts.append(fn(*args))
         return np.concatenate([_fetch(p) for p in parts], axis=1).astype(np.float64)
 
-    def sqnr_db(self, kind: str, qconfigs: QConfig) -> np.ndarray:
-        """``[n]`` SQNR in dB: per UNet row ``10 log10(ref / err)`` over all steps (capped at
-        ``SQNR_CAP_DB``), averaged over the rows."""
+    def sqnr_db(self, kind: str, qconfigs: QConfig, *, aggregate: str = "mean_db") -> np.ndarray:
+        """``[n]`` SQNR in dB (capped at ``SQNR_CAP_DB``). ``aggregate``: ``"mean_db"``, per
+        UNet row ``10 log10(ref / err)`` over all steps, averaged over the rows (the paper's
+        "averaged over 32 prompts"); ``"ratio_of_sums"``, one ``10 log10(sum ref / sum err)``
+        over every row (the released code's ``LossFunction`` on the whole batch)."""
+        if aggregate not in SQNR_AGGREGATES:
+            raise ValueError(f"SQNR aggregate {aggregate!r}: expected one of {SQNR_AGGREGATES}")
         err = self._run("sqnr", kind, qconfigs)
         ref = self.ref_energy[None]
+        if aggregate == "ratio_of_sums":
+            err, ref = err.sum(axis=1, keepdims=True), ref.sum(axis=1, keepdims=True)
         err = np.maximum(err, ref * 10.0 ** (-SQNR_CAP_DB / 10.0))
         return np.mean(10.0 * np.log10(ref / err), axis=1)
 
@@ -191,10 +197,13 @@ class Evaluator:
         """``[n]`` global SSIM vs the float images, averaged over all calibration images."""
         return np.mean(self._run("ssim", kind, qconfigs), axis=1)
 
-    def evaluate(self, metric: str, kind: str, qconfigs: QConfig) -> np.ndarray:
-        """``[n]`` values of ``metric`` for stacked single-layer configurations of ``kind``."""
+    def evaluate(
+        self, metric: str, kind: str, qconfigs: QConfig, *, sqnr: str = "mean_db"
+    ) -> np.ndarray:
+        """``[n]`` values of ``metric`` for stacked single-layer configurations of ``kind``
+        (``sqnr``: how SQNR aggregates over the rows, :meth:`sqnr_db`)."""
         if metric == "sqnr":
-            return self.sqnr_db(kind, qconfigs)
+            return self.sqnr_db(kind, qconfigs, aggregate=sqnr)
         if metric == "ssim":
             return self.ssim(kind, qconfigs)
         raise ValueError(f"unknown metric {metric!r} (expected one of {METRICS})")

@@ -121,12 +121,23 @@ def sweep(
         "bos_aware": config.spec.bos_aware,
         "shortcut_split": config.spec.shortcut_split,
     }
+    if config.sqnr != "mean_db":  # recorded only when set: earlier runs resume unchanged
+        meta["sqnr"] = config.sqnr
     results: dict[tuple[str, str], Scores] = {}
     for kind in config.kinds:
         run.start_sweep(kind, meta, write=_is_main())
         for metric, metric_names in config.metric_layers(layers).items():
             results[kind, metric] = _sweep_one(
-                evaluator, base, kind, metric, metric_names, config.bits, chunk, run, progress
+                evaluator,
+                base,
+                kind,
+                metric,
+                metric_names,
+                config.bits,
+                chunk,
+                run,
+                progress,
+                sqnr=config.sqnr,
             )
             write_scores(run, kind, metric, results[kind, metric], config.bits)
     return results
@@ -142,6 +153,8 @@ def _sweep_one(
     chunk: int,
     run: RunDir,
     progress: bool,
+    *,
+    sqnr: str = "mean_db",
 ) -> Scores:
     tasks = [(name, b) for name in names for b in bits]
     done = run.read_chunks(kind, metric)
@@ -160,7 +173,9 @@ def _sweep_one(
         for i, start in enumerate(range(0, len(todo), chunk)):
             part = todo[start : start + chunk]
             padded = part + [part[-1]] * (chunk - len(part))  # fixed shape: one compile
-            values = evaluator.evaluate(metric, kind, single_layer_qconfigs(base, kind, padded))
+            values = evaluator.evaluate(
+                metric, kind, single_layer_qconfigs(base, kind, padded), sqnr=sqnr
+            )
             values = values[: len(part)]
             if _is_main():
                 run.write_chunk(kind, metric, existing + i, part, values)

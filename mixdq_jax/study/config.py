@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mixdq_jax.methods import METHODS, Method, Target
+from mixdq_jax.methods import METHODS, AllocationOptions, Method, Target
+from mixdq_jax.recipe.config import PRESETS, Preset
 from mixdq_jax.reconstruction import ReconConfig
 
 if TYPE_CHECKING:
@@ -31,7 +32,8 @@ class StudyConfig:
     ``evaluation``: the paper's metrics for every row as well (on another model than the
     testbed, instead of the testbed's judge, which scores testbed images only).
     ``methods`` may add the reconstruction rows (`RECONSTRUCTION_METHODS`: Q-Diffusion, PTQD,
-    EDA-DM, MixDQ + AdaRound), learned with ``reconstruction``'s settings."""
+    EDA-DM, MixDQ + AdaRound), learned with ``reconstruction``'s settings. ``preset`` /
+    ``knobs``: as `mixdq quantize --preset` and its allocation options."""
 
     model: str = "testbed"
     run_dir: Path = Path("runs/demo")
@@ -45,6 +47,8 @@ class StudyConfig:
     chunk: int = 16
     evaluation: ReportEval | None = None
     reconstruction: ReconConfig = field(default_factory=ReconConfig)
+    preset: Preset = PRESETS["ours"]
+    knobs: AllocationOptions | None = None  # None: the preset's (`Preset.knobs`)
 
     @property
     def swept(self) -> bool:

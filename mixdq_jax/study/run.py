@@ -57,6 +57,8 @@ def study_recipe(config: StudyConfig, pipe: Pipeline) -> Recipe:
             batch_size=16,
             chunk=config.chunk,
             reconstruction=config.reconstruction,
+            preset=config.preset,
+            knobs=config.knobs,
         ),  # fmt: skip
     )
 

@@ -103,6 +103,36 @@ def test_calibration_resumes_with_identical_ranges(pipe, run_dir, tmp_path):
         calibrate(pipe, other, run_dir)
 
 
+def test_released_calibration_loop_chains_running_ranges_and_resumes(pipe, run_dir, tmp_path):
+    """The official preset's calibration (`ObserveQuantized`, checked against a numpy
+    transcription of the released quantizer in test_observe_released): the result is the
+    running ranges after the last batch, each batch continues from the one before, and a
+    killed run resumes to the same ranges."""
+    config = CalibConfig(
+        prompts=tuple(PROMPTS), height=32, width=32, batch_size=2, method="ema", ema_updates=3,
+        observe_weight_bits=8, symmetric_weights=True, observe_act_bits=8,
+    )  # fmt: skip
+    run = tmp_path / "official"
+    first = calibrate(pipe, config, run)
+    last = RunDir(run).batch_ranges(1)
+    for name in first:
+        np.testing.assert_array_equal(first[name], last[name])
+    (run / "calib" / "batch_00001.npz").unlink()
+    (run / "calib" / "act_ranges.npz").unlink()
+    again = calibrate(pipe, config, run)
+    for name in first:
+        np.testing.assert_array_equal(first[name], again[name])
+    # batch 1 alone (no running ranges before it) gives other ranges: the chain is real
+    alone = tmp_path / "alone"
+    calibrate(pipe, CalibConfig(**{**config.__dict__, "prompts": tuple(PROMPTS[2:])}), alone)
+    assert any(not np.allclose(first[n], RunDir(alone).act_ranges()[n]) for n in first)
+    # and the float model's min/max ranges differ from the released loop's
+    minmax = RunDir(run_dir).act_ranges()
+    assert any(not np.allclose(first[n], minmax[n]) for n in first)
+    with pytest.raises(ValueError, match="method='ema'"):
+        CalibConfig(prompts=("a",), observe_act_bits=8)
+
+
 def test_missing_calibration_is_a_clear_error(pipe):
     with pytest.raises(ValueError, match="no calibrated activation range"):
         qconfig_for(pipe, QuantSpec(weight_bits=8, act_bits=8))

@@ -170,6 +170,29 @@ def test_sweep_equals_plain_per_layer_loop(pipe, run_dir, calib_config, swept):
             np.testing.assert_allclose(swept["weight", "ssim"][name][i], ssim, atol=2e-6)
 
 
+def test_ratio_of_sums_sqnr_is_the_released_formula(pipe, run_dir, calib_config):
+    """``sqnr="ratio_of_sums"``: one ``10 log10(sum ref^2 / sum err^2)`` over every row (the
+    released ``LossFunction``), against the plain loop; the paper's mean of per-row dB is
+    another number on the same errors."""
+    evaluator = Evaluator(pipe, load_calibration(run_dir, pipe))
+    base = base_qconfig(pipe, QuantSpec(), evaluator.calib.ranges, list(SEL[:2]))
+    tasks = [(SEL[0], 2), (SEL[1], 4)]
+    qconfigs = single_layer_qconfigs(base, "weight", tasks)
+    got = evaluator.sqnr_db("weight", qconfigs, aggregate="ratio_of_sums")
+    mean = evaluator.sqnr_db("weight", qconfigs)
+    ref = RunDir(run_dir).references()["unet_outputs"][0].astype(np.float64)
+    for (name, bits), value, mean_value in zip(tasks, got, mean, strict=True):
+        spec = QuantSpec(weight_bits={name: bits}, default_weight_bits=16)
+        plain, _ = run_batch(pipe, PROMPTS, calib_config, 0, qconfig_for(pipe, spec, calib=run_dir))
+        err = (plain["unet_outputs"][0] - ref) ** 2
+        _assert_same_db(value, 10 * np.log10(np.sum(ref**2) / np.sum(err)))
+        rows = 10 * np.log10(np.sum(ref**2, axis=(1, 2, 3)) / np.sum(err, axis=(1, 2, 3)))
+        _assert_same_db(mean_value, np.mean(rows))
+        assert abs(value - mean_value) > 1e-6
+    with pytest.raises(ValueError, match="SQNR aggregate"):
+        evaluator.sqnr_db("weight", qconfigs, aggregate="median")
+
+
 def test_resume_after_kill_gives_identical_results(pipe, run_dir, swept, monkeypatch):
     folder = run_dir / "sensitivity"
     for metric in ("sqnr", "ssim"):
