@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--methods", nargs="+", default=None, metavar="METHOD",
         help="the rows (default: the paper's rows, naive ... mixdq; add qdiffusion, ptqd, edadm, "
         "mixdq+adaround for the paper's reconstruction baselines, learned with the --recon-* "
-        "settings: hours at BRECQ's defaults; or a method a --plugin file registers)",
+        "settings: hours at the authors' settings; or a method a --plugin file registers)",
     )  # fmt: skip
     p.add_argument(
         "--plugin", type=argtypes.existing_file, action="append", default=[], metavar="FILE",

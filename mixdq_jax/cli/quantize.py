@@ -85,9 +85,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_preset_arg(p)
     p.add_argument(
         "--prompts", type=argtypes.existing_file, default=None,
-        help="text file, one prompt per line: the first --num-calib calibrate, the next "
-        "--num-select pick among candidates (default: the shipped prompts; testbed captions "
-        "for the testbed)",
+        help="text file, one prompt per line, or a COCO captions .json (captions_val2014.json: "
+        "the first caption of a seeded random sample of images, as the paper calibrates on "
+        "COCO): the first --num-calib calibrate, the next --num-select pick among candidates "
+        "(default: the shipped prompts; testbed captions for the testbed)",
     )  # fmt: skip
     p.add_argument("--num-calib", type=_count, default=32, help="calibration prompts (32)")
     p.add_argument("--num-select", type=_count, default=4, help="held-out selection prompts (4)")
@@ -159,7 +160,17 @@ def prompts_for(model: str, path: Path | None, num_calib: int, num_select: int):
     """``(calibration, selection)`` prompts: held-out selection prompts follow the
     calibration ones in the same list."""
     need = num_calib + num_select
-    if path is not None:
+    if path is not None and path.suffix.lower() == ".json":  # COCO captions, as the paper
+        import numpy as np  # noqa: PLC0415
+
+        from mixdq_jax.evaluation.coco import read_coco_captions  # noqa: PLC0415
+
+        # one caption per image, in the file's order, of a seeded random sample of images
+        # (the paper "randomly sampled ... prompts from COCO")
+        captions = list(read_coco_captions(path).values())
+        order = np.random.default_rng(0).permutation(len(captions))[:need]
+        prompts, where = [captions[i][0] for i in sorted(order)], str(path)
+    elif path is not None:
         if not path.is_file():
             raise FileNotFoundError(f"--prompts {path}: no such file")
         from mixdq_jax.io_utils import read_text  # noqa: PLC0415

@@ -53,3 +53,22 @@ def test_selection_error_follows_the_preset():
         recipe.render, recipe._first_reference = render, None
         recipe.reference = lambda: images[None]
         assert np.isclose(recipe.selection_error("q"), want), name
+
+
+def test_quantize_calibrates_on_coco_captions(tmp_path):
+    """``--prompts captions_val2014.json``: one caption per image of a seeded random sample,
+    the calibration prompts first, then the held-out selection ones, none repeated."""
+    import json
+
+    from mixdq_jax.cli.quantize import prompts_for
+
+    annotations = [{"image_id": i, "caption": f"photo {i} caption {j}"}
+                   for i in range(40) for j in range(2)]  # fmt: skip
+    path = tmp_path / "captions_val2014.json"
+    path.write_text(json.dumps({"annotations": annotations}))
+    calib, select = prompts_for("sdxl", path, 6, 2)
+    assert len(calib) == 6 and len(select) == 2 and len(set(calib + select)) == 8
+    assert all(p.endswith("caption 0") for p in calib + select)
+    assert prompts_for("sdxl", path, 6, 2) == (calib, select)  # seeded
+    assert [p for p in calib if p != "photo 0 caption 0"] != [f"photo {i} caption 0"
+                                                             for i in range(1, 6)]
