@@ -50,8 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="FID, CLIP score, ImageReward, LPIPS/SSIM/PSNR vs float, BOPs and storage on COCO "
         "captions (--prompts/--metrics), or the testbed's judge on testbed captions",
         description="Generates images (image i uses seed seed+i) and scores them. With --prompts "
-        "or --metrics: the paper's evaluation on a prompt file or COCO captions, images and "
-        "metrics.json written to --out (resumable); see README 'Evaluating like the paper'. "
+        "or --metrics: the paper's metrics on a prompt file or COCO captions, images and "
+        "metrics.json written to --out (resumable); docs/evaluation.md (the paper's protocol "
+        "was never released: the CLIP model and FID's reference are our reading). "
         "Otherwise: held-out testbed captions scored by the testbed's judge and compared with "
         "the float model's images on the same captions and seeds.",
     )
