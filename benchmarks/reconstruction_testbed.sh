@@ -7,8 +7,10 @@
 # W4A8. All rows share one run directory (calibration and sweeps are computed once); each row's
 # quantize time is recorded when it runs (a resumed row keeps its first time). Reconstruction
 # settings (RECON_*) are smaller than BRECQ's 20000 steps to fit a 2-core CPU; the README states
-# them. STEPS (default 1) samples that many steps (the testbed's LCM sampler above one, in
-# quantize and evaluate alike). Writes $OUT/summary.md. Resumable: run it again after a kill.
+# them. EDA-DM runs as `edadm-testbed` (the released `edadm` calibrates on 256 prompts; these
+# rows use 16). STEPS (default 1) samples that many steps (the testbed's LCM sampler above
+# one, in quantize and evaluate alike). Writes $OUT/summary.md. Resumable: run it again after
+# a kill.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MIXDQ=${MIXDQ:-.venv/bin/mixdq}
@@ -28,7 +30,7 @@ mixdq+adaround W3.66A16
 naive W8A8
 qdiffusion W8A8
 ptqd W8A8
-edadm W8A8
+edadm-testbed W8A8
 mixdq W8A8
 naive W4A8
 qdiffusion W4A8

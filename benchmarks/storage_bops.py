@@ -73,8 +73,9 @@ def main() -> None:
     print("| configuration | stored UNet | storage opt. | TBOPs | compute opt. |")
     print("| --- | --- | --- | --- | --- |")
     for r in table:
-        print(f"| {r['configuration']} | {r['param_bytes'] / 2**20:,.0f} MiB | "
-              f"{r['storage_opt']:.2f}x | {r['bops'] / 1e12:.1f} | {r['compute_opt']:.2f}x |")  # fmt: skip
+        mib, tbops = r["param_bytes"] / 2**20, r["bops"] / 1e12
+        print(f"| {r['configuration']} | {mib:,.0f} MiB | {r['storage_opt']:.2f}x | "
+              f"{tbops:.1f} | {r['compute_opt']:.2f}x |")  # fmt: skip
 
 
 if __name__ == "__main__":

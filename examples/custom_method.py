@@ -2,10 +2,11 @@
 
 Registers the method ``example``: MixDQ's metric-decoupled allocation, then a refiner that
 searches each quantized layer's weight clipping range for the lowest quantization error of
-its weight, as Q-Diffusion's ``scale_method 'mse'`` does for weights (the Lp error with
-p = 2.4 over a grid of ratios of each output channel's min/max). The clipped kernels are
-ordinary float params, so fake quantization, export and the integer path run them
-unchanged. Run it through the whole recipe (calibrate, sweep, allocate, refine, export,
+its weight: one ratio of every output channel's min/max per layer, the Lp error (p = 2.4)
+averaged over the channels, scored by the library's `weight_clip_errors` (the built-in
+`RangeSearch` of ``qdiffusion`` picks a ratio per channel, as Q-Diffusion does). The clipped
+kernels are ordinary float params, so fake quantization, export and the integer path run
+them unchanged. Run it through the whole recipe (calibrate, sweep, allocate, refine, export,
 report)::
 
     mixdq quantize --plugin examples/custom_method.py --method example \\
@@ -20,10 +21,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, ClassVar
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -38,25 +37,7 @@ from mixdq_jax.methods import (
     register_method,
     with_layer_kernel,
 )
-from mixdq_jax.quant.quantizers import quantize_weight, weight_range
-
-
-def _clip(kernel: jax.Array, ratio: jax.Array) -> jax.Array:
-    """Each output channel (the last axis) clipped to ``ratio`` times its [min, max]."""
-    lo, hi = weight_range(kernel)
-    return jnp.clip(kernel, ratio * lo, ratio * hi)
-
-
-@partial(jax.jit, static_argnames=("p", "sym"))
-def _errors(kernel: jax.Array, bits: jax.Array, ratios: jax.Array, p: float, sym: bool):
-    """The Lp error ``mean |W - Q(clip_r(W))|^p`` for every ratio (one program per shape)."""
-    fmt = "int_sym" if sym else "int"
-
-    def one(ratio):
-        q = quantize_weight(_clip(kernel, ratio), bits, fmt=fmt)
-        return jnp.mean(jnp.abs(kernel - q) ** p)
-
-    return jax.vmap(one)(ratios)
+from mixdq_jax.quant.range_search import clip_kernel, weight_clip_errors
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,21 +55,24 @@ class ClipSearch(Refiner):
         path = ctx.store(self.name) / "ratios.json"
         chosen: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
         w_bits, _ = model.qconfig.bits()
-        sym = model.qconfig.weight_format == "int_sym"
+        fmt = model.qconfig.weight_format
         ratios = jnp.asarray(self.ratios, jnp.float32)
         params = model.params
         for name, bits in w_bits.items():
             if bits >= 16:
                 continue
-            kernel = jnp.asarray(layer_kernel(params, name), jnp.float32)
+            kernel, split = layer_kernel(params, name), model.qconfig.layers[name].split
             if name not in chosen:
-                errors = np.asarray(_errors(kernel, jnp.int32(bits), ratios, self.p, sym))
-                chosen[name] = float(self.ratios[int(np.argmin(errors))])
+                errors = weight_clip_errors(
+                    kernel, jnp.int32(bits), ratios, p=self.p, fmt=fmt, split=split
+                )  # [ratios, parts, out]
+                score = np.asarray(errors).reshape(len(self.ratios), -1).mean(axis=1)
+                chosen[name] = float(self.ratios[int(np.argmin(score))])
                 atomic_write_json(path, chosen)
             if chosen[name] < 1.0:
-                clipped = _clip(kernel, jnp.float32(chosen[name]))
-                dtype = layer_kernel(params, name).dtype
-                params = with_layer_kernel(params, name, clipped.astype(dtype))
+                params = with_layer_kernel(
+                    params, name, clip_kernel(kernel, chosen[name], split=split)
+                )
         return model.replace(params=params)
 
     def settings(self) -> dict[str, Any]:
@@ -97,8 +81,13 @@ class ClipSearch(Refiner):
     def report(self, model: QuantizedUNet, ctx: RefineContext) -> dict[str, Any]:
         chosen = json.loads((ctx.store(self.name) / "ratios.json").read_text())
         clipped = [r for r in chosen.values() if r < 1.0]
-        return {"clip_search": {"layers": len(chosen), "clipped": len(clipped),
-                                "median_ratio": float(np.median(list(chosen.values())))}}
+        return {
+            "clip_search": {
+                "layers": len(chosen),
+                "clipped": len(clipped),
+                "median_ratio": float(np.median(list(chosen.values()))),
+            }
+        }
 
 
 EXAMPLE = register_method(

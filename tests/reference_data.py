@@ -33,6 +33,14 @@ def official(*parts: str) -> Path:
     return require(OFFICIAL.joinpath(*parts))
 
 
+def plain_yaml(path: Path) -> dict:
+    """An official YAML file read by plain PyYAML, the ``model.`` prefix dropped: an
+    independent reader for the reference numbers (not `mixdq_jax.official_format`)."""
+    import yaml  # noqa: PLC0415
+
+    return {k.removeprefix("model."): v for k, v in yaml.safe_load(path.read_text()).items()}
+
+
 def sdxl_turbo(*parts: str) -> Path:
     """A file of the SDXL-turbo component configs, e.g. ``sdxl_turbo("unet_config.json")``."""
     return require(SDXL_TURBO.joinpath(*parts))

@@ -1,13 +1,16 @@
 """Mixed-precision bit allocation (MixDQ Sec. 3.3 and Algorithm 1).
 
-``BitProgram`` is one group's integer program; ``GroupAllocator`` splits an overall budget
-between the content and quality groups and sweeps (B, k); ``pareto_front`` / ``select`` keep
+``BitProgram`` is one group's integer program, solved to a zero relative gap;
+``GroupAllocator`` splits an overall budget between the content and quality groups (by one of
+the `BUDGET_RULES`) and sweeps (B, k); ``pareto_front`` / ``select`` keep
 and pick among the candidates; ``random_allocation`` / ``naive_sorting`` are the paper's
 baselines.
 """
 
 from mixdq_jax.allocation.budget import (
     ACT_K_SWEEP,
+    BUDGET_RULES,
+    OFFICIAL_BUDGET_RANGE,
     OFFICIAL_CANDIDATES,
     WEIGHT_K_SWEEP,
     Candidate,
@@ -39,7 +42,9 @@ from mixdq_jax.allocation.pareto import (
 
 __all__ = [
     "ACT_K_SWEEP",
+    "BUDGET_RULES",
     "DEFAULT_BAND",
+    "OFFICIAL_BUDGET_RANGE",
     "OFFICIAL_CANDIDATES",
     "WEIGHT_K_SWEEP",
     "Allocation",

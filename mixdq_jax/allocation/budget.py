@@ -2,11 +2,22 @@
 
 Layers are *content* (cross-attention ``attn2`` and feed-forward ``ff``; scored with SSIM) or
 *quality* (everything else; scored with SQNR). The two groups' scores are in different units,
-so each group gets its own integer program and its own budget. The split follows the official
-code: with ``r = P_content / P_quality`` (summed sizes) and ``k = b_content / b_quality``,
-``b_quality = B (1 + r) / (k r + 1)`` and ``b_content = k b_quality``, which keeps the overall
-size-weighted average at ``B``. Sweeping ``k`` and ``B`` gives the candidate configurations;
-the final pick needs an evaluation of the images (``pareto.select``).
+so each group gets its own integer program and its own budget. The split is the official
+code's (``get_mean_bit`` in thu-nics/MixDQ ``mixed_precision_scripts/optimize/
+integer_programming.py``): with ``r = P_content / P_quality`` (summed sizes) and
+``k = b_content / b_quality``, ``b_quality = B (1 + r) / (k r + 1)`` and
+``b_content = k b_quality``, which keeps the size-weighted average over the layers that ``r``
+sums at ``B``. Which layers ``r`` sums is the budget rule (`BUDGET_RULES`):
+
+- ``"ours"``: the layers being allocated, so ``B`` is exactly their average (the protected
+  float layers count for nothing);
+- ``"official"``: every layer of the size table, the protected ones included, as the released
+  script's ``ssim2sqnr_ratio`` (computed from the whole ratio file), while each group's band is
+  still on the average over its non-protected layers (the released ``intensity``). ``B`` is
+  then a nominal figure: the average if the protected layers took their group's average bits.
+
+Sweeping ``k`` and ``B`` gives the candidate configurations; the final pick needs an
+evaluation of the images (``pareto.select``).
 """
 
 from __future__ import annotations
@@ -35,6 +46,11 @@ OFFICIAL_CANDIDATES: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "weight": ((2, 4, 8), (4, 8)),
     "act": ((4, 8), (4, 8)),
 }
+# How a budget is split between the groups (module docstring); "ours" is the default.
+BUDGET_RULES: tuple[str, ...] = ("ours", "official")
+# The released sweep's skip rule: it solves only (B, k) points with b_content in [2, 8] and
+# b_quality in [4, 8] (whatever the candidates; a point no assignment reaches is skipped here).
+OFFICIAL_BUDGET_RANGE: tuple[tuple[float, float], tuple[float, float]] = ((2.0, 8.0), (4.0, 8.0))
 
 
 def is_content_layer(name: str) -> bool:
@@ -56,6 +72,12 @@ def size_ratio(content: Iterable[str], quality: Iterable[str], sizes: Mapping[st
     if p_content <= 0 or p_quality <= 0:
         raise ValueError("both groups need layers with positive size to split a budget")
     return p_content / p_quality
+
+
+def check_budget_rule(rule: str) -> str:
+    if rule not in BUDGET_RULES:
+        raise ValueError(f"budget rule {rule!r}: expected one of {', '.join(BUDGET_RULES)}")
+    return rule
 
 
 def split_budget(total: float, *, k: float, ratio: float) -> tuple[float, float]:
@@ -109,7 +131,11 @@ class Candidate:
 
 
 class GroupAllocator:
-    """Both groups' compiled programs, and Algorithm 1 on top of them."""
+    """Both groups' compiled programs, and Algorithm 1 on top of them.
+
+    ``sizes`` holds every layer (protected ones included: the ``"official"`` budget rule counts
+    them in ``r``); the sensitivities hold only the layers to allocate.
+    """
 
     def __init__(
         self,
@@ -120,7 +146,9 @@ class GroupAllocator:
         content_candidates: Sequence[int],
         quality_candidates: Sequence[int],
         mip_rel_gap: float = 0.0,
+        budget_rule: str = "ours",
     ) -> None:
+        self.budget_rule = check_budget_rule(budget_rule)
         overlap = sorted(set(content_sensitivity) & set(quality_sensitivity))
         if overlap:
             raise ValueError(f"layers in both groups: {overlap}")
@@ -130,15 +158,24 @@ class GroupAllocator:
         self.quality = BitProgram(
             quality_sensitivity, sizes, candidates=quality_candidates, mip_rel_gap=mip_rel_gap
         )
-        self.ratio = size_ratio(self.content.names, self.quality.names, sizes)
+        if budget_rule == "official":
+            # every layer of the size table, protected ones too (released ``ssim2sqnr_ratio``)
+            self.ratio = size_ratio(*split_groups(sizes), sizes)
+        else:
+            self.ratio = size_ratio(self.content.names, self.quality.names, sizes)
 
     def group_budgets(self, target: float, k: float) -> tuple[float, float]:
         return split_budget(target, k=k, ratio=self.ratio)
 
     def in_range(self, target: float, k: float) -> bool:
-        """Whether both group budgets lie in their candidates' bit range (official skip rule)."""
+        """Whether the sweep solves (B, k): both group budgets in their candidates' bit range
+        (``"ours"``), or in `OFFICIAL_BUDGET_RANGE` as the released loop checks
+        (``"official"``)."""
         b_content, b_quality = self.group_budgets(target, k)
-        (c_lo, c_hi), (q_lo, q_hi) = self.content.bit_range, self.quality.bit_range
+        if self.budget_rule == "official":
+            (c_lo, c_hi), (q_lo, q_hi) = OFFICIAL_BUDGET_RANGE
+        else:
+            (c_lo, c_hi), (q_lo, q_hi) = self.content.bit_range, self.quality.bit_range
         return c_lo <= b_content <= c_hi and q_lo <= b_quality <= q_hi
 
     def allocate(self, target: float, k: float, *, band: float = DEFAULT_BAND) -> Candidate:

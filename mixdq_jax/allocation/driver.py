@@ -17,6 +17,7 @@ from mixdq_jax.allocation.budget import (
     Candidate,
     GroupAllocator,
     budget_sweep,
+    check_budget_rule,
     most_sensitive,
 )
 from mixdq_jax.allocation.objectives import check_objective, program_scores
@@ -39,7 +40,11 @@ class AllocationOptions:
     measured to predict the image error far better on the testbed, README) or ``"official"``
     (the paper's summed SSIM / SQNR dB). ``act_average``: for an A8 target, the average bits of
     the non-protected activation layers (``None``: the paper's 7.7, lowered where the float
-    layers need it; `mixdq_jax.methods.act_budget`).
+    layers need it; `mixdq_jax.methods.act_budget`). ``budget_rule``: how B is split between
+    the groups (`mixdq_jax.allocation.budget`): ``"ours"`` sums the sizes in ``r`` over the
+    allocated layers, so B is their average; ``"official"`` over every layer, the protected
+    ones too, as the released ``integer_programming.py`` (``ssim2sqnr_ratio`` into
+    ``get_mean_bit``), and solves the (B, k) points its loop solves.
     """
 
     protect_top: float = 1.0
@@ -52,9 +57,11 @@ class AllocationOptions:
     quality_bits: tuple[int, ...] | None = None
     objective: str = "noise"
     act_average: float | None = None
+    budget_rule: str = "ours"
 
     def __post_init__(self) -> None:
         check_objective(self.objective)
+        check_budget_rule(self.budget_rule)
         if not 0.0 <= self.protect_top <= 100.0:
             raise ValueError(f"protect_top {self.protect_top} is a percentage in [0, 100]")
         if self.protect_bits not in (2, 4, 8):
@@ -82,7 +89,8 @@ def group_allocator(
     kind: str, content: Scores, quality: Scores, sizes: Mapping[str, float],
     options: AllocationOptions,
 ) -> GroupAllocator:  # fmt: skip
-    """The two groups' integer programs under ``options.objective``."""
+    """The two groups' integer programs under ``options.objective`` and
+    ``options.budget_rule`` (``sizes``: every layer, the protected ones included)."""
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: expected one of {', '.join(KINDS)}")
     default_content, default_quality = OFFICIAL_CANDIDATES[kind]
@@ -92,6 +100,7 @@ def group_allocator(
         sizes=sizes,
         content_candidates=options.content_bits or default_content,
         quality_candidates=options.quality_bits or default_quality,
+        budget_rule=options.budget_rule,
     )
 
 

@@ -23,6 +23,7 @@ from mixdq_jax.cli.outputs import (
     read_json_quietly,
     run_directory,
 )
+from mixdq_jax.cli.preset_args import add_preset_arg
 
 KINDS = ("weight", "act")
 
@@ -115,10 +116,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--protect-top",
         type=argtypes.float_in(0.0, 100.0, "a percentage"),
-        default=0.0,
+        default=None,
         metavar="PCT",
         help="also keep in float the PCT%% most sensitive layers of each group "
-        "(lowest score at --protect-bits)",
+        "(lowest score at --protect-bits; default: 1 for --kind act, the paper's and mixdq "
+        "quantize's, 0 for --kind weight)",
     )
     p.add_argument(
         "--protect-bits",
@@ -128,13 +130,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="bit-width whose scores rank the layers for --protect-top (default 8, the "
         "official rule)",
     )
+    add_preset_arg(p)
     p.add_argument(
         "--objective",
         choices=("official", "noise"),
-        default="official",
+        default=None,
         help="what the integer program maximises: official = summed SSIM / SQNR dB (the "
-        "paper's), noise = least summed quantization noise power (see README; default "
-        "official)",
+        "paper's and the released code's), noise = least summed quantization noise power "
+        "(default: the preset's, as mixdq quantize)",
+    )
+    p.add_argument(
+        "--budget-rule",
+        choices=("ours", "official"),
+        default=None,
+        help="how --target is split between the groups: ours = the non-protected layers "
+        "average --target; official = the released split, which counts the protected layers' "
+        "sizes in the content/quality ratio (default: the preset's; official for "
+        "--preset official)",
     )
     p.add_argument(
         "--band",
@@ -159,19 +171,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def options_from_args(args: argparse.Namespace):
-    """The allocation options the flags describe."""
-    from mixdq_jax.allocation.driver import AllocationOptions  # noqa: PLC0415  (fast --help)
+    """The allocation options the flags describe, the rest from ``--preset`` (the same
+    defaults as `mixdq quantize`)."""
+    from mixdq_jax.recipe import PRESETS  # noqa: PLC0415  (fast --help)
 
-    return AllocationOptions(
+    return PRESETS[args.preset].knobs(
         k=None if args.k_sweep else args.k,
         b_delta=args.b_delta,
         b_num=args.b_num,
         content_bits=args.content_bits,
         quality_bits=args.quality_bits,
-        protect_top=args.protect_top,
+        # weights keep no layer float (MixDQ protects activations only), as mixdq quantize
+        protect_top=0.0 if args.kind == "weight" and args.protect_top is None else args.protect_top,
         protect_bits=args.protect_bits,
         band=args.band,
         objective=args.objective,
+        budget_rule=args.budget_rule,
     )
 
 

@@ -10,13 +10,16 @@ Methods (the paper's rows): ``naive`` (uniform, no BOS handling), ``naive+bos``,
 ``sqnr-mp`` (SQNR-only mixed precision for weights and activations), ``fp8`` (W8A8 only, no
 export), ``mixdq-no-bos``, ``mixdq`` (default); with learned rounding (a ``reconstruct`` stage
 after ``acts``, block by block, resumable): ``qdiffusion`` (BRECQ + AdaRound + LSQ steps on
-uniform bits), ``ptqd`` (that plus PTQD's noise correction: folded into
-``conv_out`` at one step, in the sampling loop and the exported folder at several),
-``mixdq+adaround`` (MixDQ's bits with learned rounding), ``edadm`` (EDA-DM: Q-Diffusion's
-reconstruction with calibration samples spread over the sampling steps by TDAC, every sample
-at one step, and fine-grained block reconstruction: the inner layers' output errors added to
-the block loss at weight 0.5). A method of your own: ``--plugin FILE`` with a file that
-registers it (``examples/custom_method.py``; README, "Your own method").
+uniform bits), ``ptqd`` (that plus PTQD's noise correction, fitted as the authors' code
+does: folded into ``conv_out`` at one step, in the sampling loop and the exported folder at
+several; ``ptqd-pooled``: our earlier pooled fit), ``mixdq+adaround`` (MixDQ's bits with
+learned rounding), ``edadm`` (EDA-DM: Q-Diffusion's reconstruction with calibration samples
+spread over the sampling steps by TDAC, every sample at one step, and fine-grained block
+reconstruction: the inner layers' output errors added to the block loss; the authors'
+released MS-COCO settings: weight 0.8, TDAC lambda 5, 256 calibration prompts, their learning
+rates; ``edadm-testbed``: the testbed's shortened settings). A method of your own:
+``--plugin FILE`` with a file that registers it (``examples/custom_method.py``; README,
+"Your own method").
 """
 
 from __future__ import annotations

@@ -25,6 +25,16 @@ def add_recon_args(p: argparse.ArgumentParser | Any) -> None:
         "with fewer --recon-iters)",
     )  # fmt: skip
     p.add_argument(
+        "--recon-act-lr", type=argtypes.positive_float, default=4e-4,
+        help="learned rounding: Adam step on the activation step sizes, cosine-decayed to 0 "
+        "(4e-4, BRECQ's and Q-Diffusion's --lr)",
+    )  # fmt: skip
+    p.add_argument(
+        "--recon-p", type=argtypes.float_in(1.0, 10.0, "the Lp exponent"), default=2.4,
+        help="learned rounding: exponent p of the activation-step loss |d|^p (2.4, BRECQ's "
+        "and Q-Diffusion's --p; the weight steps use 2, as theirs do)",
+    )  # fmt: skip
+    p.add_argument(
         "--recon-batch", type=argtypes.positive_int, default=32,
         help="learned rounding: calibration samples per step (32)",
     )  # fmt: skip
@@ -41,5 +51,6 @@ def recon_config(args: argparse.Namespace) -> Any:
 
     return ReconConfig(
         iters=args.recon_iters, act_iters=args.recon_act_iters, batch_size=args.recon_batch,
-        lr=args.recon_lr, seed=args.seed, blocks=tuple(args.recon_blocks),
+        lr=args.recon_lr, act_lr=args.recon_act_lr, p=args.recon_p, seed=args.seed,
+        blocks=tuple(args.recon_blocks),
     )  # fmt: skip

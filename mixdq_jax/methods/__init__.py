@@ -30,6 +30,7 @@ from mixdq_jax.methods.inputs import (
 from mixdq_jax.methods.method import Method
 from mixdq_jax.methods.mixdq import MixDQGroups
 from mixdq_jax.methods.ptqd import PTQDCorrection
+from mixdq_jax.methods.range_search import RangeSearch
 from mixdq_jax.methods.reconstruction import BlockReconstruction
 from mixdq_jax.methods.refiner import RefineContext, Refiner
 from mixdq_jax.methods.registry import get_method, load_plugin, method_names, register_method
@@ -56,6 +57,7 @@ __all__ = [
     "MixDQGroups",
     "PTQDCorrection",
     "QuantizedUNet",
+    "RangeSearch",
     "RefineContext",
     "Refiner",
     "Sensitivities",

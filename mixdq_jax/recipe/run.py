@@ -630,8 +630,13 @@ def _ptqd_lines(report: Mapping[str, Any]) -> list[str]:
     def steps(key: str) -> str:
         return ", ".join(f"{v:.4g}" for v in report[key])
 
+    fitted = report.get("ptqd_k_fitted")
+    dropped = "" if fitted is None or fitted == report["ptqd_k"] else (
+        f" (fitted {steps('ptqd_k_fitted')}: the released rule keeps k > 0 only)"
+    )
+    rule = f" ({report['ptqd_rule']} fit)" if report.get("ptqd_rule") else ""
     return [
-        f"- PTQD per sampling step: slope k {steps('ptqd_k')}, residual std "
+        f"- PTQD{rule} per sampling step: slope k {steps('ptqd_k')}{dropped}, residual std "
         f"{steps('ptqd_std')}, fresh noise kept x {steps('ptqd_noise_scale')}"
     ]
 

@@ -26,9 +26,13 @@ every weight is 0 the samples are split evenly. **One sampling step** (SDXL-turb
 scores are constant, every trajectory takes the only step, and the selection is every
 sample: TDAC changes nothing and needs no features (:func:`select` does not ask for them).
 
-Defaults are the public code's Stable Diffusion (MS-COCO) settings: ``radius`` 0.3 and
-``lam`` 50 (other datasets use 3.0 / 0.3 and 0.5 to 100); ``radius`` is an absolute MSE of
-the feature maps, so it depends on the model's feature scale (ours are the diffusers UNet's).
+Defaults are what the authors' released MS-COCO / Stable Diffusion run uses
+(BienLuky/EDA-DM ``scripts/for_coco.sh`` l. 17, ``--lamda 5.0``; ``radius`` 0.3 is fixed in
+``scripts/calibration.py`` l. 564, the weights at l. 583-585). That script's argument parser
+defaults to ``lam`` 50 (``scripts/task_config.py`` l. 196), which the run script overrides;
+`edadm-testbed` keeps 50, as the testbed's runs did. Other datasets' parsers use 0.5 to 100.
+``radius`` is an absolute MSE of the feature maps, so it depends on the model's feature scale
+(ours are the diffusers UNet's).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ class CalibSelect:
     feature maps are scored (the code scores its first sampling batch: 8 prompts for SD)."""
 
     radius: float = 0.3
-    lam: float = 50.0
+    lam: float = 5.0
     module: str = FEATURE_MODULE
     rows: int = 8
     seed: int = 0

@@ -4,15 +4,18 @@ For each unit (`blocks.find_units`), in call order:
 
 1. **weights** (``iters`` steps): Adam (``lr``) on the unit's AdaRound variables, minimising
    the unit's output error against the float model (squared error summed over channels,
-   averaged over the rest: BRECQ's ``lp_loss``) plus ``reg_weight`` times the rounding
-   regulariser (off for the first ``warmup`` fraction, then ``beta`` annealed 20 -> 2).
-   ``layer_loss_weight`` > 0 adds EDA-DM's fine-grained block reconstruction (FBR): that
-   weight times the sum of the same error at the outputs of the unit's layers (all but the
-   last, whose output the block loss already covers), against the float model's layer
-   outputs on the same samples (computed each step, so no per-layer targets are stored).
+   averaged over the rest: BRECQ's ``lp_loss`` at its default p = 2) plus ``reg_weight``
+   times the rounding regulariser (off for the first ``warmup`` fraction, then ``beta``
+   annealed 20 -> 2). ``layer_loss_weight`` > 0 adds EDA-DM's fine-grained block
+   reconstruction (FBR): that weight times the sum of the same error at the outputs of the
+   unit's layers (all but the last, whose output the block loss already covers), against the
+   float model's layer outputs on the same samples (computed each step, so no per-layer
+   targets are stored).
    Activations run in float in this phase, as in BRECQ's weight pass.
 2. **activation steps** (``act_iters``, only for layers whose activations are quantized):
-   the rounding hard, Adam (``act_lr``, cosine decay to 0) on the LSQ step sizes.
+   the rounding hard, Adam (``act_lr``, cosine decay to 0) on the LSQ step sizes, minimising
+   the same error with exponent ``p`` (``|d|^p`` summed over channels): BRECQ's and
+   Q-Diffusion's activation pass (their ``--lr 4e-4 --p 2.4``; the weight pass keeps p = 2).
 
 Inputs come from the model quantized so far (earlier units with their learned codes and
 ranges, later ones nearest-rounded; BRECQ's ``asym`` inputs); each step draws
@@ -21,11 +24,13 @@ are written through the run directory (`RunDir.write_reconstructed_unit`, atomic
 unit is folded into the params (`adaround.fold_codes`), so a killed run resumes at the
 first missing unit and ends with the same codes. The result is an ordinary float params tree and
 ordinary activation ranges: fake quantization, export and the integer path run them
-unchanged.
+unchanged. ``reference``: the float model the outputs are matched against when ``params`` is
+not it (clipped kernels from a range search: `mixdq_jax.methods.range_search`).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -59,14 +64,15 @@ Array = jax.Array
 
 @dataclass(frozen=True, kw_only=True)
 class ReconConfig:
-    """Reconstruction settings; defaults are BRECQ's and Q-Diffusion's. ``blocks``: only
-    these units (module names, e.g. the most sensitive blocks); empty: every unit."""
+    """Reconstruction settings; defaults are BRECQ's and Q-Diffusion's (``act_lr`` and ``p``:
+    their activation pass, ``--lr 4e-4 --p 2.4``). ``blocks``: only these units (module
+    names, e.g. the most sensitive blocks); empty: every unit."""
 
     iters: int = 20000
     act_iters: int = 5000
     batch_size: int = 32
     lr: float = 1e-3
-    act_lr: float = 4e-5
+    act_lr: float = 4e-4
     reg_weight: float = 0.01
     warmup: float = 0.2
     beta_start: float = 20.0
@@ -75,6 +81,7 @@ class ReconConfig:
     seed: int = 0
     blocks: tuple[str, ...] = ()
     layer_loss_weight: float = 0.0
+    p: float = 2.4
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "blocks", tuple(self.blocks))
@@ -86,14 +93,26 @@ class ReconConfig:
             raise ValueError("ReconConfig: lr and act_lr must be > 0, reg_weight >= 0")
         if self.layer_loss_weight < 0.0:
             raise ValueError("ReconConfig: layer_loss_weight must be >= 0")
+        if not 1.0 <= self.p <= 10.0:
+            raise ValueError(f"ReconConfig: p {self.p} outside [1, 10] (the Lp loss exponent)")
 
     def settings(self) -> dict[str, Any]:
         """The fields a resumed reconstruction must match; ``layer_loss_weight`` only when
-        set, so runs started before it existed still resume."""
+        set and ``p`` only when not 2, so runs started before they existed still resume
+        (those ran with p = 2: see `OLD_DEFAULTS_HINT`)."""
         out = {**asdict(self), "blocks": list(self.blocks)}
         if self.layer_loss_weight == 0.0:
             del out["layer_loss_weight"]
+        if self.p == 2.0:
+            del out["p"]
         return out
+
+
+OLD_DEFAULTS_HINT = (
+    "; a run started before Q-Diffusion's activation-pass settings became the defaults used "
+    "act_lr 4e-5 and p 2: pass --recon-act-lr 4e-5 --recon-p 2 (ReconConfig(act_lr=4e-5, "
+    "p=2.0)) to resume it"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,9 +140,11 @@ def _count(data: Any) -> int:
     return sizes.pop()
 
 
-def _rec_loss(out: Array, target: Array) -> Array:
-    """BRECQ's ``lp_loss``: squared error summed over channels (last axis), mean over the rest."""
-    err = (out.astype(jnp.float32) - target.astype(jnp.float32)) ** 2
+def lp_loss(out: Array, target: Array, p: Array | float = 2.0) -> Array:
+    """BRECQ's ``lp_loss``: ``|out - target|^p`` summed over channels (last axis), mean over
+    the rest; ``p`` may be traced (p = 2 is the plain square, as before ``p`` existed)."""
+    d = out.astype(jnp.float32) - target.astype(jnp.float32)
+    err = jnp.where(p == 2.0, d * d, jnp.abs(d) ** p)
     return jnp.mean(jnp.sum(err, axis=-1))
 
 
@@ -180,15 +201,16 @@ class _UnitRun:
         inner = fbr_layers(unit) if config.layer_loss_weight > 0.0 else ()
 
         def loss(trainable, state, params, inputs, target, beta, reg_scale, float_params,
-                 float_inputs):  # fmt: skip
+                 float_inputs, p=2.0):  # fmt: skip
             state = replace(state, v=trainable["v"], a_step=trainable["a_step"])
             out = self.call.run(params, inputs, mode=mode, qconfig=state, layers=inner)
-            rec = _rec_loss(out[unit.name], target)
+            rec = lp_loss(out[unit.name], target, p)
             reg = sum((rounding_regularizer(v, beta) for v in trainable["v"].values()), 0.0)
             total = rec + reg_scale * reg
             if inner:  # EDA-DM's FBR: the float block's layer outputs on the float inputs
                 ref = self.call.run(float_params, float_inputs, layers=inner)
-                layers = [_rec_loss(out[n], jax.lax.stop_gradient(ref[n])) for n in inner]
+                # p = 2 as EDA-DM's layer terms (its block_recon.py lp_loss(..., p=2))
+                layers = [lp_loss(out[n], jax.lax.stop_gradient(ref[n])) for n in inner]
                 total = total + config.layer_loss_weight * sum(layers[1:], layers[0])
             return total, rec
 
@@ -218,8 +240,9 @@ class _UnitRun:
             )  # fmt: skip
             reg_scale = jnp.where(on & weights, c.reg_weight, 0.0)
             inputs = _pick(weights, take(inputs_w, idx), take(inputs_a, idx))
+            p = jnp.where(weights, 2.0, c.p)  # BRECQ's weight pass keeps its default p = 2
             (_, rec), g = self._grad(tr, state, params, inputs, targets[idx], beta, reg_scale,
-                                     float_params, take(float_inputs, idx))  # fmt: skip
+                                     float_params, take(float_inputs, idx), p)  # fmt: skip
             up_w, new_w = opt_w.update(g["v"], state_w, tr["v"])
             up_a, new_a = opt_a.update(g["a_step"], state_a, tr["a_step"])
             tr = {
@@ -269,14 +292,17 @@ def reconstruct(
     run: RunDir | None = None,
     key: str = "reconstruct",
     progress: bool = True,
+    reference: Any = None,
 ) -> Reconstruction:
     """Learn the rounding (and activation steps) of every quantized unit of ``qconfig``.
 
-    ``apply``: the model (`blocks.unet_apply`); ``params``: its float params; ``data``: a
-    pytree of calibration samples with a leading sample axis (``apply``'s batch);
-    ``units``: default every unit of the configuration's layers (`find_units`); ``run``:
-    the run directory where finished units are written under ``key`` and found again
-    (resume; the settings, units and bits must match the first run's).
+    ``apply``: the model (`blocks.unet_apply`); ``params``: its float params, whose kernels
+    are rounded; ``data``: a pytree of calibration samples with a leading sample axis
+    (``apply``'s batch); ``units``: default every unit of the configuration's layers
+    (`find_units`); ``run``: the run directory where finished units are written under
+    ``key`` and found again (resume; the settings, units and bits must match the first
+    run's); ``reference``: the float model whose unit outputs are matched (default
+    ``params``; the unclipped params when ``params`` holds a range search's clipped kernels).
     """
     if qconfig.weight_format not in ("int", "int_sym"):
         raise ValueError(f"reconstruction needs integer weights, not {qconfig.weight_format!r}")
@@ -297,12 +323,13 @@ def reconstruct(
     ]
     n = _count(data)
     if run is not None:
-        run.start_reconstruction(key, {
+        _start(run, key, {
             **config.settings(), "samples": n, "weight_format": qconfig.weight_format,
             "units": [[u.name, list(u.layers)] for _, u in active],
             "w_bits": w_bits, "a_bits": a_bits,
         })  # fmt: skip
-    float_params = params
+    base = params  # the kernels the codes round (and fold into)
+    reference = params if reference is None else reference
     mse: dict[str, tuple[float, float]] = {}
     ranges: dict[str, np.ndarray] = {}
     bar = tqdm(active, desc="reconstruction", unit="block", file=sys.stderr, disable=not progress)
@@ -311,12 +338,13 @@ def reconstruct(
         if stored is None:
             # the float outputs of this unit only: all units' at once would not fit at SDXL
             # size (tens of GB for 32 samples)
-            target = float_targets(apply, float_params, data, [unit.name], config.batch_size)
-            stored = _learn_unit(apply, float_params, params, qconfig, data, target[unit.name],
-                                 unit, i, n, config, w_bits, a_bits)  # fmt: skip
+            target = float_targets(apply, reference, data, [unit.name], config.batch_size)
+            stored = _learn_unit(apply, base, reference, params, qconfig, data,
+                                 target[unit.name], unit, i, n, config, w_bits,
+                                 a_bits)  # fmt: skip
             if run is not None:
                 run.write_reconstructed_unit(key, i, stored)
-        params, qconfig = _apply_unit(float_params, params, qconfig, unit, stored, w_bits)
+        params, qconfig = _apply_unit(base, params, qconfig, unit, stored, w_bits)
         for name in unit.layers:
             if f"range/{name}" in stored:
                 ranges[name] = np.asarray(stored[f"range/{name}"])
@@ -324,9 +352,26 @@ def reconstruct(
     return Reconstruction(params=params, qconfig=qconfig, act_ranges=ranges, mse=mse)
 
 
+def _start(run: RunDir, key: str, settings: dict[str, Any]) -> None:
+    """Record the settings, or check a resumed run's; a run of the older defaults is told
+    how to resume."""
+    try:
+        run.start_reconstruction(key, settings)
+    except ValueError as err:
+        path = run.reconstruction_dir(key) / "settings.json"
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise err from None
+        if "p" not in old and old.get("act_lr") == 4e-5 and settings.get("act_lr") != 4e-5:
+            raise ValueError(f"{err}{OLD_DEFAULTS_HINT}") from None
+        raise
+
+
 def _learn_unit(
     apply: Apply,
-    float_params: Any,
+    base: Any,
+    reference: Any,
     params: Any,
     qconfig: QConfig,
     data: Any,
@@ -343,7 +388,7 @@ def _learn_unit(
     for name in unit.layers:
         lq = qconfig.layers[name]
         if w_bits[name] < FLOAT_BITS:
-            kernel = layer_kernel(float_params, name)
+            kernel = layer_kernel(base, name)
             v[name] = init_rounding(kernel, w_bits[name], fmt=fmt, split=lq.split)
             v_nearest[name] = _nearest_v(kernel, w_bits[name], fmt=fmt, split=lq.split)
         if config.learn_act_steps and a_bits[name] < FLOAT_BITS:
@@ -372,7 +417,7 @@ def _learn_unit(
                                   qconfig=qconfig)  # fmt: skip
     float_inputs: list[np.ndarray] = []
     if config.layer_loss_weight > 0.0 and fbr_layers(unit):
-        _, float_inputs = unit_inputs(apply, float_params, data, unit.name, config.batch_size)
+        _, float_inputs = unit_inputs(apply, reference, data, unit.name, config.batch_size)
     if target.shape[0] != n:
         raise ValueError(f"unit {unit.name!r}: {target.shape[0]} outputs for {n} samples (a "
                          "module called more than once cannot be reconstructed alone)")  # fmt: skip
@@ -380,7 +425,7 @@ def _learn_unit(
     program.call = call
     trainable, mse_nearest, mse_learned = program.run(
         trainable, v_nearest, zeros, qc_weights, qconfig, params, inputs_w, inputs_a,
-        jnp.asarray(target), indices, jnp.arange(size), float_params, float_inputs,
+        jnp.asarray(target), indices, jnp.arange(size), reference, float_inputs,
     )  # fmt: skip
     out = {"mse_nearest": np.float64(mse_nearest), "mse_learned": np.float64(mse_learned)}
     for name, vv in trainable["v"].items():
@@ -391,7 +436,7 @@ def _learn_unit(
 
 
 def _apply_unit(
-    float_params: Any,
+    base: Any,
     params: Any,
     qconfig: QConfig,
     unit: Unit,
@@ -403,7 +448,7 @@ def _apply_unit(
     for name in unit.layers:
         lq = layers[name]
         if f"up/{name}" in stored:
-            kernel = layer_kernel(float_params, name)
+            kernel = layer_kernel(base, name)
             v = jnp.where(jnp.asarray(stored[f"up/{name}"]) > 0, 1.0, -1.0)
             if v.shape != kernel.shape:
                 raise ValueError(

@@ -1,11 +1,12 @@
 """PTQD's correction of a quantized UNet's output noise, applied inside the sampling loop.
 
 PTQD (He et al. 2023) models the quantized noise prediction as ``eps_q = (1 + k) eps + D'``,
-per sampling step: ``k`` from a regression of the output error on the float output, ``D'``
-the residual with a channel-wise mean (``bias``) and a standard deviation ``std``
-(`mixdq_jax.reconstruction.ptqd.fit_noise` fits them). In the loop each step then
+per sampling step: ``k`` from a regression of the output error on the float output, a
+channel-wise ``bias`` and the residual ``D'``'s standard deviation ``std``
+(`mixdq_jax.reconstruction.ptqd.fit_noise` fits them, by PTQD's released rules or our pooled
+ones: which error the bias averages, which slopes apply). In the loop each step then
 
-- undoes the correlated part and the residual's mean: ``eps_hat = (eps_q - bias) / (1 + k)``
+- undoes the correlated part and the bias: ``eps_hat = (eps_q - bias) / (1 + k)``
   (after classifier-free guidance: the map is affine with a unit weight sum, so guiding the
   corrected halves gives the same);
 - lets a stochastic step absorb the residual's variance (PTQD's variance schedule
@@ -34,21 +35,29 @@ from mixdq_jax.schedulers.common import SchedulePlan, Scheduler
 
 @dataclass(frozen=True, kw_only=True)
 class NoiseModel:
-    """Per sampling step of the schedule ``timesteps`` ``[N]``: ``k`` ``[N]``, the residual's
-    channel means ``bias`` ``[N, C]`` and its standard deviation ``std`` ``[N]``."""
+    """Per sampling step of the schedule ``timesteps`` ``[N]``: the applied slope ``k``
+    ``[N]``, the channel means ``bias`` ``[N, C]`` the loop subtracts and the residual's
+    standard deviation ``std`` ``[N]``. ``fitted_k`` ``[N]``: the regression's slope where the
+    fit's rule applied another (PTQD's released code keeps only ``k > 0``); ``None`` where
+    ``k`` is the fitted slope, as in files written before the field existed."""
 
     timesteps: np.ndarray
     k: np.ndarray
     bias: np.ndarray
     std: np.ndarray
+    fitted_k: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = np.shape(self.timesteps)[0] if np.ndim(self.timesteps) == 1 else -1
         shapes = {name: np.shape(getattr(self, name)) for name in ("k", "bias", "std")}
+        if self.fitted_k is not None:
+            shapes["fitted_k"] = np.shape(self.fitted_k)
         bias_ok = len(shapes["bias"]) == 2 and shapes["bias"][0] == n
-        if n < 1 or shapes["k"] != (n,) or shapes["std"] != (n,) or not bias_ok:
+        vectors_ok = all(shapes[name] == (n,) for name in shapes if name != "bias")
+        if n < 1 or not vectors_ok or not bias_ok:
             raise ValueError(
-                f"NoiseModel: timesteps [N], k [N], bias [N, C] and std [N] must agree, got "
+                f"NoiseModel: timesteps [N], k [N], bias [N, C], std [N] (and fitted_k [N]) "
+                "must agree, got "
                 f"timesteps {np.shape(self.timesteps)}, "
                 + ", ".join(f"{k} {v}" for k, v in shapes.items())
             )
@@ -60,16 +69,20 @@ class NoiseModel:
         return int(np.shape(self.timesteps)[0])
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-able (the exported folder's metadata keeps it)."""
-        return {name: np.asarray(getattr(self, name)).tolist() for name in _FIELDS}
+        """JSON-able (the exported folder's metadata keeps it); ``fitted_k`` only when set,
+        so readers of the four fields read it unchanged."""
+        names = _FIELDS if self.fitted_k is None else (*_FIELDS, "fitted_k")
+        return {name: np.asarray(getattr(self, name)).tolist() for name in names}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, what: str = "noise model") -> NoiseModel:
+        """Files with or without ``fitted_k`` (older ones have none)."""
         missing = [name for name in _FIELDS if name not in data]
         if missing:
             raise ValueError(f"{what}: missing field(s) {missing}")
         try:
-            arrays = {name: np.asarray(data[name], np.float64) for name in _FIELDS}
+            names = [name for name in (*_FIELDS, "fitted_k") if data.get(name) is not None]
+            arrays = {name: np.asarray(data[name], np.float64) for name in names}
             return cls(**arrays)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{what}: {e}") from None
@@ -117,4 +130,3 @@ class StepCorrection:
 
     def noise(self, noise: jax.Array, i: jax.Array | int) -> jax.Array:
         return noise * self.noise_scale[i].astype(noise.dtype)
-

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import yaml
@@ -30,6 +29,7 @@ from mixdq_jax.allocation import (
 )
 from mixdq_jax.cli import main
 from tests.reference_data import official, sdxl_turbo
+from tests.reference_data import plain_yaml as _raw
 
 BAND = 0.02
 RELEASED = {
@@ -44,11 +44,6 @@ OFFICIAL_PROTECTED = {
     *(f"down_blocks.2.attentions.1.transformer_blocks.{i}.ff.net.2" for i in (5, 6, 7, 8)),
     "up_blocks.0.attentions.0.transformer_blocks.0.ff.net.2",
 }
-
-
-def _raw(path: Path) -> dict:
-    """Independent reader (plain PyYAML) for the reference numbers."""
-    return {k.removeprefix("model."): v for k, v in yaml.safe_load(path.read_text()).items()}
 
 
 @pytest.fixture(scope="module")

@@ -128,7 +128,7 @@ def test_an_unknown_key_is_refused_with_a_suggestion(tmp_path, capsys):
     [
         ("num-calib: 0", ["num-calib", "must be >= 1, got 0"]),
         ("protect_top: 101", ["protect_top", "percentage", "[0, 100]"]),
-        ("preset: best", ["preset", "'best'", "ours, official"]),
+        ("preset: best", ["preset", "'best'", "ours, paper, official"]),
         ("target: W9A8", ["target", "weight bits 9", "[2, 8]"]),
         ("seed: -1", ["seed", "-1"]),
         ("overwrite: 1", ["overwrite", "true or false"]),

@@ -1,7 +1,9 @@
 """EDA-DM (Liu et al. 2024) against hand computations: TDAC's density and variety scores and
 its split of the samples over the steps (numpy loops over the paper's formulas), the
-fine-grained block loss (numpy), the default loss left as Q-Diffusion's, and an EDA-DM
-reconstruction of a tiny block beating nearest rounding."""
+fine-grained block loss (numpy), the default loss left as Q-Diffusion's, an EDA-DM
+reconstruction of a tiny block beating nearest rounding; the ``edadm`` method records the
+authors' released MS-COCO settings and hands them (or ``edadm-testbed``'s) to the loop, and
+TDAC takes the first ``calib_samples`` prompts."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixdq_jax.methods import METHODS, RECONSTRUCTION_METHODS, BlockReconstruction
+from mixdq_jax.methods import METHODS, RECONSTRUCTION_METHODS, BlockReconstruction, get_method
 from mixdq_jax.reconstruction import ReconConfig, find_units, reconstruct
 from mixdq_jax.reconstruction.blocks import unit_inputs
 from mixdq_jax.reconstruction.calib_select import (
@@ -215,11 +217,107 @@ def test_an_edadm_reconstruction_beats_nearest_rounding():
     assert any(jax.tree.leaves(changed))
 
 
-def test_the_edadm_row():
+# the authors' released MS-COCO / Stable Diffusion run, BienLuky/EDA-DM scripts/for_coco.sh:
+# W4A8 "--calib_num_samples 256 --batch_samples 8 --lamda 5.0 --recon --lr_w 3e-2 --lr_a 1e-4
+# --add_loss 0.8", W8A8 the same with "--lr_w 5e-4"
+RELEASED = {"calib_samples": 256, "tdac_lambda": 5.0, "weight_lr": 3e-2, "weight_lr_w8": 5e-4,
+            "act_lr": 1e-4, "layer_loss_weight": 0.8}  # fmt: skip
+EDADM_KEYS = {"calib_select", "layer_loss_weight", "tdac_lambda", "calib_samples", "weight_lr",
+              "weight_lr_w8", "act_lr", "label"}  # fmt: skip
+
+
+def test_the_edadm_row_records_the_released_settings():
     m = RECONSTRUCTION_METHODS["edadm"]
     assert (m.allocator.name, m.bos_aware) == ("uniform", False)
-    assert m.refiners == (BlockReconstruction(calib_select=True, layer_loss_weight=0.5),)
-    assert m.settings()["calib_select"] is True
+    settings = m.settings()
+    assert settings["calib_select"] is True
+    assert {k: settings[k] for k in RELEASED} == RELEASED
+    assert "released" in settings["label"]
+    testbed = get_method("edadm-testbed").settings()
+    assert (testbed["layer_loss_weight"], testbed["tdac_lambda"]) == (0.5, 50.0)
+    assert "testbed" in testbed["label"]
+    assert {"calib_samples", "weight_lr", "weight_lr_w8", "act_lr"}.isdisjoint(testbed)
+    assert CalibSelect().lam == 5.0  # TDAC's default is the released run's too
     # the other rows' settings keep their keys
     for other in (*METHODS.values(), RECONSTRUCTION_METHODS["qdiffusion"]):
-        assert {"calib_select", "layer_loss_weight"}.isdisjoint(other.settings())
+        assert EDADM_KEYS.isdisjoint(other.settings())
+    with pytest.raises(ValueError, match="set calib_select=True"):
+        BlockReconstruction(calib_samples=4)
+
+
+def _bits(w_bits):
+    return SimpleNamespace(bits=lambda: (w_bits, {}))
+
+
+@pytest.mark.parametrize(
+    ("method", "w_bits", "want"),
+    [
+        ("edadm", {"a": 4, "b": 8, "c": 16}, (3e-2, 1e-4, 0.8)),  # W4A8's rate
+        ("edadm", {"a": 8, "b": 8, "c": 16}, (5e-4, 1e-4, 0.8)),  # W8A8's rate
+        ("edadm-testbed", {"a": 4}, (5e-3, 4e-5, 0.5)),  # the run's rates
+    ],
+)
+def test_the_settings_reach_the_loop(monkeypatch, tmp_path, method, w_bits, want):
+    """The `ReconConfig` the reconstruction loop receives from each EDA-DM method."""
+    import mixdq_jax.methods.reconstruction as mr  # noqa: PLC0415
+
+    got = {}
+
+    def fake_reconstruct(apply, params, qconfig, data, *, config, **kwargs):
+        got["config"], got["data"] = config, data
+        return SimpleNamespace(params=params, qconfig=qconfig, act_ranges={})
+
+    monkeypatch.setattr(mr, "reconstruct", fake_reconstruct)
+    monkeypatch.setattr(mr, "unet_apply", lambda unet: None)
+    monkeypatch.setattr(mr, "unet_samples", lambda pipe, calib: {"x": np.arange(8)})
+    monkeypatch.setattr(mr, "tdac_samples", lambda pipe, calib, data, **kw: (data, [8]))
+    run_config = ReconConfig(iters=3, lr=5e-3, act_lr=4e-5, seed=1)
+    pipe = SimpleNamespace(unet=None, params={"unet": None})
+    ctx = SimpleNamespace(pipe=pipe, calibration=None, recon=run_config,
+                          run=SimpleNamespace(recipe_dir=lambda key: tmp_path), key="k",
+                          progress=False, log=lambda message: None)  # fmt: skip
+    model = SimpleNamespace(params={}, qconfig=_bits(w_bits), act_ranges={},
+                            replace=lambda **kw: kw)  # fmt: skip
+    refiner = get_method(method).refiners[-1]  # the reconstruction (after any range search)
+    refiner.refine(model, ctx)
+    config = got["config"]
+    assert (config.lr, config.act_lr, config.layer_loss_weight) == want
+    # the released run's single pass uses p = 2 (sample_txt2img.py); the testbed the run's
+    assert config.p == (2.0 if method == "edadm" else run_config.p)
+    assert (config.iters, config.seed) == (3, 1)  # the rest is the run's
+    assert config.settings()["lr"] == want[0]  # what reconstruct/settings.json records
+
+
+def _calib(prompts_per_batch, steps, cfg=False):
+    """Batches as `sample_positions` and `prompt_of_trajectory` read them."""
+    return SimpleNamespace(steps=steps, batches=[
+        SimpleNamespace(latents=np.zeros((b, 1)), inputs=np.zeros((steps, 2 * b if cfg else b)))
+        for b in prompts_per_batch
+    ])  # fmt: skip
+
+
+def test_tdac_takes_the_first_prompts_of_the_calibration(monkeypatch):
+    """``calib_samples``: the first that many prompts, one sample per trajectory; on several
+    steps spread by the scores (of the first trajectories); too few prompts is an error."""
+    import mixdq_jax.methods.reconstruction as mr  # noqa: PLC0415
+
+    calib = _calib((3, 4), steps=5)  # 7 trajectories
+    step_of, traj_of = sample_positions(calib)
+    f = _features(2)  # [5 steps, 2 rows, ...]
+    monkeypatch.setattr(mr, "unet_apply", lambda unet: None)
+    monkeypatch.setattr(mr, "feature_fn", lambda apply, params, data: (
+        lambda idx: f[step_of[idx], traj_of[idx]]))  # fmt: skip
+    monkeypatch.setattr(mr, "CalibSelect", lambda seed, lam=5.0: CalibSelect(
+        seed=seed, lam=lam, radius=0.05, rows=2))  # fmt: skip
+    pipe = SimpleNamespace(unet=None, params={"unet": None})
+    data = {"i": np.arange(step_of.size)}
+    kept, per_step = mr.tdac_samples(pipe, calib, data, seed=3, lam=1.5, samples=5)
+    keep = kept["i"]
+    assert sorted(traj_of[keep].tolist()) == [0, 1, 2, 3, 4]  # the first 5 prompts, once each
+    assert per_step == step_counts(np_scores(f, 0.05, 1.5)[2], 5).tolist()
+    with pytest.raises(ValueError, match=r"takes 8 calibration prompts.*has 7.*--num-calib 8"):
+        mr.tdac_samples(pipe, calib, data, samples=8)
+    # one step with guidance: both rows of each of the first 3 prompts, nothing scored
+    calib = _calib((2, 2), steps=1, cfg=True)  # rows: [n0 n1 p0 p1] [n2 n3 p2 p3]
+    kept, per_step = mr.tdac_samples(pipe, calib, {"i": np.arange(8)}, samples=3)
+    assert kept["i"].tolist() == [0, 1, 2, 3, 4, 6] and per_step == [6]

@@ -21,6 +21,7 @@ from mixdq_jax.methods import (
     RECONSTRUCTION_METHODS,
     BlockReconstruction,
     PTQDCorrection,
+    RangeSearch,
 )
 from mixdq_jax.quant import forward
 from mixdq_jax.reconstruction import learned_codes
@@ -48,10 +49,12 @@ def model(tmp_path_factory):
 def test_the_cli_offers_the_reconstruction_rows():
     assert tuple(RECONSTRUCTION_METHODS) == ("qdiffusion", "ptqd", "mixdq+adaround", "edadm")
     refiners = {n: [type(r) for r in m.refiners] for n, m in RECONSTRUCTION_METHODS.items()}
-    assert refiners["ptqd"] == [BlockReconstruction, PTQDCorrection]
+    assert refiners["ptqd"] == [RangeSearch, BlockReconstruction, PTQDCorrection]
+    assert refiners["edadm"] == [RangeSearch, BlockReconstruction]
     assert PTQDCorrection not in refiners["qdiffusion"]
     assert RECONSTRUCTION_METHODS["mixdq+adaround"].allocator.name == "mixdq"
-    assert all(r[0] is BlockReconstruction for r in refiners.values())
+    # Q-Diffusion searches its clipping ranges first (test_qdiffusion_settings.py)
+    assert all(BlockReconstruction in r for r in refiners.values())
     # runs of the older rows, started before these fields existed, still resume
     assert {"rounding", "ptqd"}.isdisjoint(METHODS["mixdq"].settings())
     assert RECONSTRUCTION_METHODS["ptqd"].settings()["ptqd"] is True
@@ -82,6 +85,17 @@ def float_pipe(model):
     return load_pipeline(model[0])
 
 
+def _searched(run, name: str, kernel) -> np.ndarray:
+    """The float kernel clipped as the range search chose (unsplit layers): each output
+    channel to ``r [min(w, 0), max(w, 0)]``, ``r = 1 - 0.01 i`` (numpy, from weights.npz)."""
+    index = np.load(run / "quantize/W4A8_ptqd/range_search/weights.npz")[name][0]
+    w = np.asarray(kernel, np.float32)
+    flat = w.reshape(-1, w.shape[-1])
+    r = (1.0 - 0.01 * index).astype(np.float32)
+    lo, hi = np.minimum(flat.min(0), 0) * r, np.maximum(flat.max(0), 0) * r
+    return np.clip(w, lo, hi)
+
+
 def test_the_folder_holds_the_learned_codes_and_ptqd_and_runs_on_the_integer_path(
     quantized, float_pipe
 ):
@@ -99,15 +113,15 @@ def test_the_folder_holds_the_learned_codes_and_ptqd_and_runs_on_the_integer_pat
         if not key.startswith("up/"):
             continue
         name = key[3:]
-        kernel = node_at(float_pipe.params["unet"], name)["kernel"]
+        kernel = _searched(run, name, node_at(float_pipe.params["unet"], name)["kernel"])
         v = jnp.where(jnp.asarray(stored[key]) > 0, 1.0, -1.0)
         want = np.asarray(learned_codes(kernel, v, 4)).reshape(-1, kernel.shape[-1]) - 8
         got = np.asarray(unpacked_codes(node_at(packed, name)["q0"]["w"], plan.layers[name]))
         np.testing.assert_array_equal(got.reshape(want.shape), want)
         learned_any = True
     assert learned_any
-    # PTQD: conv_out's codes are the float kernel's, every channel's scale divided by 1 + k
-    kernel = float_pipe.params["unet"]["conv_out"]["kernel"]
+    # PTQD: conv_out's codes are the (searched) kernel's, every channel's scale over 1 + k
+    kernel = _searched(run, "conv_out", float_pipe.params["unet"]["conv_out"]["kernel"])
     codes, scale, _ = quantize_weight_codes(kernel, 4, symmetric=False)
     lp = plan.layers["conv_out"]
     node = packed["conv_out"]["q0"]
@@ -115,7 +129,9 @@ def test_the_folder_holds_the_learned_codes_and_ptqd_and_runs_on_the_integer_pat
     np.testing.assert_array_equal(got, np.asarray(codes).reshape(got.shape))
     ratio = np.asarray(scale) / np.asarray(node["w_scale"])  # 1 + k
     np.testing.assert_allclose(ratio, ratio[0], rtol=1e-5)
-    assert abs(ratio[0] - 1.0) > 1e-6
+    # the applied k (PTQD's released rule keeps only k > 0; the tiny model's slope is < 0)
+    noise = json.loads((run / "quantize/W4A8_ptqd/ptqd/noise_model.json").read_text())
+    np.testing.assert_allclose(ratio[0], 1.0 + noise["k"][0], rtol=1e-5)
     # the integer path runs the folder: one UNet evaluation on calibration-shaped inputs
     batch = load_calibration(run, float_pipe).batches[0]
     cond = float_pipe.conditioning(jnp.asarray(batch.context), jnp.asarray(batch.pooled), 0.0,
@@ -152,13 +168,15 @@ def test_multi_step_ptqd_is_stored_in_the_folder_and_applied_when_sampling(
     k, std = np.asarray(stored["k"]), np.asarray(stored["std"])
     want = np.sqrt(np.maximum(b[0] ** 2 - (a[0] * std[0] / (1 + k[0])) ** 2, 0)) / b[0]
     assert report["ptqd_noise_scale"][0] == pytest.approx(want, rel=1e-5)
-    assert "- PTQD per sampling step: slope k" in (run / "quantize/W4A8_ptqd/report.md").read_text()
+    assert "- PTQD (released fit) per sampling step: slope k" in (
+        run / "quantize/W4A8_ptqd/report.md"
+    ).read_text()
     timesteps = float_pipe.scheduler.set_timesteps(2).timesteps
     np.testing.assert_array_equal(stored["timesteps"], np.asarray(timesteps, np.float64))
     assert len(stored["bias"][0]) == float_pipe.unet.config.out_channels
-    # not folded: conv_out keeps the plain codes and scales of its float kernel
+    # not folded: conv_out keeps the plain codes and scales of its (searched) kernel
     quantized = load_pipeline(out)
-    kernel = float_pipe.params["unet"]["conv_out"]["kernel"]
+    kernel = _searched(run, "conv_out", float_pipe.params["unet"]["conv_out"]["kernel"])
     _, scale, _ = quantize_weight_codes(kernel, 4, symmetric=False)
     np.testing.assert_allclose(quantized.quantized.params["conv_out"]["q0"]["w_scale"],
                                np.asarray(scale).reshape(-1), rtol=1e-6)  # fmt: skip
@@ -203,8 +221,8 @@ def test_a_study_row_of_a_reconstruction_method_is_its_learned_model(model, tmp_
     recipe = study_recipe(config, float_pipe)
     row = recipe.allocation(Target.parse("W8A8"), RECONSTRUCTION_METHODS["ptqd"])  # resumed
     learned = recipe.quantized(row)
-    assert not np.array_equal(learned.params["conv_out"]["kernel"],
-                              float_pipe.params["unet"]["conv_out"]["kernel"])  # PTQD folded
+    assert not np.array_equal(learned.params["conv_out"]["bias"],
+                              float_pipe.params["unet"]["conv_out"]["bias"])  # PTQD folded
     texts = [line for line in prompts.read_text().splitlines() if line][:2]
     plain_qc = recipe.qconfig(row.method, row.weight_bits, row.act_bits)
     # image i of an evaluation starts from seed i's latents (`evaluation.images`)
@@ -226,9 +244,11 @@ def test_edadm_on_two_steps_keeps_one_sample_per_trajectory(model, tmp_path):
     """EDA-DM on a two-step run: TDAC's choice is written beside the reconstruction, one
     sample per calibration trajectory, and the reconstruction learns from those alone."""
     run = tmp_path / "run"
-    _quantize(model, run, "--method", "edadm", "--target", "W4A16", "--steps", "2",
+    # the testbed's shortened EDA-DM: the released one takes 256 calibration prompts
+    _quantize(model, run, "--method", "edadm-testbed", "--target", "W4A16", "--steps", "2",
               "--recon-iters", "1", "--stop-after", "reconstruct")
-    chosen = json.loads((run / "quantize/W4A16_edadm/calib_select.json").read_text())
+    chosen = json.loads((run / "quantize/W4A16_edadm-testbed/calib_select.json").read_text())
     assert len(chosen["samples_per_step"]) == 2 and sum(chosen["samples_per_step"]) == 2
-    settings = json.loads((run / "quantize/W4A16_edadm/reconstruct/settings.json").read_text())
+    recipe = run / "quantize/W4A16_edadm-testbed"
+    settings = json.loads((recipe / "reconstruct/settings.json").read_text())
     assert settings["samples"] == 2 and settings["layer_loss_weight"] == 0.5

@@ -202,7 +202,8 @@ def test_resume_after_kill_gives_identical_results(pipe, run_dir, swept, monkeyp
     calls = []
     original = Evaluator.evaluate
     monkeypatch.setattr(
-        Evaluator, "evaluate", lambda self, *a: calls.append(a[:2]) or original(self, *a)
+        Evaluator, "evaluate",
+        lambda self, *a, **k: calls.append(a[:2]) or original(self, *a, **k),
     )
     config = SweepConfig(kinds=("weight",), metrics=("sqnr", "ssim"), layers=SEL, chunk=CHUNK)
     evaluator = Evaluator(pipe, load_calibration(run_dir, pipe))
