@@ -14,7 +14,8 @@ reconstruction plus its noise correction (its experiments start from BRECQ/AdaRo
 models), fitted as the authors' released code fits it; EDA-DM is the same search and
 reconstruction with TDAC and layer losses at the settings of the authors' released MS-COCO
 run (TDAC lambda 5, layer weight 0.8, 256 calibration prompts, their learning rates, p = 2).
-``VARIANT_ROWS``: labelled options, not table rows: ``ptqd-pooled`` (our earlier pooled PTQD
+``VARIANT_ROWS``: labelled options, not table rows: ``qdiffusion-minmax`` (Q-Diffusion's
+reconstruction from min/max ranges, our earlier row), ``ptqd-pooled`` (our earlier pooled PTQD
 fit, no range search) and ``edadm-testbed`` (the testbed's shortened EDA-DM: lambda 50 and
 weight 0.5, the argument parser's defaults, on the run's own calibration prompts and
 ``--recon-*`` settings, no range search).
@@ -36,7 +37,7 @@ _UNIFORM, _SQNR, _MIXDQ = Uniform(), SqnrProgram(), MixDQGroups()
 
 PAPER_ROWS = ("naive", "naive+bos", "sqnr-mp", "fp8", "fp8+bos", "mixdq-no-bos", "mixdq")
 RECONSTRUCTION_ROWS = ("qdiffusion", "ptqd", "mixdq+adaround", "edadm")
-VARIANT_ROWS = ("ptqd-pooled", "edadm-testbed")
+VARIANT_ROWS = ("qdiffusion-minmax", "ptqd-pooled", "edadm-testbed")
 
 # EDA-DM's released Stable Diffusion run (BienLuky/EDA-DM scripts/for_coco.sh l. 9 and 17-18:
 # --lamda 5.0 --add_loss 0.8 --calib_num_samples 256 --lr_a 1e-4, --lr_w 3e-2 at W4A8 and
@@ -69,6 +70,8 @@ for _method in (
            refiners=(BlockReconstruction(),)),
     Method(name="edadm", title="EDA-DM", allocator=_UNIFORM, bos_aware=False,
            refiners=(RangeSearch(), _EDADM_RELEASED)),
+    Method(name="qdiffusion-minmax", title="Q-Diffusion (min/max ranges)", allocator=_UNIFORM,
+           bos_aware=False, refiners=(BlockReconstruction(),)),
     Method(name="ptqd-pooled", title="PTQD (pooled fit)", allocator=_UNIFORM,
            bos_aware=False, refiners=(BlockReconstruction(), PTQDCorrection(rule="pooled"))),
     Method(name="edadm-testbed", title="EDA-DM (testbed, shortened)", allocator=_UNIFORM,

@@ -51,6 +51,11 @@ def test_the_cli_offers_the_reconstruction_rows():
     refiners = {n: [type(r) for r in m.refiners] for n, m in RECONSTRUCTION_METHODS.items()}
     assert refiners["ptqd"] == [RangeSearch, BlockReconstruction, PTQDCorrection]
     assert refiners["edadm"] == [RangeSearch, BlockReconstruction]
+    # the earlier rows stay reachable, labelled: min/max ranges, the pooled PTQD fit
+    from mixdq_jax.methods import get_method  # noqa: PLC0415
+
+    assert [type(r) for r in get_method("qdiffusion-minmax").refiners] == [BlockReconstruction]
+    assert get_method("ptqd-pooled").settings()["ptqd_rule"] == "pooled"
     assert PTQDCorrection not in refiners["qdiffusion"]
     assert RECONSTRUCTION_METHODS["mixdq+adaround"].allocator.name == "mixdq"
     # Q-Diffusion searches its clipping ranges first (test_qdiffusion_settings.py)
