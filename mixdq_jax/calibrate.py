@@ -246,8 +246,10 @@ def calibrate(
     separate = config.observe_weight_bits < FLOAT_BITS or config.observes_quantized
     observed = observed_qconfig(pipe, config) if separate else None
     batches = _batches(config)
+    running = None  # the released loop's ranges after the batch before (None: read on resume)
     for b, batch in enumerate(tqdm(batches, desc="calibration", unit="batch")):
         if run.has_batch(b):
+            running = None
             continue
         emb = None if embeddings is None else embeddings.get(b)
         arrays, ranges = run_batch(
@@ -255,8 +257,10 @@ def calibrate(
         )
         if observed is not None:
             # the released loop continues from the running ranges after the batch before
-            running = run.batch_ranges(b - 1) if config.observes_quantized and b else None
+            if config.observes_quantized and b and running is None:
+                running = run.batch_ranges(b - 1)
             _, ranges = run_batch(pipe, batch, config, b, observed, embeddings=emb, running=running)
+            running = ranges if config.observes_quantized else None
         run.write_batch(b, arrays, ranges)
     if config.observes_quantized:  # the running ranges after the last batch
         ranges = dict(run.batch_ranges(len(batches) - 1))

@@ -74,9 +74,8 @@ class Preset:
         """The allocation options of this preset; ``overrides`` given as ``None`` keep the
         preset's value (so `mixdq quantize`, `mixdq allocate` and `mixdq demo` share one set
         of defaults)."""
-        values = {"objective": self.objective, "act_average": self.act_average}
-        if "budget_rule" in {f.name for f in fields(AllocationOptions)}:
-            values["budget_rule"] = self.budget_rule
+        values = {"objective": self.objective, "act_average": self.act_average,
+                  "budget_rule": self.budget_rule}  # fmt: skip
         values.update({k: v for k, v in overrides.items() if v is not None})
         return AllocationOptions(**values)
 

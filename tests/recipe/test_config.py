@@ -7,7 +7,7 @@ import pytest
 from mixdq_jax.cli import build_parser as cli_main_parser
 from mixdq_jax.cli import quantize as cli
 from mixdq_jax.cli.allocate import options_from_args
-from mixdq_jax.cli.preset_args import allocation_options
+from mixdq_jax.cli.preset_args import PRESET_NAMES, allocation_options
 from mixdq_jax.methods import (
     METHODS,
     PAPER_ROWS,
@@ -95,6 +95,7 @@ def test_preset_settings_keep_earlier_runs_resumable():
 
 
 def test_every_command_shares_the_presets_defaults():
+    assert set(PRESET_NAMES) == set(PRESETS)  # --help lists them without importing the recipe
     parser = cli_main_parser()
     for argv in (["quantize", "--target", "W4A8", "--run", "r"], ["demo"]):
         for preset in ("ours", "paper", "official"):
