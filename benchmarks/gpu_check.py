@@ -13,9 +13,10 @@ Sections, in order: ``versions``, ``kernel_checks`` (the Pallas kernels compiled
 against their references: exact equality for integer results, the documented tolerance for
 float epilogues), ``autotune`` (a few `GemmTiles` candidates per GEMM shape, timed within a
 budget; winners written to ``pallas_kernels/tuned/<device>.json`` and ``$OUT/tuned/``),
-``gemm_timing`` (SDXL GEMM shapes: float dots, int8/W4A8 on XLA and Pallas, activation
-quantization) and ``unet`` (one full-size SDXL-turbo UNet forward at 512x512, batch 1, for
-fp16, w8a8, w4a8 and bf16, each in a fresh subprocess so its peak GPU memory is its own).
+``gemm_timing`` (SDXL GEMM shapes: float dots, int8/W4A8 and group-scaled W4A4 with a rank-32
+branch on XLA and Pallas, activation quantization) and ``unet`` (one full-size SDXL-turbo UNet
+forward at 512x512, batch 1, for fp16, w8a8, w4a8 and bf16, each in a fresh subprocess so its
+peak GPU memory is its own).
 Every section runs in try/except and stores its error; the JSON is rewritten atomically after
 every section, autotune shape and UNet configuration, so a timeout keeps what finished. The
 output schema is documented in BENCHMARKS.md ("GPU check").
@@ -68,6 +69,13 @@ GPU_GEMM_SHAPES: dict[str, tuple[int, int, int]] = {
     "conv3x3_4096x2880x320": (4096, 2880, 320),  # 64x64 resnet conv 3x3x320 (im2col GEMM)
     "attn_proj_4096x640x640": (4096, 640, 640),  # the same layer at 1024x1024
 }
+# Timed in gemm_timing only (not autotuned): the 1024x1024 down_blocks.2 GEGLU proj, one of
+# its two 5120-wide halves, where the W4A4 branch and the group scaling are the smallest share.
+GPU_TIMING_ONLY_SHAPES: dict[str, tuple[int, int, int]] = {
+    "ff_in_half_1024x1280x5120": (1024, 1280, 5120),
+}
+W4A4_GROUP = 64  # SVDQuant's group size and rank of the low-rank branch, for the timings
+W4A4_RANK = 32
 DRY_GEMM_SHAPES: dict[str, tuple[int, int, int]] = {
     "tiny_64x64x64": (64, 64, 64),
     "tiny_ragged_77x96x80": (77, 96, 80),
@@ -363,18 +371,47 @@ def _exact(y, ref) -> dict[str, Any]:
             "max_abs_err": max_abs, "rule": "exact"}
 
 
-def _close(y, ref64, magnitude, out_dtype: str) -> dict[str, Any]:
-    """|y - ref| <= 4 eps32 |terms| + final_rounding |ref| (tests/pallas_kernels/_gemm_cases)."""
+def _close(y, ref64, magnitude, out_dtype: str, *, sums: int | None = None,
+           sums_note: str = "") -> dict[str, Any]:
+    """|y - ref| <= 4 eps32 |terms| + final_rounding |ref| (tests/pallas_kernels/_gemm_cases).
+
+    ``sums``: the result adds that many f32-rounded terms (W4A4: groups + rank + scales and
+    bias), so the bound becomes ``sums * eps32 * |terms|`` (written 4*eps32*...*sums/4)."""
     import numpy as np
 
     y = np.asarray(y).astype(np.float64)
     if y.shape != ref64.shape:
         return {"passed": False, "detail": f"shape {y.shape} != reference {ref64.shape}"}
-    tol = 4 * F32_EPS * magnitude + FINAL_ROUNDING[out_dtype] * np.abs(ref64) + 1e-30
+    factor = 1.0 if sums is None else max(sums / 4, 1.0)
+    tol = (4 * factor * F32_EPS * magnitude + FINAL_ROUNDING[out_dtype] * np.abs(ref64)
+           + 1e-30)
     err = np.abs(y - ref64)
+    rule = "4*eps32*sum|terms| + final_rounding(out_dtype)*|ref|"
+    if sums is not None:
+        rule = f"4*eps32*sum|terms|*{sums}/4 + final_rounding(out_dtype)*|ref| ({sums_note})"
     return {"passed": bool(np.all(err <= tol)), "max_abs_err": float(np.max(err)),
-            "max_err_over_tol": float(np.max(err / tol)),
-            "rule": "4*eps32*sum|terms| + final_rounding(out_dtype)*|ref|"}
+            "max_err_over_tol": float(np.max(err / tol)), "rule": rule}
+
+
+def _w4a4_numpy(x_q, x_scale, w_q, w_scale, group, lr_x, lr_up, bias):
+    """The W4A4 contract in float64 from the unpacked codes: (result, sum of |terms|)."""
+    import numpy as np
+
+    y = np.zeros((x_q.shape[0], w_q.shape[1]))
+    mag = np.zeros_like(y)
+    for g in range(w_q.shape[0] // group):
+        sl = slice(g * group, (g + 1) * group)
+        sc = x_scale[:, g, None].astype(np.float64) * w_scale[None, g, :].astype(np.float64)
+        y += sc * (x_q[:, sl].astype(np.int64) @ w_q[sl].astype(np.int64))
+        mag += sc * (np.abs(x_q[:, sl].astype(np.int64)) @ np.abs(w_q[sl].astype(np.int64)))
+    if lr_up is not None:
+        lx = lr_x.astype(lr_up.dtype).astype(np.float64)
+        y += lx @ lr_up.astype(np.float64)
+        mag += np.abs(lx) @ np.abs(lr_up.astype(np.float64))
+    if bias is not None:
+        y += bias
+        mag += np.abs(bias)
+    return y, mag
 
 
 def _on_cpu(fn: Callable, *args, **kwargs):
@@ -407,9 +444,11 @@ def kernel_cases(ctx: Context) -> list[tuple[str, dict, Callable[[], dict]]]:
         int8_conv2d,
         int8_conv2d_reference,
         int8_matmul,
+        pack_group_weights,
         pack_weights,
         quantize_activation,
         quantize_activation_reference,
+        w4a4_matmul,
         w4a8_matmul,
     )
     from pallas_kernels.tuning import gemm_tiles
@@ -497,6 +536,50 @@ def kernel_cases(ctx: Context) -> list[tuple[str, dict, Callable[[], dict]]]:
     cases.append(("gemm_w8a8_leading_dims_2x77x64x48_default_tiles",
                   {"op": "int8_matmul", "x_shape": [2, 77, 64], "n": 48,
                    "out_dtype": "float32"}, leading_dims))
+
+    # W4A4 (SVDQuant's format): group-scaled 4-bit codes, low-rank branch, bias; against the
+    # float64 contract computed from the unpacked codes
+    def w4a4_case(m, k, n, group, rank, lr_dtype, out_dtype, tiles):
+        def check():
+            import ml_dtypes
+
+            rng = np.random.default_rng(m + k + n + group)
+            g = k // group
+            x_q = rng.integers(-8, 8, size=(m, k)).astype(np.int8)
+            x_q[0], x_q[-1] = -8, 7
+            w_q = rng.integers(-8, 8, size=(k, n)).astype(np.int8)
+            w_q[:, 0], w_q[:, -1] = -8, 7
+            x_s = rng.uniform(1e-3, 5e-2, size=(m, g)).astype(np.float32)
+            w_s = rng.uniform(1e-3, 2e-2, size=(g, n)).astype(np.float32)
+            bias = rng.normal(size=(n,)).astype(np.float32)
+            lr_x = lr_up = None
+            if rank:
+                lr_x = rng.normal(size=(m, rank)).astype(np.float32)
+                np_dtype = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16,
+                            "float32": np.float32}[lr_dtype]
+                lr_up = (0.1 * rng.normal(size=(rank, n))).astype(np_dtype)
+            y = w4a4_matmul(x_q, pack_group_weights(jnp.asarray(w_q), group), x_scale=x_s,
+                            w_scale=w_s, group=group, lr_x=lr_x, lr_up=lr_up, bias=bias,
+                            out_dtype=getattr(jnp, out_dtype), backend="pallas", tiles=tiles,
+                            interpret=interp)
+            ref, mag = _w4a4_numpy(x_q, x_s, w_q, w_s, group, lr_x, lr_up, bias)
+            res = _close(np.asarray(y.astype(jnp.float32)), ref, mag, out_dtype,
+                         sums=g + (rank or 0) + 4, sums_note=f"G={g} groups, rank {rank or 0}")
+            res["dtype_ok"] = str(y.dtype) == out_dtype
+            res["passed"] = res["passed"] and res["dtype_ok"]
+            return res
+        name = (f"gemm_w4a4_g{group}_r{rank or 0}_{out_dtype}_{m}x{k}x{n}_"
+                f"{'small' if tiles else 'default'}_tiles")
+        cases.append((name, {"op": "w4a4_matmul", "mkn": [m, k, n], "wbits": 4, "abits": 4,
+                             "group": group, "rank": rank, "lr_dtype": lr_dtype,
+                             "out_dtype": out_dtype}, check))
+
+    w4a4_case(77, 128, 70, 64, 32, "float16", "float32", small)  # ragged M/N, 2 groups
+    w4a4_case(5, 320, 48, 64, None, None, "bfloat16", None)  # 5 groups: a loop tail
+    if big:
+        w4a4_case(1024, 640, 640, 64, 32, "float16", "float32", None)
+        w4a4_case(333, 1280, 1000, 64, 96, "bfloat16", "bfloat16", None)
+        w4a4_case(256, 2880, 320, 64, 32, "float32", "float16", None)  # 45 groups, f32 branch
 
     # activation quantization, exact codes: ties at x/s = k + 0.5, random values, ragged size
     def quant_case(shape, dtype, bits, scale, ties, tiles):
@@ -735,6 +818,40 @@ def section_autotune(ctx: Context, result: dict) -> None:
 # ---------------------------------------------------------------------------- gemm timing
 
 
+def _w4a4_operands(m, k, n, seed=4):
+    """Random device operands of `w4a4_matmul` with a rank-`W4A4_RANK` float16 branch. K is
+    rounded up to whole groups, as a caller zero-pads it (every SDXL K is already a multiple)."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import pack_group_weights
+
+    g = -(-k // W4A4_GROUP)
+    k = g * W4A4_GROUP
+    ks = jax.random.split(jax.random.key(seed), 6)
+    x_q = jax.random.randint(ks[0], (m, k), -8, 8, jnp.int32).astype(jnp.int8)
+    w = jax.random.randint(ks[1], (k, n), -8, 8, jnp.int32).astype(jnp.int8)
+    return dict(
+        x_q=x_q, w_packed=pack_group_weights(w, W4A4_GROUP),
+        x_scale=jax.random.uniform(ks[2], (m, g), jnp.float32, 1e-3, 5e-2),
+        w_scale=jax.random.uniform(ks[3], (g, n), jnp.float32, 1e-3, 2e-2),
+        lr_x=jax.random.normal(ks[4], (m, W4A4_RANK), jnp.float16),
+        lr_up=(0.1 * jax.random.normal(ks[5], (W4A4_RANK, n))).astype(jnp.float16),
+        bias=jnp.zeros((n,), jnp.float32),
+    )
+
+
+def _w4a4_fn(interpret, backend="pallas"):
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import w4a4_matmul
+
+    return jax.jit(lambda x, w, xs, ws, lx, lu, b: w4a4_matmul(
+        x, w, x_scale=xs, w_scale=ws, lr_x=lx, lr_up=lu, bias=b, group=W4A4_GROUP,
+        out_dtype=jnp.float32, backend=backend, interpret=interpret))
+
+
 def section_gemm_timing(ctx: Context, result: dict) -> None:
     import jax
     import jax.numpy as jnp
@@ -742,13 +859,17 @@ def section_gemm_timing(ctx: Context, result: dict) -> None:
     from pallas_kernels import GemmTiles, quantize_activation
     from pallas_kernels.tuning import gemm_tiles
 
-    shapes = DRY_GEMM_SHAPES if ctx.dry_run else GPU_GEMM_SHAPES
+    shapes = DRY_GEMM_SHAPES if ctx.dry_run else {**GPU_GEMM_SHAPES, **GPU_TIMING_ONLY_SHAPES}
     end = time.perf_counter() + min(ctx.args.gemm_budget_s, max(ctx.time_left() - 30, 0))
     result.update(repeats=ctx.args.gemm_repeats, interpret=ctx.interpret, shapes={},
                   budget_s=ctx.args.gemm_budget_s, budget_exhausted=False,
                   note="median ms per call (CUDA-synchronised, back-to-back calls); "
-                       "int8/w4a8 ops: f32 output as the deployed UNet; *_pallas = tiles=None "
-                       "(tuned tiles when present), *_pallas_default = GemmTiles()")
+                       "int8/w4a8/w4a4 ops: f32 output as the deployed UNet; *_pallas = "
+                       "tiles=None (tuned tiles when present), *_pallas_default = GemmTiles(); "
+                       f"w4a4_*: group {W4A4_GROUP}, rank-{W4A4_RANK} float16 low-rank branch "
+                       "and bias in the epilogue (the branch's down projection and the "
+                       "activation quantization are not included), GemmTiles() (no tuned "
+                       "W4A4 tiles); tops counts 2MKN only")
     for name, (m, k, n) in shapes.items():
         if time.perf_counter() > end:
             result["budget_exhausted"] = True
@@ -760,6 +881,7 @@ def section_gemm_timing(ctx: Context, result: dict) -> None:
         b = jnp.zeros((n,), jnp.float32)
         x_q, w8, cs8 = _int_gemm_operands(m, k, n, 8, seed=2)
         _, w4, cs4 = _int_gemm_operands(m, k, n, 4, seed=3)
+        w4a4_args = tuple(_w4a4_operands(m, k, n).values())
         dot = jax.jit(jnp.dot)
         ops: dict[str, tuple[Callable, tuple]] = {
             "bf16_dot": (dot, (x, wf)),
@@ -772,12 +894,14 @@ def section_gemm_timing(ctx: Context, result: dict) -> None:
                          (x_q, w4, cs4, s, b)),
             "w4a8_pallas_default": (_gemm_fn(4, GemmTiles(), ctx.interpret, jnp.float32),
                                     (x_q, w4, cs4, s, b)),
+            "w4a4_xla": (_w4a4_fn(ctx.interpret, "xla"), w4a4_args),
+            "w4a4_pallas": (_w4a4_fn(ctx.interpret), w4a4_args),
             "quantize_act_xla": (jax.jit(lambda a: quantize_activation(a, 0.02, 3,
                                                                        backend="xla")), (x,)),
             "quantize_act_pallas": (jax.jit(lambda a: quantize_activation(
                 a, 0.02, 3, backend="pallas", interpret=ctx.interpret)), (x,)),
         }
-        resolved = {}
+        resolved = {"w4a4_pallas": dataclasses.asdict(GemmTiles())}
         for wbits, op in ((8, "int8_pallas"), (4, "w4a8_pallas")):
             t = gemm_tiles(None, m, k, n, wbits=wbits, backend="pallas",
                            interpret=ctx.interpret)

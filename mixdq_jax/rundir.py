@@ -374,6 +374,29 @@ class RunDir:
         with BOS handling off); calibration is shared."""
         return RunDir(self.path, sweeps=name)
 
+    def lowrank_dir(self, tag: str) -> Path:
+        """``RUN/lowrank/<tag>/``: one low-rank format's per-layer smoothing and branch."""
+        return self.path / "lowrank" / tag
+
+    def start_lowrank(self, tag: str, settings: Mapping[str, Any]) -> None:
+        """Write a low-rank search's settings, or check a resumed one has the same."""
+        _start(self.lowrank_dir(tag) / "settings.json", settings, f"this run's {tag} search")
+
+    def lowrank_layer(self, tag: str, name: str) -> dict[str, np.ndarray] | None:
+        """One layer's searched arrays (``None``: not searched yet, or a damaged file,
+        which the search then redoes)."""
+        path = self.lowrank_dir(tag) / "layers" / f"{name}.npz"
+        try:
+            with np.load(path) as data:
+                return {k: data[k] for k in data.files}
+        except FileNotFoundError:
+            return None
+        except _READ_ERRORS:
+            return None
+
+    def write_lowrank_layer(self, tag: str, name: str, arrays: Mapping[str, np.ndarray]) -> None:
+        atomic_write_bytes(self.lowrank_dir(tag) / "layers" / f"{name}.npz", _npz_bytes(arrays))
+
     def recipe_dir(self, key: str) -> Path:
         """``RUN/quantize/<target>_<method>/``: one recipe's settings, candidate scores,
         chosen bits and report."""

@@ -117,3 +117,55 @@ def code_range(bits: int) -> tuple[int, int]:
     if not 2 <= bits <= 8:
         raise ValueError(f"activation bits must be in [2, 8], got {bits}")
     return -signed_shift(bits), signed_shift(bits) - 1
+
+
+# --- groups along the input channels (SVDQuant's format) ---------------------------------
+# Symmetric signed codes ``[-2**(b-1), 2**(b-1) - 1]`` with one scale per group of ``group``
+# consecutive channels of the last axis, ``s = absmax(group) / (2**(b-1) - 1)``: per token for
+# activations (computed at run time: dynamic), per output channel for weights (the kernel's
+# input axis moved last). A last axis that ``group`` does not divide is zero-padded: zeros
+# change neither a group's absmax nor a dot product.
+
+
+def grouped(x: Array, group: int) -> Array:
+    """``x`` (``[..., C]``) as ``[..., ceil(C / group), group]``, zero-padded."""
+    if group < 1:
+        raise ValueError(f"group size must be >= 1, got {group}")
+    c = x.shape[-1]
+    pad = -c % group
+    if pad:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+    return x.reshape(*x.shape[:-1], (c + pad) // group, group)
+
+
+def ungrouped(xg: Array, channels: int) -> Array:
+    """Inverse of :func:`grouped`: ``[..., G, group]`` back to ``[..., channels]``."""
+    return xg.reshape(*xg.shape[:-2], -1)[..., :channels]
+
+
+def group_params(xg: Array, bits: Array | int) -> tuple[Array, Array]:
+    """``(scale [..., G, 1], half)`` of the symmetric grid of every group of ``xg``."""
+    absmax = jnp.max(jnp.abs(xg.astype(jnp.float32)), axis=-1, keepdims=True)
+    return symmetric_params(absmax, bits)
+
+
+def group_codes(x: Array, bits: Array | int, group: int) -> tuple[Array, Array]:
+    """``(codes [..., G, group] f32 integer-valued, scale [..., G, 1])`` of ``x``'s last axis
+    in groups of ``group`` (zero-padded)."""
+    xg = grouped(x.astype(jnp.float32), group)
+    scale, half = group_params(xg, bits)
+    return codes(xg, scale, None, -half - 1.0, half), scale
+
+
+def group_fake_quant(x: Array, bits: Array | int, group: int) -> Array:
+    """Quantize-dequantize ``x``'s last axis in groups (``bits >= 16``: ``x`` unchanged)."""
+    q, scale = group_codes(x, bits, group)
+    deq = ungrouped(dequantize(q, scale), x.shape[-1]).astype(x.dtype)
+    return jnp.where(is_float(bits), x, deq)
+
+
+def group_fake_quant_kernel(kernel: Array, bits: Array | int, group: int) -> Array:
+    """A Flax kernel (``(in, out)`` or HWIO) fake-quantized per output channel in groups of
+    ``group`` input channels (per kernel position for a conv)."""
+    moved = jnp.moveaxis(kernel, -2, -1)  # [..., out, in]
+    return jnp.moveaxis(group_fake_quant(moved, bits, group), -1, -2)

@@ -83,3 +83,50 @@ def pack_int2(w: jax.Array) -> jax.Array:
 
 def unpack_int2(packed: jax.Array) -> jax.Array:
     return unpack_weights(packed, 2)
+
+
+# --- group-segment packing (W4A4: SVDQuant's group-scaled int4) ----------------------------
+# The same segment layout applied inside every group of `group` rows along K: with
+# ``h = group // 2``, byte ``g h + j`` (j < h) holds row ``g group + j`` in its low nibble and row
+# ``g group + h + j`` in its high nibble. A K tile of packed rows that is a multiple of ``h``
+# (and starts at one) covers whole groups, so a kernel scales each group's int32 partial product
+# without a shuffle; ``group = K`` is exactly `pack_int4`.
+
+
+def _check_group(group: int, k: int, shape: tuple[int, ...], what: str) -> None:
+    if not isinstance(group, int) or isinstance(group, bool) or group < 2 or group % 2:
+        raise ValueError(f"group must be an even int >= 2, got {group!r}")
+    if k % group:
+        raise ValueError(
+            f"{what}: K = {k} (axis 0) must be a multiple of group={group} (zero-pad K); "
+            f"got shape {shape}"
+        )
+
+
+def pack_group_weights(w: jax.Array, group: int) -> jax.Array:
+    """Signed int4 codes (K, ...) of any int dtype -> (K // 2, ...) int8 bytes, packed per group
+    of `group` rows (see above). Values must lie in [-8, 7]; only their low 4 bits are kept."""
+    w = jnp.asarray(w)
+    if not jnp.issubdtype(w.dtype, jnp.integer):
+        raise TypeError(f"pack_group_weights expects integer values, got {w.dtype}")
+    if w.ndim < 1:
+        raise ValueError(f"pack_group_weights needs at least 1 dimension, got shape {w.shape}")
+    _check_group(group, w.shape[0], w.shape, "pack_group_weights")
+    g, rest = w.shape[0] // group, w.shape[1:]
+    fields = w.astype(jnp.int32).reshape(g, 2, group // 2, *rest) & 0xF
+    byte = fields[:, 0] | (fields[:, 1] << 4)
+    return jax.lax.bitcast_convert_type(byte.astype(jnp.uint8), jnp.int8).reshape(-1, *rest)
+
+
+def unpack_group_weights(packed: jax.Array, group: int) -> jax.Array:
+    """Inverse of `pack_group_weights`: int8 bytes (K // 2, ...) -> int8 codes (K, ...)."""
+    packed = jnp.asarray(packed)
+    if packed.dtype != jnp.int8:
+        raise TypeError(f"packed weights are stored as int8, got {packed.dtype}")
+    if packed.ndim < 1:
+        raise ValueError(f"unpack_group_weights needs at least 1 dimension, got {packed.shape}")
+    _check_group(group, 2 * packed.shape[0], packed.shape, "unpack_group_weights (2 x axis 0)")
+    rest = packed.shape[1:]
+    p = packed.reshape(-1, group // 2, *rest)
+    both = jnp.stack([unpack_field(p, 4, 0), unpack_field(p, 4, 1)], axis=1)
+    return both.reshape(-1, *rest)

@@ -70,8 +70,8 @@ class AllocationOptions:
             raise ValueError("need b_num >= 1, b_delta >= 0 and band > 0")
         if self.k is not None and not self.k > 0:
             raise ValueError(f"k {self.k} must be > 0")
-        if self.act_average is not None and not 4.0 <= self.act_average <= 8.0:
-            raise ValueError(f"act_average {self.act_average} outside the {{4, 8}} range")
+        if self.act_average is not None and not 2.0 <= self.act_average <= 8.0:
+            raise ValueError(f"act_average {self.act_average} outside the [2, 8] range")
 
 
 def protected_layers(content: Scores, quality: Scores, options: AllocationOptions) -> set[str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mixdq_jax.cli import argtypes
 from mixdq_jax.cli.config_file import add_config_option, write_run_settings
+from mixdq_jax.cli.format_args import add_lowrank_args, with_lowrank_args
 from mixdq_jax.cli.metric_args import add_report_eval_args, report_eval
 from mixdq_jax.cli.model_args import add_model_args
 from mixdq_jax.cli.preset_args import add_allocation_args, add_preset_arg, allocation_options
@@ -62,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_preset_arg(p)
     add_allocation_args(p.add_argument_group("bit allocation (as mixdq quantize)"))
     add_recon_args(p)
+    add_lowrank_args(p.add_argument_group("the low-rank group format (as mixdq quantize)"))
     add_report_eval_args(p)
     p.set_defaults(func=run)
 
@@ -87,7 +89,10 @@ def run(args: argparse.Namespace) -> int:
         )
     for plugin in args.plugin:
         load_plugin(plugin)
-    methods = None if args.methods is None else methods_named(args.methods)  # before any work
+    methods = None if args.methods is None else tuple(  # before any work
+        with_lowrank_args(m, args) if m.format.lowrank is not None else m
+        for m in methods_named(args.methods)
+    )
     evaluation = report_eval(args)  # the metrics' weights checked before any work
     start = time.perf_counter()
     with claim(args, run_directory("--out", args.out)):

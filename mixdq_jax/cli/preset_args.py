@@ -8,7 +8,7 @@ import argparse
 from mixdq_jax.cli import argtypes
 
 PRESET_NAMES = ("ours", "paper", "official")
-_act_average = argtypes.float_in(4.0, 8.0, "the {4, 8} activation average")
+_act_average = argtypes.float_in(2.0, 8.0, "the activation average (A8: {4, 8}, A4: {2, 4, 8})")
 _percent = argtypes.float_in(0.0, 100.0, "a percentage")
 
 PRESET_HELP = (

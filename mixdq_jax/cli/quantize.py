@@ -35,13 +35,16 @@ from mixdq_jax.cli.config_file import (
     write_run_settings,
     write_settings,
 )
+from mixdq_jax.cli.format_args import add_lowrank_args, with_lowrank_args
 from mixdq_jax.cli.metric_args import add_report_eval_args, report_eval
 from mixdq_jax.cli.model_args import MODEL_HELP, add_model_args
 from mixdq_jax.cli.preset_args import add_allocation_args, add_preset_arg, allocation_options
 from mixdq_jax.cli.quant_args import add_dtype_arg, resolve_dtype
 from mixdq_jax.cli.recon_args import add_recon_args, recon_config
 
-STAGES = ("calibrate", "sensitivity", "weights", "acts", "reconstruct", "export", "report")
+STAGES = (
+    "calibrate", "lowrank", "sensitivity", "weights", "acts", "reconstruct", "export", "report",
+)  # fmt: skip
 _count = argtypes.positive_int
 
 
@@ -126,6 +129,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_recon_args(parser.add_argument_group(
         "learned rounding (methods that reconstruct blocks: qdiffusion, ptqd, edadm, ...)"
     ))  # fmt: skip
+    add_lowrank_args(parser.add_argument_group(
+        "the low-rank group format (svdquant, mixdq+lowrank)"
+    ))  # fmt: skip
     g = parser.add_argument_group("the source model")
     g.add_argument("--variant", default=None, help="weight variant of the source, e.g. fp16")
     g.add_argument(
@@ -208,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
 
     for plugin in args.plugin:
         load_plugin(plugin)
-    method = get_method(args.method)
+    method = with_lowrank_args(get_method(args.method), args)
     check_request(args.target, method, args.out)  # before the model loads
     if args.out is not None and args.out.resolve() == args.run.resolve():
         raise ValueError("--out and --run must be different folders")

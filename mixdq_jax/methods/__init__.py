@@ -18,7 +18,7 @@ from mixdq_jax.methods.builtin import (
     RECONSTRUCTION_METHODS,
     RECONSTRUCTION_ROWS,
 )
-from mixdq_jax.methods.format import FP8, INT, Format
+from mixdq_jax.methods.format import FP8, INT, LOWRANK, Format, LowRankSettings
 from mixdq_jax.methods.inputs import (
     AllocationContext,
     Bits,
@@ -42,6 +42,7 @@ from mixdq_jax.quant.quantized import QuantizedUNet
 __all__ = [
     "FP8",
     "INT",
+    "LOWRANK",
     "METHODS",
     "PAPER_ROWS",
     "RECONSTRUCTION_METHODS",
@@ -53,6 +54,7 @@ __all__ = [
     "BlockReconstruction",
     "Format",
     "Layers",
+    "LowRankSettings",
     "Method",
     "MixDQGroups",
     "PTQDCorrection",

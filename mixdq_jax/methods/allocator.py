@@ -51,15 +51,27 @@ class Allocator(abc.ABC):
         return {"weights": self.name, "acts": self.name}
 
 
+LOW_ACT_CHOICES: tuple[int, ...] = (2, 4, 8)
+
+
+def act_choices(target: Target, knobs: AllocationOptions) -> tuple[int, ...] | None:
+    """The activation bit candidates of ``target`` (``None``: the official {4, 8}); below
+    A8 the average cannot exceed 4 with {4, 8}, so 2 bits pay for the 8-bit layers."""
+    return LOW_ACT_CHOICES if target.act_bits < 8 else None
+
+
 def act_budget(
     layers: Layers, target: Target, knobs: AllocationOptions, protected: set[str]
 ) -> float:
-    """Average bits of the non-protected activation layers: ``knobs.act_average``, or the
-    paper's 7.7 capped so that ``(16 * P_float + b * P_rest) / P_all <= target`` (on
+    """Average bits of the non-protected activation layers: ``knobs.act_average``; else at
+    A8 the paper's 7.7 capped so that ``(16 * P_float + b * P_rest) / P_all <= target`` (on
     SDXL-turbo the 9 float layers hold 3.1% of the elements and 7.7 fits an A8 budget; on a
-    small model they can hold more)."""
+    small model they can hold more); below A8 the target itself (the float layers are left
+    out, as SVDQuant's W4A4 leaves its 16-bit layers out)."""
     if knobs.act_average is not None:
         return knobs.act_average
+    if target.act_bits < 8:
+        return float(target.act_bits)
     total = sum(layers.a_size.values())
     floats = sum(layers.a_size[n] for n in protected)
     # each group's average may land ``band`` above its budget: keep that inside the target

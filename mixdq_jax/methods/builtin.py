@@ -14,6 +14,10 @@ reconstruction plus its noise correction (its experiments start from BRECQ/AdaRo
 models), fitted as the authors' released code fits it; EDA-DM is the same search and
 reconstruction with TDAC and layer losses at the settings of the authors' released MS-COCO
 run (TDAC lambda 5, layer weight 0.8, 256 calibration prompts, their learning rates, p = 2).
+``LOWRANK_ROWS``: beyond the paper, SVDQuant's format (groups of 64, smoothing, a 16-bit
+rank-32 branch; `format.LOWRANK`): ``svdquant`` (every layer at the target but its 16-bit
+ones, no BOS handling, as SVDQuant) and ``mixdq+lowrank`` (MixDQ's metric-decoupled search,
+protection and BOS handling in that format: its 4-bit layers carry the branch).
 ``VARIANT_ROWS``: labelled options, not table rows: ``qdiffusion-minmax`` (Q-Diffusion's
 reconstruction from min/max ranges, our earlier row), ``ptqd-pooled`` (our earlier pooled PTQD
 fit, no range search) and ``edadm-testbed`` (the testbed's shortened EDA-DM: lambda 50 and
@@ -23,7 +27,7 @@ weight 0.5, the argument parser's defaults, on the run's own calibration prompts
 
 from __future__ import annotations
 
-from mixdq_jax.methods.format import FP8
+from mixdq_jax.methods.format import FP8, LOWRANK
 from mixdq_jax.methods.method import Method
 from mixdq_jax.methods.mixdq import MixDQGroups
 from mixdq_jax.methods.ptqd import PTQDCorrection
@@ -31,6 +35,7 @@ from mixdq_jax.methods.range_search import RangeSearch
 from mixdq_jax.methods.reconstruction import BlockReconstruction
 from mixdq_jax.methods.registry import get_method, register_method
 from mixdq_jax.methods.sqnr import SqnrProgram
+from mixdq_jax.methods.svdquant import KeepUniform
 from mixdq_jax.methods.uniform import Uniform
 
 _UNIFORM, _SQNR, _MIXDQ = Uniform(), SqnrProgram(), MixDQGroups()
@@ -38,6 +43,7 @@ _UNIFORM, _SQNR, _MIXDQ = Uniform(), SqnrProgram(), MixDQGroups()
 PAPER_ROWS = ("naive", "naive+bos", "sqnr-mp", "fp8", "fp8+bos", "mixdq-no-bos", "mixdq")
 RECONSTRUCTION_ROWS = ("qdiffusion", "ptqd", "mixdq+adaround", "edadm")
 VARIANT_ROWS = ("qdiffusion-minmax", "ptqd-pooled", "edadm-testbed")
+LOWRANK_ROWS = ("svdquant", "mixdq+lowrank")
 
 # EDA-DM's released Stable Diffusion run (BienLuky/EDA-DM scripts/for_coco.sh l. 9 and 17-18:
 # --lamda 5.0 --add_loss 0.8 --calib_num_samples 256 --lr_a 1e-4, --lr_w 3e-2 at W4A8 and
@@ -76,6 +82,10 @@ for _method in (
            bos_aware=False, refiners=(BlockReconstruction(), PTQDCorrection(rule="pooled"))),
     Method(name="edadm-testbed", title="EDA-DM (testbed, shortened)", allocator=_UNIFORM,
            bos_aware=False, refiners=(_EDADM_TESTBED,)),
+    Method(name="svdquant", title="SVDQuant", allocator=KeepUniform(), format=LOWRANK,
+           bos_aware=False),
+    Method(name="mixdq+lowrank", title="MixDQ + low-rank branch", allocator=_MIXDQ,
+           format=LOWRANK),
 ):  # fmt: skip
     register_method(_method)
 

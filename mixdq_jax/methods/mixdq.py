@@ -10,11 +10,11 @@ the official SDXL-turbo sensitivities gives exactly its 9 float layers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from mixdq_jax.allocation.driver import group_candidates, protected_layers
-from mixdq_jax.methods.allocator import Allocator, act_budget, uniform_bits
+from mixdq_jax.methods.allocator import Allocator, act_budget, act_choices, uniform_bits
 from mixdq_jax.methods.inputs import AllocationContext, Bits, unique
 
 
@@ -51,10 +51,14 @@ class MixDQGroups(Allocator):
 def _candidates(
     ctx: AllocationContext, kind: str, names: Sequence[str], budget: float
 ) -> list[Bits]:
-    layers, sens = ctx.layers, ctx.scores()
+    layers, sens, knobs = ctx.layers, ctx.scores(), ctx.knobs
     sizes = layers.w_size if kind == "weight" else layers.a_size
+    choices = act_choices(ctx.target, knobs) if kind == "act" else None
+    if choices is not None:  # below A8: {2, 4, 8} where the options name no candidates
+        knobs = replace(knobs, content_bits=knobs.content_bits or choices,
+                        quality_bits=knobs.quality_bits or choices)  # fmt: skip
     wanted = set(names)
     content = {n: sens[kind, "ssim"][n] for n in layers.content if n in wanted}
     quality = {n: sens[kind, "sqnr"][n] for n in layers.quality if n in wanted}
-    _, cands = group_candidates(kind, content, quality, sizes, budget, ctx.knobs)
+    _, cands = group_candidates(kind, content, quality, sizes, budget, knobs)
     return unique([c.bits for c in cands])

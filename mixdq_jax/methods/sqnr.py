@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from mixdq_jax.allocation import OFFICIAL_CANDIDATES, BitProgram, most_sensitive
 from mixdq_jax.allocation.objectives import program_scores
-from mixdq_jax.methods.allocator import Allocator, act_budget, uniform_bits
+from mixdq_jax.methods.allocator import Allocator, act_budget, act_choices, uniform_bits
 from mixdq_jax.methods.inputs import AllocationContext, Bits
 
 
@@ -46,7 +46,8 @@ class SqnrProgram(Allocator):
         rest = [n for n in layers.names if n not in protected]
         sqnr = ctx.scores()["act", "sqnr"]
         scores = program_scores({n: sqnr[n] for n in rest}, "sqnr", knobs.objective)
-        program = BitProgram(scores, layers.a_size, candidates=(4, 8))
+        program = BitProgram(scores, layers.a_size,
+                             candidates=act_choices(ctx.target, knobs) or (4, 8))  # fmt: skip
         average = act_budget(layers, ctx.target, knobs, protected)
         floats = dict.fromkeys(sorted(protected), 16)
         return [{**program.solve(average, band=knobs.band).bits, **floats}]

@@ -21,10 +21,13 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mixdq_jax.quant.intercept import LayerCall, Mode, Records, union_ranges
+from mixdq_jax.quant.lowrank import LOWRANK_BITS, LowRank, branch_kernel, smoothed_kernel
 from mixdq_jax.quant.qconfig import LayerQConfig, QConfig, input_parts
 from mixdq_jax.quant.quantizers import quantize_activation, quantize_weight
 from pallas_kernels import grid
@@ -112,6 +115,8 @@ def _fake_quant_call(
     kernel = params["kernel"]
     _check(call, kernel, lq)
     x = call.x
+    if lq.group is not None:
+        return _grouped_call(call, lq, records, observe)
     if observe:
         records.add(call.name, _observed_range(x, lq), union_ranges)
         xq = x
@@ -126,6 +131,74 @@ def _fake_quant_call(
         out = quantized(xq)
     else:  # an unbatched hint: a real cond under vmap (see LayerQConfig.w_active)
         out = jax.lax.cond(lq.w_active, quantized, lambda xq: call.apply(params, xq), xq)
+    if lq.bos:
+        row0 = call.apply(params, x)[..., :1, :]
+        out = jnp.concatenate([row0, out[..., 1:, :]], axis=-2)
+    return out
+
+
+def _branch(call: LayerCall, lowrank: LowRank, xs: Array) -> Array:
+    """``(x / s) L1 L2``: ``down`` runs as the layer itself (a conv keeps its geometry) with
+    ``rank`` outputs and no bias, ``up`` as a matrix."""
+    if call.kind == "linear":
+        low = xs @ lowrank.down.astype(xs.dtype)
+    elif isinstance(call.module, nn.Conv):
+        low = call.module.clone(parent=None, features=lowrank.rank, use_bias=False).apply(
+            {"params": {"kernel": lowrank.down.astype(xs.dtype)}}, xs
+        )
+    else:
+        raise ValueError(
+            f"layer {call.name!r}: the low-rank branch runs on linen convs and on Dense / "
+            "nnx.Linear layers only"
+        )
+    return low @ lowrank.up.astype(low.dtype)
+
+
+def _grouped_call(call: LayerCall, lq: LayerQConfig, records: Records, observe: bool) -> Array:
+    """SVDQuant's format (`LayerQConfig.group`): smoothing, the residual of the low-rank
+    branch and the input quantized in groups, the branch in float. Everything float: the
+    layer as written, bit for bit (smoothing by 1, the branch skipped, the layer's own op at
+    the top level as in the float model). The weights' work is tied to this layer's input, as
+    in `_quantized_kernel` (one layer's copies alive at a time)."""
+    params, x, group, lowrank = call.params, call.x, lq.group, lq.lowrank
+    if observe:
+        records.add(call.name, _observed_range(x, lq), union_ranges)
+    a_bits = jnp.asarray(grid.FLOAT_BITS if observe else lq.a_bits)
+    kernel = params["kernel"]
+    bits = _tied_to(lq.w_bits, x)
+
+    def quantize(k: Array) -> Array:
+        return grid.group_fake_quant_kernel(k, bits, group)
+
+    if lowrank is None:
+        xs, on = x, None
+        wq = jax.lax.cond(grid.is_float(bits), lambda k: k, quantize, kernel)
+    else:
+        smoothing = ~(grid.is_float(bits) & grid.is_float(a_bits))
+        smooth = jnp.where(smoothing, lowrank.smooth.astype(jnp.float32), 1.0)
+        xs = (x.astype(jnp.float32) / smooth).astype(x.dtype)
+        on = bits <= LOWRANK_BITS
+
+        def prepare(k: Array) -> Array:
+            resid = smoothed_kernel(k, smooth) - jnp.where(on, branch_kernel(lowrank), 0.0)
+            return jnp.where(grid.is_float(bits), resid, quantize(resid)).astype(k.dtype)
+
+        wq = jax.lax.cond(smoothing, prepare, lambda k: k, kernel)
+
+    def quantized(xs: Array) -> Array:
+        out = call.apply({**params, "kernel": wq}, grid.group_fake_quant(xs, a_bits, group))
+        if on is None:
+            return out
+        return jax.lax.cond(
+            on, lambda o, xs: o + _branch(call, lowrank, xs).astype(o.dtype), lambda o, xs: o,
+            out, xs,
+        )  # fmt: skip
+
+    if lq.w_active is None:
+        out = quantized(xs)
+    else:  # an unbatched hint (see LayerQConfig.w_active): inactive layers run as written
+        active = lq.w_active | ~grid.is_float(a_bits)
+        out = jax.lax.cond(active, quantized, lambda _: call.apply(params, x), xs)
     if lq.bos:
         row0 = call.apply(params, x)[..., :1, :]
         out = jnp.concatenate([row0, out[..., 1:, :]], axis=-2)
@@ -229,6 +302,71 @@ class CollectFeatures(Mode):
         out = call.original()
         records.add(call.name, self.feature(out), jnp.add)
         return out
+
+
+def _padding(module: Any, name: str) -> Any:
+    pad = module.padding
+    if isinstance(pad, str):
+        if pad.upper() not in ("SAME", "VALID"):
+            raise ValueError(f"layer {name!r}: padding {pad!r} is not supported for patches")
+        return pad.upper()
+    if isinstance(pad, int):
+        return [(pad, pad)] * len(module.kernel_size)
+    return [(p, p) if isinstance(p, int) else tuple(p) for p in pad]
+
+
+def layer_patches(call: LayerCall, x: Array) -> Array:
+    """The layer's GEMM rows: ``[positions_out, kernel positions, cin]`` (a Dense: one kernel
+    position), so that ``rows.reshape(n, -1) @ kernel.reshape(-1, out)`` is the layer's output
+    without bias at those positions."""
+    cin = x.shape[-1]
+    if call.kind == "linear":
+        return x.reshape(-1, 1, cin)
+    module = call.module
+    if not isinstance(module, nn.Conv) or module.feature_group_count != 1:
+        raise ValueError(f"layer {call.name!r}: patches of linen convs without groups only")
+    ks = tuple(module.kernel_size)
+    strides = module.strides or 1
+    strides = (strides,) * len(ks) if isinstance(strides, int) else tuple(strides)
+    dil = module.kernel_dilation or 1
+    dil = (dil,) * len(ks) if isinstance(dil, int) else tuple(dil)
+    patches = jax.lax.conv_general_dilated_patches(
+        x.astype(jnp.float32), ks, strides, _padding(module, call.name), rhs_dilation=dil,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )  # fmt: skip
+    # the patch features are ordered (cin, kernel positions); the kernel's GEMM is (positions, cin)
+    positions = int(np.prod(ks))
+    return jnp.swapaxes(patches.reshape(-1, cin, positions), -1, -2)
+
+
+def _sample(rows: Array, n: int) -> Array:
+    """``n`` rows evenly spaced over ``rows`` (all of them when fewer)."""
+    if rows.shape[0] <= n:
+        return rows
+    return rows[np.linspace(0, rows.shape[0] - 1, n).round().astype(np.int64)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CollectInputs(Mode):
+    """Record, per configured layer, its input's per-channel absolute maximum ``(cin,)``
+    (the smoothing statistics) and ``rows`` patch rows ``[rows, kernel positions, cin]``
+    evenly spaced over the call's output positions (the low-rank search's sample); token 0
+    of BOS-aware layers is left out (it runs in float). The layers run in float."""
+
+    rows: int = 64
+    collects = True
+
+    def layers(self, qconfig: QConfig) -> Collection[str]:
+        return qconfig.layers
+
+    def handle(self, call: LayerCall, qconfig: QConfig, records: Records) -> Array:
+        lq = qconfig.layers[call.name]
+        x = call.x[..., 1:, :] if lq.bos else call.x
+        absmax = jnp.max(jnp.abs(x.astype(jnp.float32)).reshape(-1, x.shape[-1]), axis=0)
+        records.add(call.name, absmax, jnp.maximum)
+        sample = _sample(layer_patches(call, x), self.rows)
+        records.add(f"{call.name}#rows", sample, lambda a, b: jnp.concatenate([a, b]))
+        return call.original()
 
 
 def default_mode(qconfig: Any) -> Mode:

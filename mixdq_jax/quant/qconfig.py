@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixdq_jax.official_format import read_bits, write_bits
+from mixdq_jax.quant.lowrank import LowRank
 from mixdq_jax.quant.quantizers import FLOAT_BITS
 
 QUANT_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
@@ -75,14 +76,22 @@ class LayerQConfig:
     configuration at every layer; ``False`` keeps the layer behind a real ``lax.cond`` that
     skips that work. It is data, so every batch shares one compiled program. It must agree
     with ``w_bits`` (``False`` with quantized bits would run that layer in float).
+
+    ``group``: SVDQuant's format instead of the per-channel / per-tensor grid: weights per
+    output channel and activations per token (dynamic: no calibrated range) in groups of
+    ``group`` input channels, symmetric (`pallas_kernels.grid.group_codes`). ``lowrank``: the
+    layer's smoothing and 16-bit low-rank branch (`mixdq_jax.quant.lowrank`), on where
+    ``w_bits <= LOWRANK_BITS`` (data: one compile serves every bit configuration).
     """
 
     w_bits: Array
     a_bits: Array
     a_range: Array
     w_active: Array | None = None
+    lowrank: LowRank | None = None
     split: int | None = field(default=None, metadata=dict(static=True))
     bos: bool = field(default=False, metadata=dict(static=True))
+    group: int | None = field(default=None, metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
@@ -243,6 +252,8 @@ class QuantSpec:
     fp8: bool = False
     bos_aware: bool = True
     shortcut_split: bool = True
+    group_size: int | None = None
+    lowrank: Mapping[str, LowRank] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for attr in ("protected_weights", "protected_acts"):
@@ -252,6 +263,15 @@ class QuantSpec:
             object.__setattr__(self, attr, frozenset(value))
         if self.symmetric_weights and self.fp8:
             raise ValueError("symmetric_weights and fp8 are exclusive weight formats")
+        if self.group_size is not None:
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or (
+                self.group_size < 2 or self.group_size % 2
+            ):
+                raise ValueError(f"group_size {self.group_size!r}: an even int >= 2 (64: SVDQuant)")
+            if self.fp8:
+                raise ValueError("group_size (SVDQuant's int groups) and fp8 are exclusive formats")
+        if self.lowrank is not None and self.group_size is None:
+            raise ValueError("a low-rank branch needs the group format: set group_size (64)")
 
     @classmethod
     def from_official_yaml(
@@ -306,7 +326,12 @@ class QuantSpec:
             "act_bits", self.act_bits, self.default_act_bits, self.protected_acts, names
         )
         act_ranges = act_ranges or {}
-        need = [n for n in names if a[n] < FLOAT_BITS and n not in act_ranges]
+        lowrank = dict(self.lowrank or {})
+        _check_known(lowrank, names, "lowrank")
+        # group-wise activations are scaled per token at run time: no calibrated range needed
+        need = [] if self.group_size else [
+            n for n in names if a[n] < FLOAT_BITS and n not in act_ranges
+        ]
         if need:
             raise ValueError(f"to_qconfig: no calibrated activation range for {_fmt(need)}")
 
@@ -322,8 +347,10 @@ class QuantSpec:
                 w_bits=jnp.asarray(w[n], jnp.int32),
                 a_bits=jnp.asarray(a[n], jnp.int32),
                 a_range=jnp.asarray(rng),
-                split=split,
+                split=None if self.group_size else split,
                 bos=self.bos_aware and is_bos_layer(n),
+                group=self.group_size,
+                lowrank=lowrank.get(n),
             )
         weight_format = "fp8" if self.fp8 else ("int_sym" if self.symmetric_weights else "int")
         return QConfig(

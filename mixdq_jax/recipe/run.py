@@ -39,9 +39,11 @@ from mixdq_jax.calibrate import CalibConfig, calibrate
 from mixdq_jax.evaluation.bops import compute_cost
 from mixdq_jax.io_utils import atomic_write_json, atomic_write_text
 from mixdq_jax.methods import (
+    INT,
     AllocationContext,
     AllocationOptions,
     Bits,
+    Format,
     Layers,
     Method,
     RefineContext,
@@ -50,7 +52,9 @@ from mixdq_jax.methods import (
     bits_summary,
     fingerprint,
 )
+from mixdq_jax.methods.lowrank import prepare as prepare_lowrank
 from mixdq_jax.pipeline import Pipeline, QuantizedPipeline
+from mixdq_jax.quant.lowrank import LowRank
 from mixdq_jax.quant.qconfig import FLOAT_BITS, QConfig, QuantSpec, is_bos_layer
 from mixdq_jax.quant.quantized import QuantizedUNet
 from mixdq_jax.quant.registry import layer_splits, unet_layers
@@ -150,7 +154,8 @@ class Recipe:
         native_h, native_w = pipe.image_size
         self.height = config.height or native_h
         self.width = config.width or native_w
-        self._sens: dict[bool, Sensitivities] = {}
+        self._sens: dict[tuple[bool, str], Sensitivities] = {}
+        self._lowranks: dict[tuple[str, bool], dict[str, LowRank]] = {}
         self._evaluator: Evaluator | None = None
         self._reference: np.ndarray | None = None
         self._first_reference: np.ndarray | None = None
@@ -179,30 +184,54 @@ class Recipe:
         )  # fmt: skip
         self._calibrated = True
 
-    def _sweep(self, run: RunDir, *, bos_aware: bool, layers: Sequence[str] | None) -> Any:
+    def _sweep(
+        self, run: RunDir, *, bos_aware: bool, layers: Sequence[str] | None, fmt: Format = INT
+    ) -> Any:
         if self._evaluator is None:
             self._evaluator = Evaluator(self.pipe, load_calibration(self.run, self.pipe))
-        symmetric = self.config.preset.symmetric_weights
-        spec = QuantSpec(symmetric_weights=symmetric, bos_aware=bos_aware)
+        spec = QuantSpec(bos_aware=bos_aware, **self._format_options(fmt, bos_aware))
         sweep_config = SweepConfig(
             chunk=self.config.chunk, spec=spec, layers=layers, sqnr=self.config.preset.sqnr
         )
         return sweep(self.pipe, run, sweep_config, evaluator=self._evaluator)
 
-    def sensitivities(self, *, bos_aware: bool = True) -> Sensitivities:
-        """The metric-decoupled sweeps (run or resumed). ``bos_aware=False``: the BOS
-        layers' scores measured with BOS handling off (every other layer's single-layer score
-        does not depend on it)."""
-        if bos_aware not in self._sens:
-            sens = dict(self._sweep(self.run, bos_aware=True, layers=None))
+    def sensitivities(self, *, bos_aware: bool = True, fmt: Format = INT) -> Sensitivities:
+        """The metric-decoupled sweeps (run or resumed) in ``fmt`` (its own folder for a
+        format other than the int grid's). ``bos_aware=False``: the BOS layers' scores
+        measured with BOS handling off (every other layer's single-layer score does not
+        depend on it)."""
+        key = (bos_aware, fmt.name)
+        if key not in self._sens:
+            main = self.run if fmt.sweeps is None else self.run.with_sensitivity(fmt.sweeps)
+            sens = dict(self._sweep(main, bos_aware=True, layers=None, fmt=fmt))
             if not bos_aware:
                 bos = [n for n in self.layers.names if is_bos_layer(n)]
                 if bos:
-                    run = self.run.with_sensitivity(NO_BOS_SWEEPS)
-                    for key, scores in self._sweep(run, bos_aware=False, layers=bos).items():
-                        sens[key] = {**sens[key], **scores}
-            self._sens[bos_aware] = sens
-        return self._sens[bos_aware]
+                    name = NO_BOS_SWEEPS if fmt.sweeps is None else f"{fmt.sweeps}-nobos"
+                    run = self.run.with_sensitivity(name)
+                    for k, scores in self._sweep(run, bos_aware=False, layers=bos,
+                                                 fmt=fmt).items():  # fmt: skip
+                        sens[k] = {**sens[k], **scores}
+            self._sens[key] = sens
+        return self._sens[key]
+
+    def lowrank(self, fmt: Format, *, bos_aware: bool = True) -> dict[str, LowRank]:
+        """Stage ``lowrank``: the per-layer smoothing and branch of ``fmt`` (run or
+        resumed; `mixdq_jax.methods.lowrank`): one search per BOS handling."""
+        key = (fmt.name, bos_aware)
+        if key not in self._lowranks:
+            self.calibrate()
+            self._lowranks[key] = prepare_lowrank(
+                self.pipe, self.run, load_calibration(self.run, self.pipe), fmt,
+                bos_aware=bos_aware,
+            )  # fmt: skip
+        return self._lowranks[key]
+
+    def _format_options(self, fmt: Format, bos_aware: bool) -> dict[str, Any]:
+        lowrank = None if fmt.lowrank is None else self.lowrank(fmt, bos_aware=bos_aware)
+        return fmt.spec_options(
+            symmetric_weights=self.config.preset.symmetric_weights, lowrank=lowrank
+        )
 
     # ---------------------------------------------------------------- configurations, images
     def spec(self, method: Method, w_bits: Mapping[str, int], a_bits: Mapping[str, int]):
@@ -210,7 +239,7 @@ class Recipe:
             weight_bits=dict(w_bits),
             act_bits=dict(a_bits),
             bos_aware=method.bos_aware,
-            **method.format.spec_options(symmetric_weights=self.config.preset.symmetric_weights),
+            **self._format_options(method.format, method.bos_aware),
         )
 
     def qconfig(self, method: Method, w_bits: Mapping[str, int], a_bits: Mapping[str, int]):
@@ -322,7 +351,7 @@ class Recipe:
         the method's BOS handling."""
         return AllocationContext(
             layers=self.layers, knobs=self.config.knobs, target=target,
-            scores=lambda: self.sensitivities(bos_aware=method.bos_aware),
+            scores=lambda: self.sensitivities(bos_aware=method.bos_aware, fmt=method.format),
         )  # fmt: skip
 
     def _start(self, target: Target, method: Method) -> str:

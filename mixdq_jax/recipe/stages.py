@@ -62,6 +62,11 @@ def _sweeps(row: Row) -> str | None:
     return None if allocator.uses_scores else f"the {allocator.name} allocator reads no sweeps"
 
 
+def _lowrank(row: Row) -> str | None:
+    fmt = row.method.format
+    return None if fmt.lowrank is not None else f"the {fmt.name} format has no low-rank branch"
+
+
 def _refiners(row: Row) -> str | None:
     return None if row.method.refiners else f"{row.method.name} has no refiners"
 
@@ -78,8 +83,11 @@ def _reconstruct(recipe: Recipe, row: Row) -> Any:
 
 STAGES: tuple[Stage, ...] = (
     Stage(name="calibrate", skip=_never, run=lambda r, row: r.calibrate()),
+    Stage(name="lowrank", skip=_lowrank,
+          run=lambda r, row: r.lowrank(row.method.format, bos_aware=row.method.bos_aware)),
     Stage(name="sensitivity", skip=_sweeps,
-          run=lambda r, row: r.sensitivities(bos_aware=row.method.bos_aware)),
+          run=lambda r, row: r.sensitivities(bos_aware=row.method.bos_aware,
+                                             fmt=row.method.format)),
     Stage(name="weights", skip=_never, run=lambda r, row: r.weights(row.target, row.method)),
     Stage(name="acts", skip=_never, run=lambda r, row: r.allocation(row.target, row.method)),
     Stage(name="reconstruct", skip=_refiners, run=_reconstruct),

@@ -123,6 +123,9 @@ def sweep(
     }
     if config.sqnr != "mean_db":  # recorded only when set: earlier runs resume unchanged
         meta["sqnr"] = config.sqnr
+    if config.spec.group_size is not None:  # the low-rank group format (its own folder)
+        meta["group_size"] = config.spec.group_size
+        meta["lowrank"] = config.spec.lowrank is not None
     results: dict[tuple[str, str], Scores] = {}
     for kind in config.kinds:
         run.start_sweep(kind, meta, write=_is_main())

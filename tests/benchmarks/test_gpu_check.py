@@ -53,7 +53,9 @@ def test_dry_run_completes_and_every_kernel_check_passes(dry_run):
     assert kc["failed"] == kc["not_run"] == 0
     assert kc["passed"] == len(kc["cases"]) >= 25
     ops = {c["op"] for c in kc["cases"]}
-    assert ops == {"int8_matmul", "w4a8_matmul", "quantize_activation", "int8_conv2d"}
+    assert ops == {
+        "int8_matmul", "w4a8_matmul", "quantize_activation", "int8_conv2d", "w4a4_matmul"
+    }
     for case in kc["cases"]:
         assert case["passed"] is True, case
         assert case["rule"].startswith(("exact", "4*eps32")), case
@@ -102,7 +104,8 @@ def test_dry_run_json_schema(dry_run):
         assert entry["errors"] == {}
         assert set(entry["ms"]) >= {"bf16_dot", "fp16_dot", "int8_xla", "int8_pallas",
                                     "int8_pallas_default", "w4a8_xla", "w4a8_pallas",
-                                    "quantize_act_xla", "quantize_act_pallas"}
+                                    "quantize_act_xla", "quantize_act_pallas", "w4a4_xla",
+                                    "w4a4_pallas"}
         assert all(v > 0 for v in entry["ms"].values())
         assert set(entry["tops"]) == {op for op in entry["ms"] if not op.startswith("quantize")}
 

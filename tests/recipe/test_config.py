@@ -21,7 +21,8 @@ from mixdq_jax.recipe import PRESETS, STAGE_NAMES
 
 @pytest.mark.parametrize(
     ("text", "weight", "act", "name"),
-    [("W8A8", 8, 8, "W8A8"), ("w4a8", 4, 8, "W4A8"), ("W3.66A16", 3.66, 16, "W3.66A16")],
+    [("W8A8", 8, 8, "W8A8"), ("w4a8", 4, 8, "W4A8"), ("W3.66A16", 3.66, 16, "W3.66A16"),
+     ("W4A4", 4, 4, "W4A4")],  # fmt: skip
 )
 def test_targets_parse_as_the_paper_writes_them(text, weight, act, name):
     target = Target.parse(text)
@@ -31,7 +32,7 @@ def test_targets_parse_as_the_paper_writes_them(text, weight, act, name):
 
 @pytest.mark.parametrize(
     ("text", "match"),
-    [("W4", "expected W<bits>A<bits>"), ("W9A8", "outside"), ("W4A6", "only A8"), ("", "W8A8")],
+    [("W4", "expected W<bits>A<bits>"), ("W9A8", "outside"), ("W4A6", "A4 .mixed"), ("", "W8A8")],
 )
 def test_bad_targets_say_what_is_expected(text, match):
     with pytest.raises(ValueError, match=match):
