@@ -24,6 +24,12 @@ def add_lowrank_args(p: argparse.ArgumentParser | Any) -> None:
         "the testbed's documented rows use it (rank 32 would be its whole matrices)",
     )  # fmt: skip
     p.add_argument(
+        "--lowrank-alphas", type=argtypes.float_in(0.0, 1.0, "a migration strength"),
+        nargs="+", default=None, metavar="ALPHA",
+        help="low-rank methods: the smoothing strengths searched per layer (20 values, 0 to "
+        "0.95, deepcompressor's grid; one value fixes it, e.g. for a bounded full-size run)",
+    )  # fmt: skip
+    p.add_argument(
         "--lowrank-group", type=argtypes.positive_int, default=None,
         help="low-rank methods: input channels per quantization group (64, SVDQuant's)",
     )  # fmt: skip
@@ -35,7 +41,8 @@ def with_lowrank_args(method: Any, args: argparse.Namespace) -> Any:
     rank = getattr(args, "lowrank_rank", None)
     fraction = getattr(args, "lowrank_fraction", None)
     group = getattr(args, "lowrank_group", None)
-    if rank is None and fraction is None and group is None:
+    alphas = getattr(args, "lowrank_alphas", None)
+    if rank is None and fraction is None and group is None and alphas is None:
         return method
     fmt = method.format
     if fmt.lowrank is None:
@@ -48,6 +55,8 @@ def with_lowrank_args(method: Any, args: argparse.Namespace) -> Any:
         settings = replace(settings, rank=rank)
     if fraction is not None:
         settings = replace(settings, rank_fraction=fraction)
+    if alphas is not None:
+        settings = replace(settings, alphas=tuple(dict.fromkeys(alphas)))
     if group is not None and group % 2:
         raise ValueError(f"--lowrank-group {group}: must be even (two 4-bit codes per byte)")
     fmt = replace(fmt, lowrank=settings, group_size=group or fmt.group_size)

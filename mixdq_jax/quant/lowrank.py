@@ -75,15 +75,38 @@ def smoothed_kernel(kernel: Array, smooth: Array) -> Array:
     return kernel.astype(jnp.float32) * smooth[:, None]
 
 
+EXACT_SVD_MAX = 1024
+"""Matrices whose smaller side is at most this get numpy-exact SVD; larger ones (SDXL's wide
+convs: ``[11520, 1280]``) the randomized range finder, about 20x faster there."""
+POWER_ITERATIONS = 4
+OVERSAMPLING = 16
+
+
 def low_rank(kernel: Array, rank: int) -> tuple[Array, Array]:
     """``(down, up)``: the best rank-``rank`` approximation of the kernel's GEMM
     ``[in, out]`` from its SVD (``down = U_r diag(S_r)`` in the kernel's shape, ``up = V_r^T``).
-    The residual's squared Frobenius norm is the dropped singular values' energy."""
+    The residual's squared Frobenius norm is the dropped singular values' energy (exactly for
+    matrices up to `EXACT_SVD_MAX` wide; above it the SVD is the randomized one of Halko,
+    Martinsson and Tropp 2011, Alg. 4.4: `POWER_ITERATIONS` power iterations with
+    re-orthonormalisation, `OVERSAMPLING` extra columns, a fixed seed)."""
     flat = kernel.astype(jnp.float32).reshape(-1, kernel.shape[-1])
     r = min(rank, *flat.shape)
-    u, s, vt = jnp.linalg.svd(flat, full_matrices=False)
+    if min(flat.shape) <= EXACT_SVD_MAX:
+        u, s, vt = jnp.linalg.svd(flat, full_matrices=False)
+    else:
+        u, s, vt = _randomized_svd(flat, r + OVERSAMPLING)
     down = (u[:, :r] * s[:r]).reshape(*kernel.shape[:-1], r)
     return down, vt[:r]
+
+
+def _randomized_svd(a: Array, width: int) -> tuple[Array, Array, Array]:
+    omega = jax.random.normal(jax.random.key(0), (a.shape[1], width), jnp.float32)
+    q, _ = jnp.linalg.qr(a @ omega)
+    for _ in range(POWER_ITERATIONS):
+        z, _ = jnp.linalg.qr(a.T @ q)
+        q, _ = jnp.linalg.qr(a @ z)
+    ub, s, vt = jnp.linalg.svd(q.T @ a, full_matrices=False)
+    return q @ ub, s, vt
 
 
 def branch_kernel(lowrank: LowRank) -> Array:

@@ -56,6 +56,21 @@ def test_low_rank_residual_energy_is_the_dropped_singular_values():
                                rtol=1e-4)  # fmt: skip
 
 
+def test_wide_layers_take_a_randomized_svd_within_a_percent_of_the_optimum():
+    rng = np.random.default_rng(5)
+    k, n = lr.EXACT_SVD_MAX + 100, 300  # [1124, 300]: the smaller side is not wide enough
+    u, _ = np.linalg.qr(rng.normal(size=(k, n)))
+    v, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    w = ((u * (0.97 ** np.arange(n))) @ v.T).astype(np.float32)  # a decaying spectrum
+    sv = np.linalg.svd(w.astype(np.float64), compute_uv=False)
+    optimum = np.sum(sv[16:] ** 2)
+    for shape in ((k, n), (k + 200, k + 50)):  # exact, then randomized (both sides > 1024)
+        a = w if shape == (k, n) else np.pad(w, ((0, 200), (0, k + 50 - n)))
+        down, up = lr.low_rank(jnp.asarray(a), 16)
+        resid = a.astype(np.float64) - np.asarray(down, np.float64) @ np.asarray(up, np.float64)
+        assert np.sum(resid**2) <= optimum * (1.0 + (1e-4 if shape == (k, n) else 1e-2))
+
+
 def test_smoothing_is_smoothquant_and_leaves_the_float_layer_unchanged():
     rng = np.random.default_rng(3)
     w = rng.normal(size=(48, 20)).astype(np.float32)
