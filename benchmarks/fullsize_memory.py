@@ -17,10 +17,12 @@ e.g. a local stabilityai/sdxl-turbo snapshot).
 Commands: float generate, calibrate (2 prompts), fake-quant generate (W8A8 and the official
 W3.66 / A7.77 configs), bounded sensitivity sweeps (``--sweep-layers`` layers x 3 bit-widths:
 weight and activation SQNR at chunk 1 and 2, weight SSIM at chunk 1), export (W8A8),
-generate from the export, and `mixdq quantize --method qdiffusion` through its reconstruct
-stage on two blocks (calibration included: its own run). One 512x512 image, 1 step,
-everywhere. Each sweep runs in its own copy of the calibrated run with no earlier results (so
-it measures, not resumes); ``--force`` measures the selected entries again:
+generate from the export, `mixdq quantize --method qdiffusion` through its reconstruct
+stage on two blocks (calibration included: its own run), and `mixdq quantize --method svdquant
+--target W4A4` through its low-rank search and export (calibration included: its own run).
+One 512x512 image, 1 step, everywhere. Each sweep runs in its own copy of the calibrated run
+with no earlier results (so it measures, not resumes); ``--force`` measures the selected
+entries again:
 
     python benchmarks/fullsize_memory.py --work /tmp/sdxl --dtype float32 --force \
         --only sensitivity_weight_sqnr_2_layers_chunk1 sensitivity_weight_ssim_2_layers_chunk1
@@ -148,6 +150,15 @@ def commands(model: Path, work: Path, dtype: str, sweep_layers: int) -> dict[str
             "1", "--batch-size", "2", "--recon-iters", "10", "--recon-act-iters", "5",
             "--recon-batch", "2", "--recon-lr", "5e-3", "--recon-blocks", RECON_BLOCKS[0],
             RECON_BLOCKS[1], "--stop-after", "reconstruct", *d],
+        # SVDQuant's W4A4 through its low-rank search and the export (issue 26), calibrating
+        # 2 prompts in its own run; one smoothing strength (the search's memory does not grow
+        # with the number tried: they run one after another), rank 32, groups of 64
+        "export_svdquant_w4a4": [
+            *MIXDQ, "quantize", "--model", str(model), "--run", str(work / f"svdq_{dtype}"),
+            "--target", "W4A4", "--method", "svdquant", "--lowrank-alphas", "0.5",
+            "--num-calib", "2", "--num-select", "1", "--batch-size", "2", "--height", "512",
+            "--width", "512", "--stop-after", "export", "--out", str(work / f"svdq_out_{dtype}"),
+            *d],
     }  # fmt: skip
 
 
@@ -167,6 +178,8 @@ def fresh_outputs(cmd: list[str], work: Path, dtype: str, name: str) -> None:
         shutil.rmtree(work / f"run_{dtype}" / "calib", ignore_errors=True)
     if name.startswith("reconstruct"):
         shutil.rmtree(work / f"recon_{dtype}", ignore_errors=True)
+    if name.startswith("export_svdquant"):  # calibration is measured by its own entry
+        shutil.rmtree(work / f"svdq_{dtype}", ignore_errors=True)
     if name.startswith("sensitivity_"):
         run = sweep_run(work, dtype, name)
         shutil.rmtree(run, ignore_errors=True)

@@ -51,18 +51,23 @@ def load_pipeline(
     LoRA safetensors file fused into the weights with ``lora_scale``. A folder written by
     ``mixdq export`` loads as a `QuantizedPipeline`: the pipeline bound to its packed UNet on
     the integer path (``backend``; ``verify`` checks the weights' checksum); quantize a float
-    pipeline with :func:`qconfig_for`.
+    pipeline with :func:`qconfig_for`. A ``lora`` on such a folder runs at run time through
+    the layers' 16-bit side branch, without requantizing (`mixdq_jax.deploy.apply_lora`;
+    several LoRAs and scale changes without recompiling: `apply_lora`, `set_lora_scales`).
     """
     if variant is None and isinstance(path_or_repo_id, ModelName):  # the CLI's --variant
         variant = path_or_repo_id.variant
     folder = resolve_model(path_or_repo_id, revision=revision, variant=variant)
     if is_quantized_folder(folder):
-        if lora is not None:
-            raise ValueError("a LoRA cannot be fused into a quantized checkpoint; export with it")
-        return load_quantized_pipeline(
+        pipe = load_quantized_pipeline(
             folder, dtype=dtype, variant=variant, scheduler=scheduler,
             allow_pickle=allow_pickle, backend=backend, verify=verify,
         )  # fmt: skip
+        if lora is None:
+            return pipe
+        from mixdq_jax.deploy.lora import apply_lora  # noqa: PLC0415
+
+        return apply_lora(pipe, [(lora, lora_scale)])
     parts = load_components(
         folder, dtype=dtype, variant=variant, allow_pickle=allow_pickle, lora=lora,
         lora_scale=lora_scale,

@@ -150,3 +150,59 @@ def _target(
         if f"{candidate}.weight" in states[component]:
             return component, f"{candidate}.weight"
     return None, ""
+
+
+# ------------------------------------------------------------------------------ runtime LoRA
+# Used by `mixdq_jax.deploy.lora`, which keeps a LoRA as a separate low-rank branch of a
+# quantized layer instead of fusing it into the weights.
+def match_lora(
+    targets: Mapping[str, Mapping[str, object]],
+    lora: Mapping[str, np.ndarray],
+    *,
+    source: str = "<lora>",
+) -> dict[str, tuple[str, str, dict[str, np.ndarray]]]:
+    """``{stem: (component, weight key, {"down", "up"[, "alpha"]})}``: every LoRA pair of
+    ``lora`` matched to a weight key of ``targets`` (``{component: {PyTorch key: anything}}``,
+    only the keys are read), with the same naming rules as :func:`fuse_lora`. A pair that
+    matches nothing is a :class:`LoRAError` naming it, as in :func:`fuse_lora`."""
+    flat_index = {
+        name: {k[: -len(".weight")].replace(".", "_"): k for k in keys if k.endswith(".weight")}
+        for name, keys in targets.items()
+    }
+    out, unmatched = {}, []
+    for stem, parts in _split_pairs(lora, source).items():
+        component, key = _target(stem, targets, flat_index)
+        if component is None:
+            unmatched.append(stem)
+        else:
+            out[stem] = (component, key, parts)
+    if unmatched:
+        raise LoRAError(
+            f"{source}: {len(unmatched)} LoRA target(s) match no weight of "
+            f"{', '.join(sorted(targets))}: {', '.join(sorted(unmatched)[:8])}"
+            + (" ..." if len(unmatched) > 8 else "")
+        )
+    return out
+
+
+def lora_factors(
+    parts: Mapping[str, np.ndarray], stem: str
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(down (r, ...), up (out, r), alpha / r)`` of one LoRA pair in f32, PyTorch layouts
+    (``down``: ``(r, in)`` or ``(r, in, kh, kw)``), so that the fused update is
+    ``(alpha / r) * up @ down.reshape(r, -1)`` as :func:`fuse_lora` adds it."""
+    down = np.asarray(parts["down"], dtype=np.float32)
+    up = np.asarray(parts["up"], dtype=np.float32)
+    rank = down.shape[0]
+    if up.ndim < 2 or up.shape[1] != rank or int(np.prod(up.shape[2:], dtype=np.int64)) != 1:
+        raise LoRAError(f"LoRA {stem!r}: up {up.shape} and down {down.shape} ranks differ")
+    alpha = float(np.asarray(parts["alpha"])) if "alpha" in parts else float(rank)
+    return down, up.reshape(up.shape[0], rank), alpha / rank
+
+
+def lora_delta(
+    parts: Mapping[str, np.ndarray], stem: str, weight_shape: tuple[int, ...]
+) -> np.ndarray:
+    """The fused update ``(alpha / r) up @ down`` of one pair in the PyTorch weight's shape
+    (:func:`fuse_lora` adds ``scale`` times it)."""
+    return _delta(dict(parts), stem, tuple(weight_shape))

@@ -4,6 +4,11 @@ The images are written by the evaluation's resumable writer
 (`mixdq_jax.evaluation.images.write_images`); this command keeps its own folder layout:
 ``NNNN.png`` and ``prompts.json`` (the settings and one record per image), an image listed
 before it is made, so a folder holds no image this command did not index.
+
+``--lora`` (repeatable) with ``--lora-scale`` (one for all, or one per ``--lora``): a float
+model fuses a LoRA into its weights when it loads (several: one after the other); a quantized
+folder (``mixdq export``) keeps its integer weights and runs each LoRA as a 16-bit low-rank
+branch beside them (`mixdq_jax.deploy.lora`), with no requantization.
 """
 
 from __future__ import annotations
@@ -63,9 +68,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="override, e.g. LCMScheduler",
     )
     p.add_argument(
-        "--lora", type=existing_file, default=None, help="LoRA safetensors fused into the UNet"
-    )
-    p.add_argument("--lora-scale", type=finite_float, default=1.0)
+        "--lora", type=existing_file, action="append", default=None,
+        help="LoRA safetensors (repeatable): fused into a float model's weights; on a quantized "
+        "folder run beside the integer weights as a low-rank branch (no requantization)",
+    )  # fmt: skip
+    p.add_argument(
+        "--lora-scale", type=finite_float, nargs="+", default=None, metavar="S",
+        help="LoRA scale: one for every --lora, or one per --lora in order (default 1)",
+    )  # fmt: skip
     p.add_argument("--variant", default=None, help="weight variant, e.g. fp16")
     add_dtype_arg(p)
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin (pickle) weights")
@@ -179,7 +189,34 @@ def remove_stale(out: Path, index: dict | None, records: list[dict]) -> None:
             (out / name).unlink(missing_ok=True)
 
 
+def lora_list(args: argparse.Namespace) -> list[tuple[Path, float]]:
+    """``[(file, scale)]`` of the ``--lora`` / ``--lora-scale`` options (a ValueError naming
+    them when the counts do not fit)."""
+    files = list(args.lora or [])
+    scales = list(args.lora_scale or [1.0])
+    if not files:
+        if args.lora_scale is not None:
+            raise ValueError("--lora-scale without --lora: give the LoRA file(s) with --lora")
+        return []
+    if len(scales) not in (1, len(files)):
+        raise ValueError(
+            f"--lora-scale: {len(scales)} values for {len(files)} --lora file(s): give one "
+            "scale for all, or one per --lora in the same order"
+        )
+    scales = scales * len(files) if len(scales) == 1 else scales
+    return list(zip(files, scales, strict=True))
+
+
+def _lora_settings(loras: list[tuple[Path, float]]) -> tuple[Any, Any]:
+    """The index's ``lora`` / ``lora_scale`` (one LoRA or none: as recorded before several
+    were possible, so earlier runs resume)."""
+    if len(loras) <= 1:
+        return str(loras[0][0] if loras else None), loras[0][1] if loras else 1.0
+    return [str(f) for f, _ in loras], [s for _, s in loras]
+
+
 def run(args: argparse.Namespace) -> int:
+    lora_list(args)  # the counts, before anything loads
     prompts = read_prompts(args)
     spec = spec_from_args(args)  # reads bit files: before the model loads
     records = plan_records(prompts, args.seed)
@@ -206,15 +243,8 @@ def _generate(args: argparse.Namespace, spec: Any, records: list[dict], index: d
     from mixdq_jax.api import load_pipeline, quantized_config  # noqa: PLC0415  (fast --help)
     from mixdq_jax.pipeline import NonFiniteError  # noqa: PLC0415
 
-    pipe = load_pipeline(
-        args.model,
-        dtype=resolve_dtype(args.dtype),
-        variant=args.variant,
-        scheduler=args.scheduler,
-        lora=args.lora,
-        lora_scale=args.lora_scale,
-        allow_pickle=args.allow_pickle,
-    )
+    loras = lora_list(args)
+    pipe = _load(args, loras, load_pipeline)
     check_bits_files(args, spec, pipe)
     qconfig = quantized_config(pipe, spec, args.calib)
     native_h, native_w = native_size(pipe)
@@ -227,8 +257,8 @@ def _generate(args: argparse.Namespace, spec: Any, records: list[dict], index: d
         "width": width,
         "scheduler": args.scheduler,
         "negative_prompt": args.negative_prompt,
-        "lora": str(args.lora),
-        "lora_scale": args.lora_scale,
+        "lora": _lora_settings(loras)[0],
+        "lora_scale": _lora_settings(loras)[1],
         "dtype": resolve_dtype(args.dtype),
         "quant": describe(spec),
         "weight_bits": args.weight_bits,
@@ -281,6 +311,34 @@ def _generate(args: argparse.Namespace, spec: Any, records: list[dict], index: d
         done=done, listed_first=True, progress="images",
     )  # fmt: skip
     return len(written)
+
+
+def _load(args: argparse.Namespace, loras: list[tuple[Path, float]], load_pipeline: Any) -> Any:
+    """The pipeline with its LoRAs: a quantized folder runs them as low-rank branches
+    (`mixdq_jax.deploy.lora.apply_lora`); a float model fuses the first as it loads and the
+    others after it (`mixdq_jax.deploy.lora.fuse_into_pipeline`)."""
+    from mixdq_jax.deploy import is_quantized_folder  # noqa: PLC0415
+    from mixdq_jax.deploy.lora import apply_lora, fuse_into_pipeline  # noqa: PLC0415
+    from mixdq_jax.loader import resolve_model  # noqa: PLC0415
+
+    dtype = resolve_dtype(args.dtype)
+    quantized = bool(loras) and is_quantized_folder(resolve_model(args.model,
+                                                                  variant=args.variant))
+    first = loras[0] if loras and not quantized else (None, 1.0)
+    pipe = load_pipeline(
+        args.model,
+        dtype=dtype,
+        variant=args.variant,
+        scheduler=args.scheduler,
+        lora=first[0],
+        lora_scale=first[1],
+        allow_pickle=args.allow_pickle,
+    )
+    if quantized:
+        return apply_lora(pipe, [(str(f), s) for f, s in loras], dtype=dtype)
+    if len(loras) > 1:
+        return fuse_into_pipeline(pipe, [(str(f), s) for f, s in loras[1:]])
+    return pipe
 
 
 _HINTS = {

@@ -17,6 +17,13 @@ schema: ``docs/export_format.md``)::
                                         first), then the size and sha256 of every file it
                                         relies on (see `mixdq_jax.deploy.export_folder`)
 
+SVDQuant's group format (a spec with ``group_size`` / ``lowrank``) is written at the same
+format version: its plan entries add ``group``, ``smooth`` and ``rank`` (left out of every
+other entry, so other exports read and write as before) and its packed nodes hold the
+residual's codes, group scales, the f32 smoothing vector and the fp16 branch
+(`mixdq_jax.deploy.grouped`); ``quantization_config`` names the granularities, the group size
+and the branch ranks. Older exports load unchanged.
+
 A folder with a noise model is written as format version :data:`NOISE_MODEL_VERSION`
 (older readers refuse it instead of sampling without the correction); others keep
 :data:`FORMAT_VERSION`. Loading checks the format version, the file size (truncation), the
@@ -137,9 +144,15 @@ def freeze(
     qconfig = qconfig_for(pipe, spec, calib)
     params = pipe.params["unet"]
     plan = DeployPlan.from_qconfig(qconfig, params)
-    act = {n: lq.a_range for n, lq in qconfig.layers.items() if n in plan.layers}
+    # grouped layers scale their activations per token at run time: no range to store
+    act = {n: lq.a_range for n, lq in qconfig.layers.items()
+           if n in plan.layers and plan.layers[n].group is None}  # fmt: skip
+    lowrank = {n: lq.lowrank for n, lq in qconfig.layers.items()
+               if n in plan.layers and lq.lowrank is not None}  # fmt: skip
     x_bos = bos_embedding(pipe) if plan.needs_bos() else None
-    packed = pack_unet_params_by_layer(params, plan, act, x_bos, float_dtype=float_dtype)
+    packed = pack_unet_params_by_layer(
+        params, plan, act, x_bos, float_dtype=float_dtype, lowrank=lowrank
+    )
     return plan, packed, {n: np.asarray(r) for n, r in act.items()}
 
 
@@ -250,6 +263,7 @@ def quantization_config(meta: Mapping[str, Any]) -> dict[str, Any]:
     ``docs/export_format.md``."""
     plan = meta["plan"]
     weighted = {n: lp for n, lp in plan.items() if lp["w_bits"] < FLOAT_BITS}
+    groups = sorted({lp["group"] for lp in plan.values() if lp.get("group")})
     config: dict[str, Any] = {
         "quant_method": QUANT_METHOD,
         "version": QUANTIZATION_CONFIG_VERSION,
@@ -258,10 +272,10 @@ def quantization_config(meta: Mapping[str, Any]) -> dict[str, Any]:
         "weights_file": meta["weights_file"],
         "float_dtype": meta["float_dtype"],
         "weight_format": "int",
-        "weight_granularity": "per_output_channel",
+        "weight_granularity": "per_group" if groups else "per_output_channel",
         "symmetric_weights": bool(weighted) and all(lp["symmetric"] for lp in weighted.values()),
         "act_format": "int",
-        "act_granularity": "per_tensor",
+        "act_granularity": "per_token_group" if groups else "per_tensor",
         "weight_bits": {n: _bits_or_null(lp["w_bits"]) for n, lp in sorted(plan.items())},
         "act_bits": {n: _bits_or_null(lp["a_bits"]) for n, lp in sorted(plan.items())},
         "weight_storage_bits": {n: int(lp["storage_bits"]) for n, lp in sorted(weighted.items())},
@@ -269,6 +283,12 @@ def quantization_config(meta: Mapping[str, Any]) -> dict[str, Any]:
         "bos_aware": sorted(n for n, lp in plan.items() if lp.get("bos")),
         "noise_correction": "ptqd" if "noise_model" in meta else None,
     }
+    if groups:  # SVDQuant's format: group size, smoothing, the 16-bit branch's ranks
+        config["group_size"] = groups[0] if len(groups) == 1 else groups
+        config["smoothing"] = sorted(n for n, lp in plan.items() if lp.get("smooth"))
+        config["lowrank_rank"] = {n: lp["rank"] for n, lp in sorted(plan.items())
+                                  if lp.get("rank")}  # fmt: skip
+        config["lowrank_dtype"] = "float16"
     for key in ("method", "target", "preset", "objective"):
         config[key] = meta.get("recipe", {}).get(key)
     return config
@@ -289,6 +309,10 @@ def spec_summary(spec: Any) -> dict[str, Any]:
     for key in ("weight_bits", "act_bits"):
         value = getattr(spec, key)
         out[key] = value if isinstance(value, int) else "per-layer"
+    if getattr(spec, "group_size", None):
+        out["group_size"] = int(spec.group_size)
+        lowrank = getattr(spec, "lowrank", None) or {}
+        out["lowrank_layers"] = len(lowrank)
     return out
 
 

@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixdq_jax.deploy.layers import Deployed
-from mixdq_jax.deploy.packed import DeployPlan, packed_shapes
+from mixdq_jax.deploy.packed import DeployPlan, layer_kernel, packed_shapes
 from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, example_inputs, param_shapes
 from mixdq_jax.quant.forward import forward, unet_arguments
+from mixdq_jax.quant.lowrank import LowRank
 from mixdq_jax.quant.modes import Float
 from mixdq_jax.quant.qconfig import FLOAT_BITS, QuantSpec
 from mixdq_jax.quant.registry import build_registry, layer_splits
@@ -55,12 +56,39 @@ def plan_for_spec(
     return plan, act
 
 
+def lowrank_shapes(
+    config: UNetConfig, rank: int, *, layers: Any = None
+) -> dict[str, LowRank]:
+    """``{layer: LowRank}`` of ``jax.ShapeDtypeStruct``s: a rank-``rank`` decomposition of
+    every Dense/Conv of a UNet architecture (or of ``layers``), as `quant.lowrank.decompose`
+    shapes it (rank capped at the kernel's GEMM sides). A ``QuantSpec(group_size=...,
+    lowrank=...)`` holding these measures storage and BOPs with no weights."""
+    splits = layer_splits(build_registry(config))
+    names = list(splits) if layers is None else list(layers)
+    params = param_shapes(UNet2DConditionModel(config=config))
+    out = {}
+    for name in names:
+        shape = tuple(layer_kernel(params, name).shape)
+        k, n = int(np.prod(shape[:-1], dtype=np.int64)), shape[-1]
+        r = min(rank, k, n)
+        out[name] = LowRank(
+            smooth=jax.ShapeDtypeStruct((shape[-2],), jnp.float32),
+            down=jax.ShapeDtypeStruct((*shape[:-1], r), jnp.float32),
+            up=jax.ShapeDtypeStruct((r, n), jnp.float32),
+        )
+    return out
+
+
 def stored_param_bytes(
     config: UNetConfig, spec: QuantSpec | None, *, float_dtype: Any = jnp.float16
 ) -> int:
     """Bytes of the UNet params as ``mixdq export`` stores them for ``spec`` (packed weights,
     scales, zero points, column sums, BOS rows, every other param in ``float_dtype``); the
-    float UNet for ``spec=None``. Traced with shapes only: nothing is materialised."""
+    float UNet for ``spec=None``. Traced with shapes only: nothing is materialised.
+
+    SVDQuant's group format (``spec.group_size``) counts its group scales (f32 per group of
+    input channels and output channel), its smoothing vectors and low-rank branches (fp16;
+    `spec.lowrank` may hold arrays or the shapes of :func:`lowrank_shapes`)."""
     float_dtype = jnp.dtype(float_dtype)
     model = UNet2DConditionModel(config=config, dtype=float_dtype, param_dtype=float_dtype)
     float_params = param_shapes(model)

@@ -20,6 +20,15 @@ Packed node of a quantized layer (replaces ``{"kernel", "bias"}``), one ``q<j>``
   BOS-aware ``attn2.to_k/to_v``: ``bos_in`` (the BOS token embedding) and ``bos_row``
   ``= bos_in @ W + b`` in f32, computed from the float weights at export.
 
+A grouped layer (SVDQuant's format, ``LayerPlan.group``; layout and math in `grouped`) has
+instead ``q0/w`` (the residual's codes, the GEMM matrix ``(K_pad, N)``: int4 group-packed to
+``(K_pad / 2, N)`` for 2..4-bit weights, int8 for 5..8), ``q0/w_scale`` f32
+``(K_pad / group, N)`` and no activation parameters (per-token scales at run time); with a
+low-rank decomposition ``smooth`` f32 ``(Cin,)``, and for weights of at most
+``LOWRANK_BITS`` bits the branch ``down`` f16 (the kernel's shape, ``out`` -> rank) and
+``up`` f16 ``(rank, N)``; a grouped layer with float weights stores ``kernel`` = the
+smoothed kernel ``smooth * W``.
+
 No float copy of quantized weights is kept. Weight codes come from the one grid
 (`pallas_kernels.grid`) the fake quantizer uses, so they reproduce it exactly: asymmetric
 codes ``q_u in [0, 2^b-1]`` are stored shifted to the signed range (``q_u - 2^(b-1)``, zero
@@ -31,13 +40,15 @@ costs an activation row-sum correction in the epilogue (see `layers`), the symme
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixdq_jax.deploy import grouped
+from mixdq_jax.quant.lowrank import LOWRANK_BITS, LowRank
 from mixdq_jax.quant.qconfig import QConfig, input_parts
 from pallas_kernels import (
     activation_qparams,
@@ -52,7 +63,7 @@ from pallas_kernels.grid import FLOAT_BITS
 FORMAT_VERSION = 1
 STORAGE_BITS = (2, 4, 8)
 # Leaves of a packed node that stay float32 whatever dtype the float params use.
-F32_LEAVES = frozenset({"w_scale", "a_scale", "bos_in", "bos_row"})
+F32_LEAVES = frozenset({"w_scale", "a_scale", "bos_in", "bos_row", "branch_scale", "smooth"})
 
 Array = jax.Array
 
@@ -70,13 +81,20 @@ class LayerPlan:
     symmetric: bool
     split: int | None = None
     bos: bool = False
+    # SVDQuant's group format (`grouped`): group size, a stored smoothing vector, the rank of
+    # the stored low-rank branch (0: none). Left out of ``as_dict`` at their defaults, so a
+    # per-channel plan reads and writes exactly as before.
+    group: int | None = None
+    smooth: bool = False
+    rank: int = 0
 
     @property
     def mode(self) -> str:
-        """``int`` (int8 GEMM), ``weight_only`` (A16: dequantize, float op) or ``act_only``."""
+        """``int`` (int8 GEMM), ``weight_only`` (A16: dequantize, float op), ``act_only``
+        (W16), or ``float`` (a float layer planned only to carry a runtime LoRA branch)."""
         if self.w_bits < FLOAT_BITS:
             return "int" if self.a_bits < FLOAT_BITS else "weight_only"
-        return "act_only"
+        return "act_only" if self.a_bits < FLOAT_BITS else "float"
 
     def parts(self) -> list[tuple[int, int]]:
         """Input-channel ranges quantized separately (two for a shortcut-split conv)."""
@@ -89,11 +107,20 @@ class LayerPlan:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["weight_shape"] = list(self.weight_shape)
+        for key, default in (("group", None), ("smooth", False), ("rank", 0)):
+            if d[key] == default:
+                del d[key]
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LayerPlan:
         d = dict(d)
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(
+                f"plan entry of layer {d.get('name')!r} has field(s) {unknown} this mixdq-jax "
+                "does not know (written by a newer version): upgrade mixdq-jax or re-export"
+            )
         d["weight_shape"] = tuple(int(v) for v in d["weight_shape"])
         return cls(**d)
 
@@ -106,6 +133,48 @@ def storage_bits_for(w_bits: int, ks: list[int]) -> int:
         if w_bits <= s and all(k % values_per_byte(s) == 0 for k in ks):
             return s
     return 8
+
+
+def grouped_plan(
+    name: str,
+    shape: tuple[int, ...],
+    w_bits: int,
+    a_bits: int,
+    group: int,
+    lowrank: LowRank | None,
+    bos: bool,
+) -> LayerPlan:
+    """The plan of a grouped layer: int4 fields for weights up to 4 bits (group-packed), int8
+    up to 8; the branch stored where the fake quantizer turns it on (``w_bits <=
+    LOWRANK_BITS``)."""
+    if lowrank is not None:
+        cin, n = shape[-2], shape[-1]
+        want = (tuple(shape[:-1]), (lowrank.rank, n), (cin,))
+        got = (tuple(lowrank.down.shape[:-1]), tuple(lowrank.up.shape), tuple(lowrank.smooth.shape))
+        if got != want:
+            raise ValueError(
+                f"layer {name!r}: low-rank shapes down {tuple(lowrank.down.shape)}, up "
+                f"{tuple(lowrank.up.shape)}, smooth {tuple(lowrank.smooth.shape)} do not fit "
+                f"its kernel {shape} (decompose this model's own kernel: quant.lowrank)"
+            )
+    if w_bits >= FLOAT_BITS:
+        storage = FLOAT_BITS
+    else:
+        storage = 4 if w_bits <= 4 else 8
+    on = lowrank is not None and w_bits <= LOWRANK_BITS
+    return LayerPlan(
+        name=name,
+        kind="linear" if len(shape) == 2 else "conv",
+        weight_shape=shape,
+        w_bits=w_bits,
+        a_bits=a_bits,
+        storage_bits=storage,
+        symmetric=True,
+        bos=bos,
+        group=group,
+        smooth=lowrank is not None,
+        rank=lowrank.rank if on else 0,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,6 +197,9 @@ class DeployPlan:
             if wb >= FLOAT_BITS and ab >= FLOAT_BITS:
                 continue
             shape = tuple(int(d) for d in node_at(params, name)["kernel"].shape)
+            if lq.group is not None:
+                layers[name] = grouped_plan(name, shape, wb, ab, lq.group, lq.lowrank, lq.bos)
+                continue
             lp = LayerPlan(
                 name=name,
                 kind="linear" if len(shape) == 2 else "conv",
@@ -149,6 +221,20 @@ class DeployPlan:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DeployPlan:
         return cls(layers={name: LayerPlan.from_dict(v) for name, v in d.items()})
+
+    def lowrank_shapes(self) -> dict[str, LowRank]:
+        """``{layer: LowRank of ShapeDtypeStructs}`` the plan implies (what the packer is given
+        for a grouped layer with smoothing: shapes only, e.g. to check a loaded file)."""
+        out = {}
+        for name, lp in self.layers.items():
+            if lp.smooth:
+                r = max(lp.rank, 1)  # the packer reads the factors only at rank > 0
+                out[name] = LowRank(
+                    smooth=jax.ShapeDtypeStruct((lp.weight_shape[-2],), jnp.float32),
+                    down=jax.ShapeDtypeStruct((*lp.weight_shape[:-1], r), jnp.float32),
+                    up=jax.ShapeDtypeStruct((r, lp.weight_shape[-1]), jnp.float32),
+                )
+        return out
 
     def needs_bos(self) -> bool:
         return any(lp.bos and lp.mode != "act_only" for lp in self.layers.values())
@@ -235,7 +321,7 @@ def unpacked_codes(w: Array, lp: LayerPlan) -> Array:
 def check_layer_inputs(lp: LayerPlan, act_range: Any, x_bos: Any) -> None:
     """What packing ``lp`` needs besides its weights: a range per input part for quantized
     activations, the BOS embedding for a BOS-aware layer; a ValueError naming the layer."""
-    if lp.a_bits < FLOAT_BITS:
+    if lp.a_bits < FLOAT_BITS and lp.group is None:  # grouped: per-token scales at run time
         if act_range is None:
             raise ValueError(f"layer {lp.name!r}: quantized activations need a calibrated range")
         rows = int(np.prod(np.shape(act_range))) // 2
@@ -248,14 +334,79 @@ def check_layer_inputs(lp: LayerPlan, act_range: Any, x_bos: Any) -> None:
         raise ValueError(f"layer {lp.name!r} is BOS-aware: pass the BOS token embedding (x_bos)")
 
 
+def check_lowrank(lp: LayerPlan, lowrank: LowRank | None) -> None:
+    """A grouped layer with smoothing needs its `LowRank`; a ValueError naming the layer."""
+    if lp.smooth and lowrank is None:
+        raise ValueError(
+            f"layer {lp.name!r}: the plan stores a smoothing vector (a low-rank "
+            "decomposition) but none was given: pass the spec's lowrank mapping"
+        )
+    if lowrank is not None and lp.rank and lowrank.rank != lp.rank:
+        raise ValueError(
+            f"layer {lp.name!r}: the plan stores a rank-{lp.rank} branch, the given "
+            f"decomposition has rank {lowrank.rank}"
+        )
+
+
+def _bos_outputs(out: dict, kernel: Array, bias: Array | None, x_bos: Array) -> None:
+    xb = jnp.asarray(x_bos, jnp.float32)
+    row = jnp.dot(xb, kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    if bias is not None:
+        row = row + bias.astype(jnp.float32)
+    out["bos_in"], out["bos_row"] = xb, row
+
+
+def pack_grouped_layer(
+    node: Mapping[str, Array],
+    lp: LayerPlan,
+    lowrank: LowRank | None,
+    x_bos: Array | None,
+    float_dtype: Any,
+) -> dict[str, Any]:
+    """The packed node of a grouped layer (layout: the module docstring and `grouped`).
+
+    The residual's codes and scales are the fake quantizer's own (from the decomposition in
+    f32), the smoothing vector is stored in f32, the branch factors in float16: that rounding
+    is the only difference from the fake-quant model (`grouped`)."""
+    check_layer_inputs(lp, None, x_bos)
+    check_lowrank(lp, lowrank)
+    kernel = node["kernel"]
+    bias = node.get("bias")
+    out: dict[str, Any] = {}
+    if bias is not None:
+        out["bias"] = bias.astype(float_dtype)
+    smooth = down = up = None
+    if lp.smooth:
+        smooth, down, up = grouped.branch_f32(lowrank)
+        out["smooth"] = smooth.astype(grouped.SMOOTH_DTYPE)
+        if lp.rank:
+            out["down"] = down.astype(grouped.BRANCH_DTYPE)
+            out["up"] = up.astype(grouped.BRANCH_DTYPE)
+        else:
+            down = up = None
+    resid = grouped.residual(kernel, smooth, down, up)
+    if lp.w_bits < FLOAT_BITS:
+        codes, scale = grouped.group_weight_codes(resid, lp.w_bits, lp.group)
+        out["q0"] = {"w": grouped.pack_codes(codes, lp.storage_bits, lp.group), "w_scale": scale}
+    else:
+        out["kernel"] = resid.astype(float_dtype)  # the smoothed kernel: x / s runs first
+    if lp.bos and lp.mode != "act_only":
+        _bos_outputs(out, kernel, bias, x_bos)
+    return out
+
+
 def pack_layer(
     node: Mapping[str, Array],
     lp: LayerPlan,
     act_range: Array | None,
     x_bos: Array | None,
     float_dtype: Any,
+    lowrank: LowRank | None = None,
 ) -> dict[str, Any]:
-    """The packed node of one layer from its float ``{"kernel", "bias"}`` node."""
+    """The packed node of one layer from its float ``{"kernel", "bias"}`` node (``lowrank``:
+    a grouped layer's smoothing and branch)."""
+    if lp.group is not None:
+        return pack_grouped_layer(node, lp, lowrank, x_bos, float_dtype)
     check_layer_inputs(lp, act_range, x_bos)
     kernel = node["kernel"]
     bias = node.get("bias")
@@ -288,11 +439,7 @@ def pack_layer(
             q["a_scale"], q["a_zp"] = a_scale, a_zp
         out[f"q{j}"] = q
     if lp.bos and lp.mode != "act_only":
-        xb = jnp.asarray(x_bos, jnp.float32)
-        row = jnp.dot(xb, kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-        if bias is not None:
-            row = row + bias.astype(jnp.float32)
-        out["bos_in"], out["bos_row"] = xb, row
+        _bos_outputs(out, kernel, bias, x_bos)
     return out
 
 
@@ -303,15 +450,17 @@ def pack_unet_params(
     x_bos: Array | None = None,
     *,
     float_dtype: Any = None,
+    lowrank: Mapping[str, LowRank] | None = None,
 ) -> dict:
     """The packed UNet params tree: every planned layer replaced by its packed node, every
     other float leaf cast to ``float_dtype`` (kept as is when ``None``).
 
     ``act_ranges``: ``{layer: [lo, hi]}`` for layers with quantized activations;
     ``x_bos``: the text encoders' BOS token embedding (``context[0, 0]``), needed for
-    BOS-aware layers. Pure jnp: ``jax.eval_shape`` of it gives the packed shapes.
+    BOS-aware layers; ``lowrank``: ``{layer: LowRank}`` of grouped layers with smoothing
+    (the spec's). Pure jnp: ``jax.eval_shape`` of it gives the packed shapes.
     """
-    act_ranges = act_ranges or {}
+    act_ranges, lowrank = act_ranges or {}, lowrank or {}
     out = dict(params)
     if float_dtype is not None:
         out = jax.tree.map(lambda a: _cast_float(a, float_dtype), out)
@@ -319,7 +468,7 @@ def pack_unet_params(
         path = path_of(params, name)
         node = node_at(params, name)
         fd = float_dtype if float_dtype is not None else node["kernel"].dtype
-        packed = pack_layer(node, lp, act_ranges.get(name), x_bos, fd)
+        packed = pack_layer(node, lp, act_ranges.get(name), x_bos, fd, lowrank.get(name))
         out = _replace_node(out, path, packed)
     return out
 
@@ -331,11 +480,12 @@ def pack_unet_params_by_layer(
     x_bos: Array | None = None,
     *,
     float_dtype: Any = None,
+    lowrank: Mapping[str, LowRank] | None = None,
 ) -> dict:
     """:func:`pack_unet_params`, one compiled program per distinct layer shape instead of one
     for the whole tree: the temporaries of one layer are alive at a time (at SDXL size the
     whole-tree program needed memory for every layer's codes at once). Same result."""
-    act_ranges = act_ranges or {}
+    act_ranges, lowrank = act_ranges or {}, lowrank or {}
     planned = {path_of(params, name): name for name in plan.layers}
     rest = _without(params, planned)
     cast = jax.jit(lambda t: jax.tree.map(lambda a: _cast_float(a, float_dtype), t))
@@ -345,7 +495,10 @@ def pack_unet_params_by_layer(
         node = node_at(params, name)
         act, fd = act_ranges.get(name), float_dtype or node["kernel"].dtype
         check_layer_inputs(lp, act, x_bos)  # with the layer's name; the program is nameless
-        packed = _pack_layer_jit(dict(node), replace(lp, name=""), act, x_bos, jnp.dtype(fd))
+        check_lowrank(lp, lowrank.get(name))
+        packed = _pack_layer_jit(
+            dict(node), replace(lp, name=""), act, x_bos, jnp.dtype(fd), lowrank.get(name)
+        )
         out = _replace_node(out, path, packed)
     return out
 
@@ -382,13 +535,18 @@ def packed_shapes(
     *,
     float_dtype: Any = None,
     bos_dim: int | None = None,
+    lowrank: Mapping[str, LowRank] | None = None,
 ) -> dict:
     """``jax.ShapeDtypeStruct`` tree of the packed params, by tracing the real packer
-    (``params`` may itself be abstract): no weight is materialised."""
+    (``params`` may itself be abstract): no weight is materialised. ``lowrank`` defaults to
+    the shapes the plan implies (`DeployPlan.lowrank_shapes`)."""
     x_bos = None if bos_dim is None else jax.ShapeDtypeStruct((bos_dim,), jnp.float32)
+    lowrank = plan.lowrank_shapes() if lowrank is None else lowrank
     return jax.eval_shape(
-        lambda p, r, xb: pack_unet_params(p, plan, r, xb, float_dtype=float_dtype),
+        lambda p, r, xb, lr: pack_unet_params(p, plan, r, xb, float_dtype=float_dtype,
+                                              lowrank=lr),  # fmt: skip
         params,
         dict(act_ranges or {}),
         x_bos,
+        dict(lowrank),
     )
