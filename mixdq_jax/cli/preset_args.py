@@ -37,7 +37,8 @@ def add_allocation_args(g: argparse.ArgumentParser | argparse._ArgumentGroup) ->
         "--act-average", type=_act_average, default=None,
         help="A8: average bits of the non-protected activation layers (ours and paper: 7.7, "
         "lowered if needed so the effective average, float layers at 16, is <= 8; official: "
-        "8, the released act_8.00; the released act_7.77 is --act-average 7.77)",
+        "8, the released act_8.00; the released act_7.77 is --act-average 7.77); A4: of the "
+        "{2, 4, 8} mix over the quantized layers (4)",
     )  # fmt: skip
     g.add_argument(
         "--protect-top", type=_percent, default=None,

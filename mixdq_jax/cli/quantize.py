@@ -17,7 +17,10 @@ learned rounding), ``edadm`` (EDA-DM: Q-Diffusion's reconstruction with calibrat
 spread over the sampling steps by TDAC, every sample at one step, and fine-grained block
 reconstruction: the inner layers' output errors added to the block loss; the authors'
 released MS-COCO settings: weight 0.8, TDAC lambda 5, 256 calibration prompts, their learning
-rates; ``edadm-testbed``: the testbed's shortened settings). A method of your own:
+rates; ``edadm-testbed``: the testbed's shortened settings). Beyond the paper (W4A4 and any
+``W<b>A4``, a ``lowrank`` stage after calibration; docs/lowrank.md): ``svdquant`` (SVDQuant's
+smoothing, 16-bit low-rank branch and groups of 64) and ``mixdq+lowrank`` (MixDQ's
+metric-decoupled search in that format). A method of your own:
 ``--plugin FILE`` with a file that registers it (``examples/custom_method.py``; README,
 "Your own method").
 """

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from mixdq_jax.allocation import average_bits
 from mixdq_jax.calibrate import CalibConfig, calibrate
-from mixdq_jax.evaluation.bops import compute_cost
+from mixdq_jax.evaluation.bops import compute_cost, spec_ranks
 from mixdq_jax.io_utils import atomic_write_json, atomic_write_text
 from mixdq_jax.methods import (
     INT,
@@ -459,9 +459,11 @@ class Recipe:
             **bits_summary(allocation.weight_bits, allocation.act_bits, self.layers),
             "unet_mb": stored_param_bytes(unet_config, allocation.spec) / 1e6
             if exportable else None,
-            # the paper's Compute Opt.: bit operations of one UNet forward vs FP16
+            # the paper's Compute Opt.: bit operations of one UNet forward vs FP16 (a low-rank
+            # branch counted at 16 x 16)
             "compute_opt": compute_cost(
-                unet_config, allocation.weight_bits, allocation.act_bits
+                unet_config, allocation.weight_bits, allocation.act_bits,
+                ranks=spec_ranks(unet_config, allocation.spec),
             )["compute_opt"],
         }  # fmt: skip
 

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from mixdq_jax import cli
+from mixdq_jax.api import load_pipeline
 from mixdq_jax.deploy import (
     Deployed,
     export_quantized_pipeline,
@@ -291,4 +292,7 @@ def test_cli_generate_with_runtime_lora(pipe, grouped_export, tmp_path):
     assert cli.main([*argv[:-1], str(tmp_path / "other"), "--lora-scale", "1", "2", "3"]) == 2
     assert not (tmp_path / "other").exists()
     assert lora_count(load_quantized_pipeline(out).quantized.params) == 0  # export untouched
+    # the Python API: load_pipeline(QDIR, lora=...) takes the runtime path, not a fusion
+    lored = load_pipeline(out, lora=files[0], lora_scale=0.5)
+    assert lora_count(lored.quantized.params) == 1
     assert jax.tree.leaves(pipe.params["unet"])  # the float pipeline is untouched too
