@@ -116,13 +116,7 @@ def test_svdquant_runs_the_recipe_and_a_killed_search_resumes(pipe_dir, tmp_path
     config = RecipeConfig(calib_prompts=PROMPTS[:2], select_prompts=PROMPTS[2:3],
                           batch_size=1)  # fmt: skip
     kw = dict(target=Target.parse("W4A4"), method=method)
-    report = quantize(pipe, tmp_path / "ref", config, **kw)
-    assert report["method"] == "svdquant" and report["weight_avg_bits"] < 16
-    assert report["act_float_layers"] == [
-        "add_embedding.linear_1", "add_embedding.linear_2", "conv_in", "conv_out",
-        "time_embedding.linear_1", "time_embedding.linear_2",
-    ]  # fmt: skip
-    assert np.isfinite(report["psnr_vs_fp"])
+    quantize(pipe, tmp_path / "ref", config, stop_after="lowrank", **kw)
     tag = f"{fast.tag}-nobos"  # svdquant has no BOS handling: its own statistics
     layers = sorted((tmp_path / "ref" / "lowrank" / tag / "layers").iterdir())
     assert len(layers) == 85
@@ -142,12 +136,17 @@ def test_svdquant_runs_the_recipe_and_a_killed_search_resumes(pipe_dir, tmp_path
         quantize(pipe, run, config, **kw)
     assert len(list((run / "lowrank" / tag / "layers").iterdir())) == 30
     monkeypatch.setattr(prep, "search", original)
-    resumed = quantize(pipe, run, config, **kw)
+    report = quantize(pipe, run, config, **kw)  # resumes the search, then every later stage
     for path in layers:
         with np.load(path) as a, np.load(run / "lowrank" / tag / "layers" / path.name) as b:
             for key in ("smooth", "down", "up", "alpha"):
                 np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
-    assert resumed["psnr_vs_fp"] == pytest.approx(report["psnr_vs_fp"], abs=1e-3)
+    assert report["method"] == "svdquant" and report["weight_avg_bits"] < 16
+    assert report["act_float_layers"] == [
+        "add_embedding.linear_1", "add_embedding.linear_2", "conv_in", "conv_out",
+        "time_embedding.linear_1", "time_embedding.linear_2",
+    ]  # fmt: skip
+    assert np.isfinite(report["psnr_vs_fp"]) and report["psnr_vs_fp"] > 20
     # another rank is another format: its files never mix with these
-    other = replace(method, format=replace(fast, lowrank=replace(fast.lowrank, rank=2)))
-    assert other.format.tag != fast.tag
+    other = replace(fast, lowrank=replace(fast.lowrank, rank=2))
+    assert other.tag != fast.tag
