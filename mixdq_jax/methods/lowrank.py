@@ -47,7 +47,7 @@ def _statistics(
     params = pipe.params["unet"]
 
     @jax.jit
-    def collect(sample, t, context, pooled):
+    def collect(params, sample, t, context, pooled):  # params an argument: not a 10 GB constant
         cond = pipe.conditioning(context, pooled, calib.guidance, calib.height, calib.width)
         return forward(pipe.unet, params, qconfig, sample, t, cond, mode=mode)[1]
 
@@ -55,7 +55,7 @@ def _statistics(
     for b in calib.batches:
         for s in range(b.inputs.shape[0]):
             pooled = None if b.pooled is None else jnp.asarray(b.pooled)
-            got = collect(jnp.asarray(b.inputs[s]), jnp.asarray(plan.timesteps[s]),
+            got = collect(params, jnp.asarray(b.inputs[s]), jnp.asarray(plan.timesteps[s]),
                           jnp.asarray(b.context), pooled)  # fmt: skip
             for key, value in got.items():
                 value = np.asarray(value, np.float32)
