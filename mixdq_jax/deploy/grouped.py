@@ -234,11 +234,6 @@ def group_act_codes(xs: Array, bits: int, group: int) -> tuple[Array, Array]:
     return q.reshape(*q.shape[:-2], -1).astype(jnp.int8), s[..., 0]
 
 
-def group_fake_input(xs: Array, bits: int, group: int) -> Array:
-    """Quantize-dequantize ``xs`` in groups (the fake quantizer's activations)."""
-    return grid.group_fake_quant(xs, bits, group)
-
-
 def conv_patches(
     codes: Array, scales: Array, kernel_size: tuple[int, int], stride: int, padding: int
 ) -> tuple[Array, Array]:

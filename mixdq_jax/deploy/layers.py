@@ -46,8 +46,10 @@ import jax.numpy as jnp
 from mixdq_jax.deploy import grouped
 from mixdq_jax.deploy.packed import DeployPlan, LayerPlan, dequantize_weight
 from mixdq_jax.quant.intercept import LayerCall, Mode, Records
+from mixdq_jax.quant.modes import conv_geometry
 from pallas_kernels import (
     dequantize_activation,
+    grid,
     int8_conv2d,
     int8_matmul,
     quantize_activation,
@@ -64,32 +66,6 @@ def _float_apply(module: nn.Module, params: dict, x: Array) -> Array:
 
 def _split(x: Array, lp: LayerPlan) -> list[Array]:
     return [x[..., a:b] for a, b in lp.parts()]
-
-
-def _conv_geometry(module: nn.Conv, lp: LayerPlan) -> tuple[int, int]:
-    """(stride, padding) of a conv the int8 kernels support (square, symmetric padding)."""
-    strides = module.strides or 1
-    strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
-    pad = module.padding
-    if isinstance(pad, str):
-        if pad.upper() != "VALID":
-            raise ValueError(f"layer {lp.name!r}: padding {pad!r} is not supported")
-        pad = ((0, 0), (0, 0))
-    elif isinstance(pad, int):
-        pad = ((pad, pad), (pad, pad))
-    pads = {int(p) for pair in pad for p in (pair if isinstance(pair, tuple | list) else (pair,))}
-    dil = module.kernel_dilation or 1
-    if (
-        len(set(strides)) != 1
-        or len(pads) != 1
-        or module.feature_group_count != 1
-        or (dil if isinstance(dil, int) else max(dil)) != 1
-        or (module.input_dilation or 1) not in (1, (1, 1))
-    ):
-        raise ValueError(
-            f"layer {lp.name!r}: only square strides, symmetric padding, no dilation or groups"
-        )
-    return strides[0], pads.pop()
 
 
 def _int_part(
@@ -115,7 +91,7 @@ def _int_part(
             rowsum = jnp.sum(xq.astype(jnp.int32), axis=-1, keepdims=True)
             y = _zp_correction(y, q, rowsum, x.shape[-1])
         return y
-    stride, pad = _conv_geometry(module, lp)
+    stride, pad = conv_geometry(module, lp.name)
     kh, kw_ = lp.weight_shape[:2]
     y = int8_conv2d(
         xq,
@@ -188,7 +164,7 @@ def _run_grouped(
     xs = grouped.smoothed_input(x, p)
     bias = p.get("bias")
     if lp.mode in ("act_only", "float"):  # float (smoothed) kernel
-        xin = xs if lp.mode == "float" else grouped.group_fake_input(xs, lp.a_bits, lp.group)
+        xin = xs if lp.mode == "float" else grid.group_fake_quant(xs, lp.a_bits, lp.group)
         params = {"kernel": p["kernel"], **({"bias": bias} if bias is not None else {})}
         y = _float_apply(module, params, xin)
         if lp.bos and lp.mode == "act_only":  # as the fake path: token 0 in float
@@ -201,7 +177,7 @@ def _run_grouped(
     kernel = grouped.dequantized_kernel(
         q["w"], q["w_scale"], lp.weight_shape, lp.storage_bits, lp.group
     )
-    xin = xs if lp.mode == "weight_only" else grouped.group_fake_input(xs, lp.a_bits, lp.group)
+    xin = xs if lp.mode == "weight_only" else grid.group_fake_quant(xs, lp.a_bits, lp.group)
     params = {"kernel": kernel.astype(module.param_dtype)}
     if bias is not None:
         params["bias"] = bias
@@ -216,7 +192,7 @@ def _grouped_gemm(
     q = p["q0"]
     xq, x_scale = grouped.group_act_codes(xs, lp.a_bits, lp.group)
     if lp.kind == "conv":
-        stride, pad = _conv_geometry(module, lp)
+        stride, pad = conv_geometry(module, lp.name)
         xq, x_scale = grouped.conv_patches(xq, x_scale, lp.weight_shape[:2], stride, pad)
     lead = xq.shape[:-1]  # tokens: (..., T) for a Dense, (B, Ho, Wo) for a conv
     xq, x_scale = xq.reshape(-1, xq.shape[-1]), x_scale.reshape(-1, x_scale.shape[-1])

@@ -66,17 +66,7 @@ def lowrank_shapes(
     splits = layer_splits(build_registry(config))
     names = list(splits) if layers is None else list(layers)
     params = param_shapes(UNet2DConditionModel(config=config))
-    out = {}
-    for name in names:
-        shape = tuple(layer_kernel(params, name).shape)
-        k, n = int(np.prod(shape[:-1], dtype=np.int64)), shape[-1]
-        r = min(rank, k, n)
-        out[name] = LowRank(
-            smooth=jax.ShapeDtypeStruct((shape[-2],), jnp.float32),
-            down=jax.ShapeDtypeStruct((*shape[:-1], r), jnp.float32),
-            up=jax.ShapeDtypeStruct((r, n), jnp.float32),
-        )
-    return out
+    return {name: LowRank.shapes(tuple(layer_kernel(params, name).shape), rank) for name in names}
 
 
 def stored_param_bytes(

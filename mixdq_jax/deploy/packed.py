@@ -225,16 +225,9 @@ class DeployPlan:
     def lowrank_shapes(self) -> dict[str, LowRank]:
         """``{layer: LowRank of ShapeDtypeStructs}`` the plan implies (what the packer is given
         for a grouped layer with smoothing: shapes only, e.g. to check a loaded file)."""
-        out = {}
-        for name, lp in self.layers.items():
-            if lp.smooth:
-                r = max(lp.rank, 1)  # the packer reads the factors only at rank > 0
-                out[name] = LowRank(
-                    smooth=jax.ShapeDtypeStruct((lp.weight_shape[-2],), jnp.float32),
-                    down=jax.ShapeDtypeStruct((*lp.weight_shape[:-1], r), jnp.float32),
-                    up=jax.ShapeDtypeStruct((r, lp.weight_shape[-1]), jnp.float32),
-                )
-        return out
+        # rank >= 1: the packer reads the factors only at rank > 0
+        return {name: LowRank.shapes(lp.weight_shape, max(lp.rank, 1))
+                for name, lp in self.layers.items() if lp.smooth}  # fmt: skip
 
     def needs_bos(self) -> bool:
         return any(lp.bos and lp.mode != "act_only" for lp in self.layers.values())

@@ -21,6 +21,7 @@ replaced by the rank and runs as a conv, ``up`` as a Dense.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,6 +56,19 @@ class LowRank:
     @property
     def rank(self) -> int:
         return int(self.up.shape[-2])
+
+    @classmethod
+    def shapes(cls, kernel_shape: Sequence[int], rank: int) -> LowRank:
+        """The `LowRank` of a kernel of ``kernel_shape`` as ``jax.ShapeDtypeStruct``s (rank
+        capped at the GEMM's sides, as :func:`low_rank` caps it): storage and BOPs without
+        weights."""
+        k, n = math.prod(kernel_shape[:-1]), int(kernel_shape[-1])
+        r = min(rank, k, n)
+        return cls(
+            smooth=jax.ShapeDtypeStruct((int(kernel_shape[-2]),), jnp.float32),
+            down=jax.ShapeDtypeStruct((*kernel_shape[:-1], r), jnp.float32),
+            up=jax.ShapeDtypeStruct((r, n), jnp.float32),
+        )
 
 
 def smoothing(act_absmax: Array, kernel: Array, alpha: float) -> Array:

@@ -30,7 +30,7 @@ from mixdq_jax.quant.intercept import LayerCall, Mode, Records, union_ranges
 from mixdq_jax.quant.lowrank import LOWRANK_BITS, LowRank, branch_kernel, smoothed_kernel
 from mixdq_jax.quant.qconfig import LayerQConfig, QConfig, input_parts
 from mixdq_jax.quant.quantizers import quantize_activation, quantize_weight
-from pallas_kernels import grid
+from pallas_kernels import grid, im2col
 
 Array = jax.Array
 
@@ -304,39 +304,46 @@ class CollectFeatures(Mode):
         return out
 
 
-def _padding(module: Any, name: str) -> Any:
+def conv_geometry(module: nn.Conv, name: str) -> tuple[int, int]:
+    """(stride, padding) of a conv with square strides, symmetric padding, no dilation or
+    feature groups (every UNet conv; the int8 kernels and the patch sampler need it)."""
+    strides = module.strides or 1
+    strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
     pad = module.padding
     if isinstance(pad, str):
-        if pad.upper() not in ("SAME", "VALID"):
-            raise ValueError(f"layer {name!r}: padding {pad!r} is not supported for patches")
-        return pad.upper()
-    if isinstance(pad, int):
-        return [(pad, pad)] * len(module.kernel_size)
-    return [(p, p) if isinstance(p, int) else tuple(p) for p in pad]
+        if pad.upper() != "VALID":
+            raise ValueError(f"layer {name!r}: padding {pad!r} is not supported")
+        pad = ((0, 0), (0, 0))
+    elif isinstance(pad, int):
+        pad = ((pad, pad), (pad, pad))
+    pads = {int(p) for pair in pad for p in (pair if isinstance(pair, tuple | list) else (pair,))}
+    dil = module.kernel_dilation or 1
+    if (
+        len(set(strides)) != 1
+        or len(pads) != 1
+        or module.feature_group_count != 1
+        or (dil if isinstance(dil, int) else max(dil)) != 1
+        or (module.input_dilation or 1) not in (1, (1, 1))
+    ):
+        raise ValueError(
+            f"layer {name!r}: only square strides, symmetric padding, no dilation or groups"
+        )
+    return strides[0], pads.pop()
 
 
 def layer_patches(call: LayerCall, x: Array) -> Array:
     """The layer's GEMM rows: ``[positions_out, kernel positions, cin]`` (a Dense: one kernel
     position), so that ``rows.reshape(n, -1) @ kernel.reshape(-1, out)`` is the layer's output
-    without bias at those positions."""
+    without bias at those positions (a conv's patches: `pallas_kernels.im2col`)."""
     cin = x.shape[-1]
     if call.kind == "linear":
         return x.reshape(-1, 1, cin)
-    module = call.module
-    if not isinstance(module, nn.Conv) or module.feature_group_count != 1:
-        raise ValueError(f"layer {call.name!r}: patches of linen convs without groups only")
-    ks = tuple(module.kernel_size)
-    strides = module.strides or 1
-    strides = (strides,) * len(ks) if isinstance(strides, int) else tuple(strides)
-    dil = module.kernel_dilation or 1
-    dil = (dil,) * len(ks) if isinstance(dil, int) else tuple(dil)
-    patches = jax.lax.conv_general_dilated_patches(
-        x.astype(jnp.float32), ks, strides, _padding(module, call.name), rhs_dilation=dil,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )  # fmt: skip
-    # the patch features are ordered (cin, kernel positions); the kernel's GEMM is (positions, cin)
-    positions = int(np.prod(ks))
-    return jnp.swapaxes(patches.reshape(-1, cin, positions), -1, -2)
+    if not isinstance(call.module, nn.Conv):
+        raise ValueError(f"layer {call.name!r}: patches of linen convs only")
+    ks = tuple(call.module.kernel_size)
+    stride, pad = conv_geometry(call.module, call.name)
+    patches = im2col(x.astype(jnp.float32), ks, stride, pad, 0.0)
+    return patches.reshape(-1, int(np.prod(ks)), cin)
 
 
 def _sample(rows: Array, n: int) -> Array:
