@@ -76,10 +76,19 @@ def _quantized_kernel(kernel: Array, x: Array, lq: LayerQConfig, fmt: str) -> Ar
 
     def quantize(k: Array) -> Array:
         parts = input_parts(lq.split, k.shape[-2])
-        qs = [quantize_weight(k[..., a:b, :], bits, fmt=fmt) for a, b in parts]
+        qs = [_per_layer_grid(quantize_weight, lq, k[..., a:b, :], bits, fmt=fmt)
+              for a, b in parts]  # fmt: skip
         return qs[0] if len(qs) == 1 else jnp.concatenate(qs, axis=-2)
 
     return jax.lax.cond(grid.is_float(bits), lambda k: k, quantize, kernel)
+
+
+def _per_layer_grid(quantize: Callable, lq: LayerQConfig, *args: Any, fmt: str) -> Array:
+    """``quantize(*args, fmt=fmt)``, or with a per-layer FP8 choice (`LayerQConfig.fp8`)
+    both grids' results and the chosen one selected (data: one compile for every choice)."""
+    if lq.fp8 is None:
+        return quantize(*args, fmt=fmt)
+    return jnp.where(lq.fp8, quantize(*args, fmt="fp8"), quantize(*args, fmt=fmt))
 
 
 def _tied_to(bits: Array, x: Array) -> Array:
@@ -94,9 +103,10 @@ def _tied_to(bits: Array, x: Array) -> Array:
 def _quantized_input(x: Array, lq: LayerQConfig, fmt: str) -> Array:
     parts = input_parts(lq.split, x.shape[-1])
     qs = [
-        quantize_activation(x[..., a:b], lq.a_bits, lq.a_range[j, 0], lq.a_range[j, 1], fmt=fmt)
+        _per_layer_grid(quantize_activation, lq, x[..., a:b], lq.a_bits, lq.a_range[j, 0],
+                        lq.a_range[j, 1], fmt=fmt)
         for j, (a, b) in enumerate(parts)
-    ]
+    ]  # fmt: skip
     return qs[0] if len(qs) == 1 else jnp.concatenate(qs, axis=-1)
 
 

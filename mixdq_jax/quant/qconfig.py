@@ -82,6 +82,11 @@ class LayerQConfig:
     ``group`` input channels, symmetric (`pallas_kernels.grid.group_codes`). ``lowrank``: the
     layer's smoothing and 16-bit low-rank branch (`mixdq_jax.quant.lowrank`), on where
     ``w_bits <= LOWRANK_BITS`` (data: one compile serves every bit configuration).
+
+    ``fp8``: ``None`` (the ``QConfig``'s format for every layer), or a bool scalar per layer:
+    this layer's quantized tensors on the FP8 e4m3 grid instead of the integer one. Data, as
+    the bits are, so a sweep over per-layer formats (`mixdq_jax.quant.layer_formats`) is one
+    compile (both grids are computed and one is selected: elementwise work only).
     """
 
     w_bits: Array
@@ -89,6 +94,7 @@ class LayerQConfig:
     a_range: Array
     w_active: Array | None = None
     lowrank: LowRank | None = None
+    fp8: Array | None = None
     split: int | None = field(default=None, metadata=dict(static=True))
     bos: bool = field(default=False, metadata=dict(static=True))
     group: int | None = field(default=None, metadata=dict(static=True))
@@ -239,7 +245,10 @@ class QuantSpec:
     mapping; allowed 2..8, or 16 = float. A mapping must cover every layer that is not
     protected unless ``default_weight_bits`` / ``default_act_bits`` is given (``None``:
     missing layers are an error). ``protected_weights`` / ``protected_acts`` stay float.
-    ``fp8`` replaces the integer grid by FP8 e4m3 for every quantized tensor (bits < 16).
+    ``fp8`` replaces the integer grid by FP8 e4m3 for every quantized tensor (bits < 16);
+    ``fp8_layers`` instead names the layers on the FP8 grid, the others on the integer one
+    (``None``: no per-layer choice; a set, even empty: every layer carries the choice as data,
+    `LayerQConfig.fp8`).
     """
 
     weight_bits: int | Mapping[str, int] = FLOAT_BITS
@@ -254,13 +263,20 @@ class QuantSpec:
     shortcut_split: bool = True
     group_size: int | None = None
     lowrank: Mapping[str, LowRank] | None = field(default=None, compare=False, repr=False)
+    fp8_layers: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
-        for attr in ("protected_weights", "protected_acts"):
+        for attr in ("protected_weights", "protected_acts", "fp8_layers"):
             value = getattr(self, attr)
             if isinstance(value, str):
                 raise TypeError(f"{attr} must be a collection of layer names, not a string")
-            object.__setattr__(self, attr, frozenset(value))
+            if value is not None:
+                object.__setattr__(self, attr, frozenset(value))
+        if self.fp8_layers is not None and (self.fp8 or self.group_size is not None):
+            raise ValueError(
+                "fp8_layers (a per-layer FP8 choice) needs the integer grid for the other "
+                "layers: not with fp8=True or group_size"
+            )
         if self.symmetric_weights and self.fp8:
             raise ValueError("symmetric_weights and fp8 are exclusive weight formats")
         if self.group_size is not None:
@@ -319,6 +335,7 @@ class QuantSpec:
                 raise ValueError(f"to_qconfig: layer {n!r}: split {s!r} is not a positive int")
         _check_known(self.protected_weights, names, "protected_weights")
         _check_known(self.protected_acts, names, "protected_acts")
+        _check_known(self.fp8_layers or (), names, "fp8_layers")
         w = _resolve_bits(
             "weight_bits", self.weight_bits, self.default_weight_bits, self.protected_weights, names
         )
@@ -351,6 +368,7 @@ class QuantSpec:
                 bos=self.bos_aware and is_bos_layer(n),
                 group=self.group_size,
                 lowrank=lowrank.get(n),
+                fp8=None if self.fp8_layers is None else jnp.asarray(n in self.fp8_layers),
             )
         weight_format = "fp8" if self.fp8 else ("int_sym" if self.symmetric_weights else "int")
         return QConfig(

@@ -50,32 +50,46 @@ def single_layer_qconfigs(base: QConfig, kind: str, tasks: Sequence[tuple[str, i
     return stacked
 
 
+FORMAT_KIND = "format"  # a sweep over per-layer formats (`mixdq_jax.sensitivity.formats`)
+
+
+def swept_attrs(kind: str) -> tuple[str, ...]:
+    """The ``LayerQConfig`` leaves a sweep of ``kind`` varies (a format sweep varies both
+    bit-widths and the per-layer FP8 choice)."""
+    if kind == FORMAT_KIND:
+        return ("w_bits", "a_bits", "fp8")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {(*KINDS, FORMAT_KIND)}, got {kind!r}")
+    return ("w_bits" if kind == "weight" else "a_bits",)
+
+
 def bits_attr(kind: str) -> str:
     """The ``LayerQConfig`` leaf a sweep of ``kind`` varies."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    return "w_bits" if kind == "weight" else "a_bits"
+    return swept_attrs(kind)[0]
 
 
-def is_swept_leaf(path: tuple, attr: str) -> bool:
-    """Whether a pytree path (``tree_map_with_path``) ends at the swept leaf ``attr``."""
-    return getattr(path[-1], "name", None) == attr
+def is_swept_leaf(path: tuple, attrs: str | tuple[str, ...]) -> bool:
+    """Whether a pytree path (``tree_map_with_path``) ends at a swept leaf of ``attrs``."""
+    attrs = (attrs,) if isinstance(attrs, str) else attrs
+    return getattr(path[-1], "name", None) in attrs
 
 
 def split_swept(qconfigs: QConfig, kind: str) -> QConfig:
     """A stacked single-layer configuration with the configuration axis kept only on the swept
-    kind's bit-widths (the other leaves are equal across configurations: their first row).
+    kind's leaves (the other leaves are equal across configurations: their first row).
 
     Why: under ``vmap`` a batched weight bit-width batches that layer's kernel, so an activation
     sweep would carry one copy of every kernel per configuration; with only ``a_bits`` batched
     the kernels stay shared and each layer runs as one large op over all configurations.
-    A weight sweep batches every layer's ``w_bits``, so each layer also gets the unbatched
+    A sweep that batches ``w_bits`` (weights, formats) also gives each layer the unbatched
     ``w_active`` hint (:func:`mark_active_weights`): only the layers this chunk quantizes
     compute dequantized copies (one per configuration); the others run their float kernel,
     shared, behind a real ``lax.cond``.
     """
-    attr = bits_attr(kind)
+    attrs = swept_attrs(kind)
     split = jax.tree_util.tree_map_with_path(
-        lambda p, x: x if is_swept_leaf(p, attr) else x[0], qconfigs
+        lambda p, x: x if is_swept_leaf(p, attrs) else x[0], qconfigs
     )
-    return mark_active_weights(split) if kind == "weight" else split
+    return split if kind == "act" else mark_active_weights(split)

@@ -19,7 +19,7 @@ from mixdq_jax.quant.forward import forward
 from mixdq_jax.quant.qconfig import QConfig
 from mixdq_jax.sensitivity.calibration import CalibBatch, CalibData
 from mixdq_jax.sensitivity.config import METRICS, SQNR_AGGREGATES, SQNR_CAP_DB
-from mixdq_jax.sensitivity.configs import bits_attr, is_swept_leaf, split_swept
+from mixdq_jax.sensitivity.configs import is_swept_leaf, split_swept, swept_attrs
 
 AXIS = "cfg"  # the mesh axis the configurations are sharded over
 
@@ -87,7 +87,7 @@ class Evaluator:
         key = (metric, kind, jax.tree.structure(qconfig))
         fn = self.functions.get(key)
         if fn is None:
-            attr = bits_attr(kind)
+            attr = swept_attrs(kind)
             one, n_data = {"sqnr": (self._sqnr_one, 3), "ssim": (self._ssim_one, 4)}[metric]
             axes = jax.tree_util.tree_map_with_path(
                 lambda p, x: 0 if is_swept_leaf(p, attr) else None, qconfig
@@ -109,7 +109,7 @@ class Evaluator:
         return fn
 
     def place(self, qconfig: QConfig, kind: str) -> QConfig:
-        attr = bits_attr(kind)
+        attr = swept_attrs(kind)
         shardings = jax.tree_util.tree_map_with_path(
             lambda p, x: NamedSharding(self.mesh, PartitionSpec(AXIS))
             if is_swept_leaf(p, attr)
