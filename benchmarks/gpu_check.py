@@ -16,7 +16,11 @@ budget; winners written to ``pallas_kernels/tuned/<device>.json`` and ``$OUT/tun
 ``gemm_timing`` (SDXL GEMM shapes: float dots, int8/W4A8 and group-scaled W4A4 with a rank-32
 branch on XLA and Pallas, activation quantization) and ``unet`` (one full-size SDXL-turbo UNet
 forward at 512x512, batch 1, for fp16, w8a8, w4a8 and bf16, each in a fresh subprocess so its
-peak GPU memory is its own).
+peak GPU memory is its own) and ``layer_costs`` (`mixdq_jax.deploy.layer_costs`: every
+Dense/Conv of the full-size SDXL-turbo UNet at batch 1, 128x128 latent, timed alone in each
+per-layer format float, fp8, w8a8, w4a8, w4a16, w4a4lr, with bytes and BOPs, into
+``$OUT/layer_costs.json``; within ``--layer-costs-budget-s`` and the deadline it stops between
+layers, keeps what it wrote, and a rerun with the same ``$OUT`` resumes the table).
 Every section runs in try/except and stores its error; the JSON is rewritten atomically after
 every section, autotune shape and UNet configuration, so a timeout keeps what finished. The
 output schema is documented in BENCHMARKS.md ("GPU check").
@@ -54,7 +58,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 SDXL_CONFIG = REPO / "benchmarks" / "data" / "sdxl_turbo_unet_config.json"
 SCHEMA_VERSION = 1
-SECTIONS = ("versions", "kernel_checks", "autotune", "gemm_timing", "unet")
+SECTIONS = ("versions", "kernel_checks", "autotune", "gemm_timing", "unet", "layer_costs")
+LAYER_COST_FORMATS = ("float", "fp8", "w8a8", "w4a8", "w4a16", "w4a4lr")
 UNET_CONFIGS = ("fp16", "w8a8", "w4a8", "bf16")  # bf16 last: the least informative
 FORBIDDEN = ("diffusers", "cvxpy", "highspy", "torch", "mixdq_jax.allocation")
 
@@ -1019,6 +1024,47 @@ def section_unet(ctx: Context, result: dict) -> None:
     }
 
 
+# ----------------------------------------------------------------------------- layer costs
+
+
+def section_layer_costs(ctx: Context, result: dict) -> None:
+    """The per-layer cost table, bounded: `cost_table` starts no layer after its budget and
+    rewrites the JSON after every layer (an interrupted run keeps every finished layer)."""
+    if not ctx.dry_run and not ctx.on_gpu:
+        return skip(result, "no GPU")
+    from mixdq_jax.deploy import layer_costs
+    from mixdq_jax.models.unet import UNetConfig
+
+    if ctx.dry_run:
+        config, source = UNetConfig.from_dict(TINY_UNET_CONFIG), "tiny UNet (dry run)"
+    else:
+        config, source = UNetConfig.from_json(ctx.args.unet_config), ctx.args.unet_config
+    left = ctx.time_left()
+    budget = min(ctx.args.layer_costs_budget_s, left - ctx.args.layer_costs_margin_s)
+    if budget <= 0:
+        return skip(result, f"deadline: {left:.0f} s left")
+    out = ctx.out / "layer_costs.json"
+    latent = ctx.args.layer_costs_latent
+    result.update(config=str(source), file=str(out), batch=1, latent=[latent, latent],
+                  formats=list(LAYER_COST_FORMATS), repeats=ctx.args.layer_costs_repeats,
+                  budget_s=round(budget, 1))
+    log(f"layer costs: {source}, latent {latent}, budget {budget:.0f} s -> {out}")
+    table = layer_costs.cost_table(
+        config, formats=LAYER_COST_FORMATS, batch=1, latent=latent,
+        repeats=ctx.args.layer_costs_repeats, out=out, budget_s=budget, progress=False,
+    )
+    total = len(layer_costs.layer_shapes(config, batch=1, latent=latent))
+    result.update(complete=table["complete"], layers_done=len(table["layers"]),
+                  layers_total=total, dispatch_ms=table["dispatch_ms"],
+                  measuring_s=table["seconds"], totals=table["totals"],
+                  float_dtype=table["settings"]["float_dtype"])
+    ctx.doc["summary"]["layer_costs"] = {
+        "complete": table["complete"], "layers": f"{len(table['layers'])}/{total}",
+        "totals_ms": {f: t["ms"] for f, t in table["totals"].items()},
+    }
+    log(f"layer costs: {len(table['layers'])}/{total} layers, complete={table['complete']}")
+
+
 def _device_random_like(tree: Any, seed: int) -> Any:
     """Random arrays of the abstract tree's shapes, drawn on the device.
 
@@ -1236,6 +1282,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="do not start a UNet configuration with less time left "
                          "(default 40; dry run 10)")
     ap.add_argument("--latent", type=int, default=None, help="latent side (default 64; dry 8)")
+    ap.add_argument("--layer-costs-budget-s", type=float, default=None,
+                    help="per-layer cost table: start no layer after this (default 120; dry "
+                         "run 10); a rerun with the same --out resumes the table")
+    ap.add_argument("--layer-costs-margin-s", type=float, default=30.0,
+                    help="per-layer cost table: leave this much of the deadline (default 30)")
+    ap.add_argument("--layer-costs-latent", type=int, default=None,
+                    help="per-layer cost table: latent side (default 128 = 1024px; dry 8)")
+    ap.add_argument("--layer-costs-repeats", type=int, default=None,
+                    help="per-layer cost table: timed calls per layer (default 5; dry run 1)")
     ap.add_argument("--compile-cache", default=None,
                     help="persistent JAX compilation cache folder ('' = off; default "
                          "/tmp/mixdq_gpu_check_jax_cache, off in the dry run)")
@@ -1250,6 +1305,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "gemm_budget_s": (30.0, 50.0), "gemm_repeats": (2, 7), "unet_repeats": (1, 5),
         "unet_child_timeout_s": (90.0, 200.0), "unet_min_start_s": (10.0, 40.0),
         "latent": (8, 64), "compile_cache": ("", "/tmp/mixdq_gpu_check_jax_cache"),
+        "layer_costs_budget_s": (10.0, 120.0), "layer_costs_latent": (8, 128),
+        "layer_costs_repeats": (1, 5),
     }
     for key, (d_dry, d_gpu) in defaults.items():
         if getattr(args, key) is None:
@@ -1285,6 +1342,7 @@ def main(argv: list[str] | None = None) -> int:
         "autotune": section_autotune,
         "gemm_timing": section_gemm_timing,
         "unet": section_unet,
+        "layer_costs": section_layer_costs,
     }
     for name in SECTIONS:
         ctx.run_section(name, steps[name])

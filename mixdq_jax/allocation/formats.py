@@ -149,6 +149,16 @@ class FormatProgram:
         masked = np.where(self._ok, self._cost[resource], np.inf)
         return self.fixed[resource] + float(masked.min(axis=1).sum())
 
+    def check(self, resource: str, limit: float) -> None:
+        """Refuse a limit below the cheapest achievable total of ``resource``."""
+        low = self.cheapest(resource)
+        if not limit >= low * (1 - 1e-9):
+            raise InfeasibleBudget(
+                f"{resource} budget {limit:.6g} cannot be met: the cheapest format per layer "
+                f"sums to {low:.6g} ({low / self.float_cost(resource):.3f} of float's "
+                f"{self.float_cost(resource):.6g}); raise the budget"
+            )
+
     def solve(self, limits: Mapping[str, float]) -> FormatChoice:
         """The least-loss assignment with every resource's total ``<= limits[resource]``."""
         missing = [r for r in limits if r not in self.resources]
@@ -157,13 +167,7 @@ class FormatProgram:
         if not limits:
             raise ValueError("give at least one budget (latency, bytes or bops)")
         for r, lim in limits.items():
-            low = self.cheapest(r)
-            if not lim >= low * (1 - 1e-9):
-                raise InfeasibleBudget(
-                    f"{r} budget {lim:.6g} cannot be met: the cheapest format per layer sums "
-                    f"to {low:.6g} ({low / self.float_cost(r):.3f} of float's "
-                    f"{self.float_cost(r):.6g}); raise the budget"
-                )
+            self.check(r, lim)
         for r in self.resources:
             lim = limits.get(r, math.inf)
             scaled = (lim - self.fixed[r]) / self._scales[r]

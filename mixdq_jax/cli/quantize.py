@@ -49,6 +49,7 @@ STAGES = (
     "calibrate", "lowrank", "sensitivity", "weights", "acts", "reconstruct", "export", "report",
 )  # fmt: skip
 _count = argtypes.positive_int
+DEFAULT_FORMATS = ("float", "fp8", "w8a8", "w4a8", "w4a16")  # layer_formats' default search
 
 
 def target_arg(text: str):
@@ -74,8 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_option(p)
     add_model_args(p, help_text=f"the float model: {MODEL_HELP}; default: testbed", variant=False)
     p.add_argument(
-        "--target", type=target_arg, required=True, help="W8A8, W5A8, W4A8, W3.66A16, ..."
-    )
+        "--target", type=target_arg, default=None,
+        help="W8A8, W5A8, W4A8, W3.66A16, ... (or --budget instead)",
+    )  # fmt: skip
     p.add_argument(
         "--method", default="mixdq", metavar="NAME",
         help="a registered method (default: mixdq): the paper's rows and baselines (README; "
@@ -135,6 +137,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_lowrank_args(parser.add_argument_group(
         "the low-rank group format (svdquant, mixdq+lowrank)"
     ))  # fmt: skip
+    g = parser.add_argument_group(
+        "a format per layer under a measured budget (instead of --target; docs/formats.md)"
+    )
+    g.add_argument(
+        "--budget", action="append", default=[], metavar="RESOURCE=VALUE",
+        help="latency=F (a fraction of the float UNet's latency), size=Nx or bops=Nx (N times "
+        "fewer stored bytes / bit operations); repeat for several at once; needs --costs",
+    )  # fmt: skip
+    g.add_argument(
+        "--costs", type=argtypes.existing_file, default=None, metavar="COSTS.json",
+        help="the per-layer cost table (mixdq bench layers --out COSTS.json)",
+    )  # fmt: skip
+    g.add_argument(
+        "--formats", default=",".join(DEFAULT_FORMATS), metavar="LIST",
+        help=f"candidate formats per layer (default {','.join(DEFAULT_FORMATS)})",
+    )  # fmt: skip
     g = parser.add_argument_group("the source model")
     g.add_argument("--variant", default=None, help="weight variant of the source, e.g. fp16")
     g.add_argument(
@@ -217,8 +235,10 @@ def run(args: argparse.Namespace) -> int:
 
     for plugin in args.plugin:
         load_plugin(plugin)
+    search = _format_search(args)
     method = with_lowrank_args(get_method(args.method), args)
-    check_request(args.target, method, args.out)  # before the model loads
+    if search is None:
+        check_request(args.target, method, args.out)  # before the model loads
     if args.out is not None and args.out.resolve() == args.run.resolve():
         raise ValueError("--out and --run must be different folders")
     calib, select = prompts_for(args.model, args.prompts, args.num_calib, args.num_select)
@@ -241,7 +261,68 @@ def run(args: argparse.Namespace) -> int:
     with claim(args, *targets):
         if args.out is not None:  # before any work: a refused folder costs nothing
             check_export_folder(resolve_model(args.model), args.out, overwrite=args.overwrite)
+        if search is not None:
+            return _search(args, config, search)
         return _quantize(args, config, method, evaluation)
+
+
+def _format_search(args: argparse.Namespace):
+    """The `FormatSearch` of ``--budget``/``--costs``/``--formats``, or ``None`` for a
+    ``--target`` run (exactly one of the two)."""
+    if not args.budget:
+        if args.target is None:
+            raise ValueError("give --target (a bit target) or --budget with --costs")
+        if args.costs is not None:
+            raise ValueError("--costs is for --budget runs")
+        return None
+    if args.target is not None:
+        raise ValueError("--target and --budget are exclusive: a budget run picks formats")
+    if args.costs is None:
+        raise ValueError("--budget needs --costs COSTS.json (mixdq bench layers --out ...)")
+    if args.stop_after not in ("calibrate", "sensitivity", "report", "export"):
+        raise ValueError(f"--stop-after {args.stop_after}: a budget run has the stages "
+                         "calibrate, sensitivity, export, report")  # fmt: skip
+    from mixdq_jax.recipe.format_search import FormatSearch  # noqa: PLC0415
+
+    return FormatSearch(budgets=tuple(args.budget), costs=args.costs,
+                        formats=tuple(args.formats.split(",")))  # fmt: skip
+
+
+def _search(args: argparse.Namespace, config, search) -> int:
+    from mixdq_jax.api import load_pipeline  # noqa: PLC0415
+    from mixdq_jax.deploy.layer_costs import load_costs  # noqa: PLC0415
+    from mixdq_jax.recipe.format_search import report_formats, search_formats  # noqa: PLC0415
+    from mixdq_jax.recipe.run import Recipe  # noqa: PLC0415
+    from mixdq_jax.schedulers import default_scheduler  # noqa: PLC0415
+
+    scheduler = args.scheduler
+    if args.model == "testbed":
+        scheduler = default_scheduler(args.steps, args.scheduler)
+    pipe = load_pipeline(
+        args.model, dtype=resolve_dtype(args.dtype), variant=args.variant, scheduler=scheduler,
+        lora=args.lora, lora_scale=args.lora_scale,
+    )  # fmt: skip
+    write_run_settings(args.run, args)
+    recipe = Recipe(pipe, args.run, config)
+    if args.stop_after == "calibrate":
+        recipe.calibrate()
+        print("stopped after stage calibrate; run the same command to go on")
+        return 0
+    chosen = search_formats(recipe, search)  # a budget the table cannot meet: refused first
+    if args.stop_after == "sensitivity":
+        print("stopped after the format sweep and search; run the same command to go on")
+        return 0
+    if args.out is not None:
+        from mixdq_jax.deploy.checkpoint import export_quantized_pipeline  # noqa: PLC0415
+
+        export_quantized_pipeline(pipe, chosen.spec, args.out, overwrite=args.overwrite,
+                                  recipe={"method": "formats", "target": chosen.key})  # fmt: skip
+        write_settings(args.out / EXPORT_SETTINGS_FILE, args)
+    report = report_formats(recipe, chosen, table=load_costs(search.costs))
+    from mixdq_jax.recipe.format_search import format_report_markdown  # noqa: PLC0415
+
+    print(format_report_markdown(report))
+    return 0
 
 
 def _quantize(args: argparse.Namespace, config, method, evaluation) -> int:

@@ -213,7 +213,8 @@ SDXL_MINI_UNET: dict[str, Any] = {
 
 
 def _random_like(tree: Any, seed: int) -> Any:
-    """Random arrays of the abstract tree's shapes: int8 codes, positive small scales."""
+    """Random arrays of the abstract tree's shapes: int8 codes, e4m3 codes, positive small
+    scales, smoothing factors near 1 (no overflow or subnormals to slow a CPU down)."""
     leaves, treedef = jax.tree.flatten_with_path(tree)
     rng = np.random.default_rng(seed)
     out = []
@@ -223,8 +224,12 @@ def _random_like(tree: Any, seed: int) -> Any:
         if jnp.issubdtype(dtype, jnp.integer):
             hi = 8 if key == "a_zp" else 127
             arr = rng.integers(-hi, hi, size=leaf.shape, dtype=np.int32)
+        elif dtype.itemsize == 1:  # fp8 codes
+            arr = rng.uniform(-16.0, 16.0, size=leaf.shape)
         elif key in ("w_scale", "a_scale"):
             arr = rng.uniform(1e-3, 2e-2, size=leaf.shape)
+        elif key == "smooth":
+            arr = rng.uniform(0.5, 2.0, size=leaf.shape)
         else:
             arr = rng.normal(0.0, 0.02, size=leaf.shape)
         out.append(jnp.asarray(arr, dtype))
@@ -242,7 +247,6 @@ def unet_latency(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Median ms of one jitted UNet forward (batch 1, ``latent`` x ``latent``) per config."""
-    from mixdq_jax.deploy.layers import Deployed  # noqa: PLC0415
     from mixdq_jax.deploy.memory import plan_for_spec, tree_nbytes  # noqa: PLC0415
     from mixdq_jax.deploy.packed import packed_shapes  # noqa: PLC0415
     from mixdq_jax.models.unet import (  # noqa: PLC0415
@@ -251,8 +255,6 @@ def unet_latency(
         example_inputs,
         param_shapes,
     )
-    from mixdq_jax.quant import Float, forward  # noqa: PLC0415
-    from mixdq_jax.quant.forward import unet_arguments  # noqa: PLC0415
     from mixdq_jax.quant.qconfig import QuantSpec  # noqa: PLC0415
 
     if unet_config is None:
@@ -298,15 +300,28 @@ def unet_latency(
             )
             params = _random_like(shapes, seed)
 
-        mode = Float() if plan is None else Deployed(plan=plan, backend=backend)
-
-        def run(p, kw, mode=mode):
-            return forward(model, p, None, *unet_arguments(kw), mode=mode)
-
         result["param_bytes"][name] = tree_nbytes(params)
-        result["ms"][name] = round(_median_ms(jax.jit(run), (params, inputs), repeats), 2)
+        ms = forward_ms(model, plan, params, inputs, repeats=repeats, backend=backend)
+        result["ms"][name] = round(ms, 2)
         del params
     fp = result["ms"].get("fp")
     if fp:
         result["speedup_vs_fp"] = {k: round(fp / v, 3) for k, v in result["ms"].items()}
     return result
+
+
+def forward_ms(
+    model: Any, plan: Any, params: Any, inputs: dict, *, repeats: int, backend: str = "auto"
+) -> float:
+    """Median ms of one jitted UNet forward of ``model`` on ``params``: the float model for
+    ``plan=None`` (or an empty plan), else every planned layer on its packed params."""
+    from mixdq_jax.deploy.layers import Deployed  # noqa: PLC0415
+    from mixdq_jax.quant import Float, forward  # noqa: PLC0415
+    from mixdq_jax.quant.forward import unet_arguments  # noqa: PLC0415
+
+    mode = Float() if plan is None or not plan.layers else Deployed(plan=plan, backend=backend)
+
+    def run(p, kw):
+        return forward(model, p, None, *unet_arguments(kw), mode=mode)
+
+    return _median_ms(jax.jit(run), (params, inputs), repeats)

@@ -9,6 +9,9 @@ the calls of planned layers, so the model code is reused unchanged with the pack
   fused scale / zero-point / bias epilogue; a shortcut-split conv runs one GEMM per input half
   and adds them. Asymmetric weights add ``- a_s w_s[n] w_zp[n] (rowsum(x_q) - K a_zp)``, the
   exact integer correction for the weight zero point, after the kernel.
+- ``int`` with ``LayerPlan.fp8``: the input rounded to e4m3 with its stored scale, an fp8 x fp8
+  ``dot_general`` accumulating in f32 (convs through `pallas_kernels.im2col` of the codes),
+  times ``a_scale * w_scale``, plus the bias; one GEMM per input part as above.
 - ``weight_only`` (A16): weights dequantized to float at run time, the layer's own Flax op.
 - ``act_only`` (W16): quantize-dequantize the input, float weights.
 
@@ -48,8 +51,10 @@ from mixdq_jax.deploy.packed import DeployPlan, LayerPlan, dequantize_weight
 from mixdq_jax.quant.intercept import LayerCall, Mode, Records
 from mixdq_jax.quant.modes import conv_geometry
 from pallas_kernels import (
+    conv_weight_matrix,
     dequantize_activation,
     grid,
+    im2col,
     int8_conv2d,
     int8_matmul,
     quantize_activation,
@@ -72,6 +77,8 @@ def _int_part(
     module: nn.Module, lp: LayerPlan, q: dict, x: Array, bias: Array | None, backend: str
 ) -> Array:
     """One input part through the integer path; f32 output (bias included if given)."""
+    if lp.fp8:
+        return _fp8_part(module, lp, q, x, bias)
     xq = quantize_activation(x, q["a_scale"], q["a_zp"], bits=lp.a_bits, backend=backend)
     kw = dict(
         a_scale=q["a_scale"],
@@ -118,6 +125,22 @@ def _int_part(
     return y
 
 
+def _fp8_part(module: nn.Module, lp: LayerPlan, q: dict, x: Array, bias: Array | None) -> Array:
+    """One input part through the FP8 GEMM: e4m3 codes of ``x / a_scale`` times the stored
+    e4m3 weights, summed in f32 (no zero points: the e4m3 grid is symmetric); f32 output."""
+    xq = grid.fp8_round(x, q["a_scale"]).astype(jnp.float8_e4m3fn)  # exact: already on e4m3
+    w = q["w"]
+    if lp.kind == "conv":
+        stride, pad = conv_geometry(module, lp.name)
+        xq = im2col(xq, tuple(lp.weight_shape[:2]), stride, pad, 0.0)
+        w = conv_weight_matrix(w)
+    y = jax.lax.dot_general(
+        xq, w, (((xq.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+    )
+    y = y * (q["a_scale"] * q["w_scale"])
+    return y if bias is None else y + bias.astype(jnp.float32)
+
+
 def _zp_correction(y: Array, q: dict, rowsum: Array, k: int) -> Array:
     """Subtract ``a_s w_s w_zp (rowsum - K a_zp)``: the weight zero point's share, exactly
     computed in int32 and applied in f32."""
@@ -131,6 +154,9 @@ def _fake_act(x: Array, lp: LayerPlan, p: dict) -> Array:
     parts = []
     for j, xi in enumerate(_split(x, lp)):
         q = p[f"q{j}"]
+        if lp.fp8:
+            parts.append((grid.fp8_round(xi, q["a_scale"]) * q["a_scale"]).astype(x.dtype))
+            continue
         codes = quantize_activation(xi, q["a_scale"], q["a_zp"], bits=lp.a_bits, backend="xla")
         parts.append(dequantize_activation(codes, q["a_scale"], q["a_zp"]).astype(x.dtype))
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)

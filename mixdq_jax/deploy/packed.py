@@ -16,6 +16,10 @@ Packed node of a quantized layer (replaces ``{"kernel", "bias"}``), one ``q<j>``
   ``w ~= w_scale * (w - w_zp)``.
 - ``q<j>/colsum`` int32 ``(N,)`` (integer path), ``q<j>/a_scale`` f32 and ``q<j>/a_zp`` int32
   (quantized activations), from the calibrated range.
+- FP8 layers (``LayerPlan.fp8``, the e4m3 grid of `pallas_kernels.grid`): ``q<j>/w`` holds
+  ``float8_e4m3fn`` codes in the int8 layout (Dense ``(K, N)``, conv HWIO), ``q<j>/w_scale``
+  f32 ``(N,)`` maps each output channel's absmax to 448, ``q<j>/a_scale`` f32 the calibrated
+  range's absmax (no zero points, no column sums): ``w ~= w_scale * w``, ``x ~= a_scale * x``.
 - ``bias`` (float), ``kernel`` (float, only when the weights stay float), and for the
   BOS-aware ``attn2.to_k/to_v``: ``bos_in`` (the BOS token embedding) and ``bos_row``
   ``= bos_in @ W + b`` in f32, computed from the float weights at export.
@@ -87,11 +91,22 @@ class LayerPlan:
     group: int | None = None
     smooth: bool = False
     rank: int = 0
+    # The FP8 e4m3 grid instead of the integer one (per output channel weights, per tensor
+    # activations, 8-bit storage); left out of ``as_dict`` at its default.
+    fp8: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fp8 and (self.group is not None or self.storage_bits not in (8, FLOAT_BITS)):
+            raise ValueError(
+                f"layer {self.name!r}: fp8 takes 8-bit storage and no groups (got storage "
+                f"{self.storage_bits}, group {self.group})"
+            )
 
     @property
     def mode(self) -> str:
-        """``int`` (int8 GEMM), ``weight_only`` (A16: dequantize, float op), ``act_only``
-        (W16), or ``float`` (a float layer planned only to carry a runtime LoRA branch)."""
+        """``int`` (int8 GEMM; the fp8 GEMM for an ``fp8`` plan), ``weight_only`` (A16:
+        dequantize, float op), ``act_only`` (W16), or ``float`` (a float layer planned only to
+        carry a runtime LoRA branch)."""
         if self.w_bits < FLOAT_BITS:
             return "int" if self.a_bits < FLOAT_BITS else "weight_only"
         return "act_only" if self.a_bits < FLOAT_BITS else "float"
@@ -107,7 +122,7 @@ class LayerPlan:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["weight_shape"] = list(self.weight_shape)
-        for key, default in (("group", None), ("smooth", False), ("rank", 0)):
+        for key, default in (("group", None), ("smooth", False), ("rank", 0), ("fp8", False)):
             if d[key] == default:
                 del d[key]
         return d
@@ -196,6 +211,9 @@ class DeployPlan:
             wb, ab = w_bits[name], a_bits[name]
             if wb >= FLOAT_BITS and ab >= FLOAT_BITS:
                 continue
+            fp8 = lq.fp8 is not None and bool(np.asarray(lq.fp8))  # a per-layer FP8 choice
+            if fp8 and (wb < FLOAT_BITS and wb != 8 or ab < FLOAT_BITS and ab != 8):
+                raise ValueError(f"layer {name!r}: FP8 is 8-bit (got W{wb}A{ab})")
             shape = tuple(int(d) for d in node_at(params, name)["kernel"].shape)
             if lq.group is not None:
                 layers[name] = grouped_plan(name, shape, wb, ab, lq.group, lq.lowrank, lq.bos)
@@ -210,6 +228,7 @@ class DeployPlan:
                 symmetric=symmetric,
                 split=lq.split,
                 bos=lq.bos,
+                fp8=fp8,
             )
             ks = [lp.part_k(p) for p in lp.parts()]
             layers[name] = LayerPlan(**{**asdict(lp), "storage_bits": storage_bits_for(wb, ks)})
@@ -388,6 +407,22 @@ def pack_grouped_layer(
     return out
 
 
+def fp8_part(kernel: Array | None, act_range: Array | None) -> dict[str, Array]:
+    """One input part of an FP8 layer: e4m3 weight codes with their per-output-channel scale
+    (absmax -> 448) and the activation scale of the calibrated range, on the grid the fake
+    quantizer (`quant.quantizers.fake_quant_fp8`) uses, so the codes are its own."""
+    q: dict[str, Array] = {}
+    if kernel is not None:
+        lo, hi = grid.channel_range(kernel)
+        scale = grid.fp8_scale(jnp.maximum(-lo, hi))
+        q["w"] = grid.fp8_round(kernel, scale).astype(jnp.float8_e4m3fn)
+        q["w_scale"] = scale
+    if act_range is not None:
+        lo, hi = grid.with_zero(act_range[0], act_range[1])
+        q["a_scale"] = grid.fp8_scale(jnp.maximum(-lo, hi))
+    return q
+
+
 def pack_layer(
     node: Mapping[str, Array],
     lp: LayerPlan,
@@ -412,6 +447,12 @@ def pack_layer(
     if lp.a_bits < FLOAT_BITS:
         ranges = jnp.asarray(act_range, jnp.float32).reshape(-1, 2)
     for j, part in enumerate(lp.parts()):
+        if lp.fp8:
+            out[f"q{j}"] = fp8_part(
+                kernel[..., part[0] : part[1], :] if lp.w_bits < FLOAT_BITS else None,
+                None if ranges is None else ranges[j],
+            )
+            continue
         q: dict[str, Array] = {}
         if lp.w_bits < FLOAT_BITS:
             codes, scale, zp = quantize_weight_codes(

@@ -19,10 +19,11 @@ import pallas_kernels.gemm as gemm_module
 from pallas_kernels import GemmTiles, int8_conv2d, int8_matmul, pack_weights, tuning, w4a8_matmul
 
 ROOT = Path(__file__).resolve().parents[2]
-DRY_RUN_TIMEOUT_S = 220  # the dry run takes ~45 s on the 2-core development machine, ~90 s
+DRY_RUN_TIMEOUT_S = 220  # the dry run takes ~65 s on the 2-core development machine, ~110 s
 # when other jobs share its cores; its deadline leaves room for that (sections are skipped,
 # and the test fails, when the deadline comes first)
-SECTIONS = ["versions", "kernel_checks", "autotune", "gemm_timing", "unet"]
+SECTIONS = ["versions", "kernel_checks", "autotune", "gemm_timing", "unet", "layer_costs"]
+LAYER_FORMATS = ["float", "fp8", "w8a8", "w4a8", "w4a16", "w4a4lr"]
 UNET_CONFIGS = ["fp16", "w8a8", "w4a8", "bf16"]
 FORBIDDEN = ("diffusers", "cvxpy", "highspy", "torch", "mixdq_jax.allocation")
 
@@ -130,6 +131,29 @@ def test_dry_run_json_schema(dry_run):
     assert "gpu_check.sh exit 0" in log and "jax " in log
 
 
+def test_dry_run_layer_costs(dry_run):
+    """The bounded per-layer cost table of the tiny UNet: written, readable, within its
+    budget (it stops between layers; what it wrote is a valid, resumable table)."""
+    from mixdq_jax.deploy.layer_costs import load_costs  # noqa: PLC0415
+
+    doc, out = dry_run["doc"], dry_run["out"]
+    section = doc["sections"]["layer_costs"]
+    res = section["result"]
+    assert res["file"] == str(out / "layer_costs.json") and res["latent"] == [8, 8]
+    assert res["formats"] == LAYER_FORMATS and res["batch"] == 1
+    table = load_costs(out / "layer_costs.json")
+    assert table["settings"]["formats"] == LAYER_FORMATS
+    assert table["settings"]["platform"] == "cpu" and table["settings"]["latent"] == [8, 8]
+    assert 0 < res["layers_done"] == len(table["layers"]) <= res["layers_total"]
+    assert table["complete"] == res["complete"] == (res["layers_done"] == res["layers_total"])
+    for entry in table["layers"].values():
+        assert list(entry["formats"]) == LAYER_FORMATS
+    # the budget bounds when a layer starts; one layer (six formats) may run past it
+    assert section["seconds"] < res["budget_s"] + 60
+    assert set(res["totals"]) == set(LAYER_FORMATS)
+    assert doc["summary"]["layer_costs"]["layers"] == f"{res['layers_done']}/{res['layers_total']}"
+
+
 def test_dry_run_leaves_the_package_tuned_folder_alone(dry_run):
     before, after = dry_run["tuned_dir"]
     assert before == after
@@ -144,6 +168,7 @@ def test_gpu_check_imports_none_of_the_missing_packages():
         "except SystemExit:\n    pass\n"
         "import benchmarks.gpu_check as g\n"
         "import mixdq_jax.deploy.layers, mixdq_jax.deploy.memory, mixdq_jax.models.unet\n"
+        "import mixdq_jax.deploy.layer_costs as lc; lc.layer_rank((8, 8), 0.5)\n"
         "import mixdq_jax.quant.forward, pallas_kernels.tuning\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in "
         "('diffusers', 'cvxpy', 'highspy', 'torch') or m.startswith('mixdq_jax.allocation')))"
