@@ -315,8 +315,10 @@ def _search(args: argparse.Namespace, config, search) -> int:
     if args.out is not None:
         from mixdq_jax.deploy.checkpoint import export_quantized_pipeline  # noqa: PLC0415
 
-        export_quantized_pipeline(pipe, chosen.spec, args.out, overwrite=args.overwrite,
-                                  recipe={"method": "formats", "target": chosen.key})  # fmt: skip
+        export_quantized_pipeline(
+            pipe, chosen.spec, args.out, calib=recipe.run.act_ranges(), overwrite=args.overwrite,
+            recipe={"method": "formats", "target": chosen.key},
+        )  # fmt: skip
         write_settings(args.out / EXPORT_SETTINGS_FILE, args)
     report = report_formats(recipe, chosen, table=load_costs(search.costs))
     from mixdq_jax.recipe.format_search import format_report_markdown  # noqa: PLC0415
