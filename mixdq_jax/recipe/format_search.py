@@ -31,6 +31,7 @@ import numpy as np
 
 from mixdq_jax.allocation.budget import is_content_layer
 from mixdq_jax.allocation.formats import FormatChoice, FormatProgram, format_losses, parse_budget
+from mixdq_jax.allocation.milp import InfeasibleBudget
 from mixdq_jax.io_utils import atomic_write_json, atomic_write_text
 from mixdq_jax.quant.layer_formats import (
     DEFAULT_SEARCH_FORMATS,
@@ -189,7 +190,19 @@ def _precheck(costs: Mapping[str, Mapping[str, Mapping[str, float]]], budgets: S
     zero = {n: dict.fromkeys(c, 0.0) for n, c in costs["latency"].items()}
     program = FormatProgram(zero, costs)
     for resource, value, form in map(parse_budget, budgets):
-        program.check(resource, _limit(program, resource, value, form, fit))
+        if resource != "latency" or not fit or form != "fraction":
+            program.check(resource, _limit(program, resource, value, form, fit))
+            continue
+        low = predicted_latency(program.cheapest("latency"), fit)
+        full = predicted_latency(program.float_cost("latency"), fit)
+        if value * full < low * (1 - 1e-9):
+            raise InfeasibleBudget(
+                f"--budget latency={value:g} cannot be met on the table's device: the cheapest "
+                f"format per layer predicts {low:.4g} ms for the whole UNet, {low / full:.3f} "
+                f"of float's {full:.4g} ms (the table's fit: {float(fit['a']):.3f} x the "
+                f"layers' sum + {float(fit['b_ms']):.4g} ms that no layer holds); the least "
+                f"achievable budget is latency={math.ceil(low / full * 1000) / 1000:.3f}"
+            )
 
 
 def _table_identity(table: Mapping[str, Any]) -> dict[str, Any]:

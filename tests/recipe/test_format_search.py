@@ -126,3 +126,26 @@ def test_refused_budgets_and_arguments_cost_nothing(model, tmp_path, capsys):
     no_costs = [a for a in args if a != "--costs" and not a.endswith("costs.json")]
     assert main(no_costs) != 0
     assert "--costs" in capsys.readouterr().err
+
+
+def test_latency_budget_with_a_fit_counts_the_part_no_layer_holds():
+    """With the table's fit (whole UNet ~= a x sum + b), latency=F is a fraction of the
+    corrected prediction: b does not shrink, so the least achievable F is (a x cheapest + b)
+    / (a x float + b), and a lower F is refused naming it."""
+    from mixdq_jax.allocation.milp import InfeasibleBudget  # noqa: PLC0415
+    from mixdq_jax.recipe import format_search  # noqa: PLC0415
+
+    costs = {r: {"l1": {"float": 10.0, "w8a8": 4.0}, "l2": {"float": 10.0, "w8a8": 6.0}}
+             for r in ("latency", "bytes", "bops")}  # fmt: skip
+    fit = {"a": 1.0, "b_ms": 20.0}
+    # float: 20 + 20 = 40 ms; cheapest: 10 + 20 = 30 ms -> 0.75 of float at best
+    format_search._precheck(costs, ["latency=0.75"], fit)
+    with pytest.raises(InfeasibleBudget, match=r"0\.750 of float's 40 ms.*latency=0\.750"):
+        format_search._precheck(costs, ["latency=0.7"], fit)
+    format_search._precheck(costs, ["latency=0.5"], None)  # without a fit: of the sum (0.5)
+    program = format_search.FormatProgram(
+        {"l1": {"float": 0, "w8a8": 1}, "l2": {"float": 0, "w8a8": 1}}, costs
+    )
+    # 0.875 of the corrected 40 ms = 35 ms -> the layers' sum may be 15: one layer at w8a8
+    assert format_search._limit(program, "latency", 0.875, "fraction", fit) == pytest.approx(15)
+    assert program.solve({"latency": 15}).formats == {"l1": "w8a8", "l2": "float"}
