@@ -728,7 +728,8 @@ def additivity(
 ) -> dict[str, Any]:
     """Per configuration ``{label: (assignment, measured ms)}``: the table's predicted sum,
     the measured whole forward and their ratio; and the least-squares fit ``measured ~= a *
-    sum + b`` (one configuration: ``b = 0``) with its residuals (rms and worst, in ms)."""
+    sum + b`` over three or more configurations (fewer, or a slope <= 0: ``b = 0``, ``a`` the
+    ratio of the totals; ``form`` says which) with its residuals (rms and worst, in ms)."""
     configs = {}
     for label, (assignment, ms) in measured.items():
         pred = predicted_ms(table, assignment)
@@ -736,13 +737,14 @@ def additivity(
                           "ratio": round(float(ms) / pred, 4) if pred else None}  # fmt: skip
     xs = np.array([c["predicted_ms"] for c in configs.values()], np.float64)
     ys = np.array([c["measured_ms"] for c in configs.values()], np.float64)
-    if len(xs) >= 2 and np.ptp(xs) > 0:
-        a, b = np.polyfit(xs, ys, 1)
-    else:
-        a, b = (float(ys.sum() / xs.sum()) if xs.sum() else 1.0), 0.0
+    a, b, form = (float(ys.sum() / xs.sum()) if xs.sum() else 1.0), 0.0, "proportional"
+    if len(xs) >= 3 and np.ptp(xs) > 0:  # two points fit any line exactly: no evidence
+        slope, offset = np.polyfit(xs, ys, 1)
+        if slope > 0:  # a line whose time falls as the layers' sum grows is no cost model
+            a, b, form = slope, offset, "affine"
     resid = ys - (a * xs + b)
     fit = {
-        "a": round(float(a), 6), "b_ms": round(float(b), 4), "configs": len(xs),
+        "a": round(float(a), 6), "b_ms": round(float(b), 4), "configs": len(xs), "form": form,
         "residual_rms_ms": round(float(np.sqrt(np.mean(resid**2))) if len(xs) else 0.0, 4),
         "residual_max_ms": round(float(np.max(np.abs(resid))) if len(xs) else 0.0, 4),
         "mean_ratio": round(statistics.fmean(c["ratio"] for c in configs.values()

@@ -251,8 +251,15 @@ def test_additivity_fit():
     fit = result["fit"]
     assert fit["a"] == pytest.approx(2.0) and fit["b_ms"] == pytest.approx(1.0, abs=1e-6)
     assert fit["residual_rms_ms"] < 1e-6 and fit["configs"] == 3
+    assert fit["form"] == "affine"
     one = lc.additivity(table, {"float": ({}, 3.0)})["fit"]
-    assert one["a"] == 0.5 and one["b_ms"] == 0.0
+    assert one["a"] == 0.5 and one["b_ms"] == 0.0 and one["form"] == "proportional"
+    # two points fit any line; a falling line is no cost model: both are proportional
+    two = lc.additivity(table, {"float": ({}, 10.0), "mixed": (mixed, 12.0)})["fit"]
+    assert two["form"] == "proportional" and two["a"] == pytest.approx(22 / 10.5)
+    falling = lc.additivity(table, {"float": ({}, 10.0), "mixed": (mixed, 12.0),
+                                    "odd": ({"a": "w8a8"}, 11.0)})["fit"]  # fmt: skip
+    assert falling["form"] == "proportional" and falling["b_ms"] == 0.0
 
 
 # ------------------------------------------------------------------------------ deployed paths
