@@ -68,15 +68,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=__doc__ + _CONFIG_NOTE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="%(prog)s --target TARGET --run RUN [--model MODEL] [--method METHOD] [--out OUT] "
-        "[option ...]\n       %(prog)s --config FILE [option ...]",
+        "[option ...]\n       %(prog)s --budget latency=F --costs COSTS.json --run RUN "
+        "[--model MODEL] [--out OUT] [option ...]\n       %(prog)s --config FILE [option ...]",
     )
     # --help: the everyday options first, the rest under their own headings
     p = parser.add_argument_group("the everyday options")
     add_config_option(p)
     add_model_args(p, help_text=f"the float model: {MODEL_HELP}; default: testbed", variant=False)
-    p.add_argument(
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
         "--target", type=target_arg, default=None,
         help="W8A8, W5A8, W4A8, W3.66A16, ... (or --budget instead)",
+    )  # fmt: skip
+    which.add_argument(
+        "--budget", action="append", default=None, metavar="RESOURCE=VALUE",
+        help="instead of --target, a format per layer under a measured budget "
+        "(docs/formats.md): latency=F (a fraction of the float UNet's latency), size=Nx or "
+        "bops=Nx (N times fewer stored bytes / bit operations); repeat for several at once; "
+        "needs --costs",
     )  # fmt: skip
     p.add_argument(
         "--method", default="mixdq", metavar="NAME",
@@ -137,14 +146,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_lowrank_args(parser.add_argument_group(
         "the low-rank group format (svdquant, mixdq+lowrank)"
     ))  # fmt: skip
-    g = parser.add_argument_group(
-        "a format per layer under a measured budget (instead of --target; docs/formats.md)"
-    )
-    g.add_argument(
-        "--budget", action="append", default=[], metavar="RESOURCE=VALUE",
-        help="latency=F (a fraction of the float UNet's latency), size=Nx or bops=Nx (N times "
-        "fewer stored bytes / bit operations); repeat for several at once; needs --costs",
-    )  # fmt: skip
+    g = parser.add_argument_group("a format per layer under --budget (docs/formats.md)")
     g.add_argument(
         "--costs", type=argtypes.existing_file, default=None, metavar="COSTS.json",
         help="the per-layer cost table (mixdq bench layers --out COSTS.json)",
@@ -269,14 +271,10 @@ def run(args: argparse.Namespace) -> int:
 def _format_search(args: argparse.Namespace):
     """The `FormatSearch` of ``--budget``/``--costs``/``--formats``, or ``None`` for a
     ``--target`` run (exactly one of the two)."""
-    if not args.budget:
-        if args.target is None:
-            raise ValueError("give --target (a bit target) or --budget with --costs")
+    if not args.budget:  # argparse: exactly one of --target / --budget
         if args.costs is not None:
             raise ValueError("--costs is for --budget runs")
         return None
-    if args.target is not None:
-        raise ValueError("--target and --budget are exclusive: a budget run picks formats")
     if args.costs is None:
         raise ValueError("--budget needs --costs COSTS.json (mixdq bench layers --out ...)")
     if args.stop_after not in ("calibrate", "sensitivity", "report", "export"):

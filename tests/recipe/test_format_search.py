@@ -122,7 +122,7 @@ def test_refused_budgets_and_arguments_cost_nothing(model, tmp_path, capsys):
     assert "--budget" in capsys.readouterr().err
     args = _args(model, run, "latency=0.5")
     assert main([*args, "--target", "W8A8"]) != 0
-    assert "exclusive" in capsys.readouterr().err
+    assert "not allowed with" in capsys.readouterr().err
     no_costs = [a for a in args if a != "--costs" and not a.endswith("costs.json")]
     assert main(no_costs) != 0
     assert "--costs" in capsys.readouterr().err
