@@ -121,8 +121,9 @@ def test_refused_budgets_and_arguments_cost_nothing(model, tmp_path, capsys):
     assert main(_args(model, run, "speed=2x")) != 0
     assert "--budget" in capsys.readouterr().err
     args = _args(model, run, "latency=0.5")
-    assert main([*args, "--target", "W8A8"]) != 0
-    assert "not allowed with" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # refused at parse time
+        main([*args, "--target", "W8A8"])
+    assert info.value.code == 2 and "not allowed with" in capsys.readouterr().err
     no_costs = [a for a in args if a != "--costs" and not a.endswith("costs.json")]
     assert main(no_costs) != 0
     assert "--costs" in capsys.readouterr().err
