@@ -79,12 +79,12 @@ from mixdq_jax.deploy.packed import (
 from mixdq_jax.evaluation.bops import op_bits
 from mixdq_jax.io_utils import atomic_write_text, read_json_object
 from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, example_inputs, param_shapes
-from mixdq_jax.quant.intercept import LayerCall, Mode, Records, intercept
+from mixdq_jax.quant.intercept import LayerCall, Mode, Records
 from mixdq_jax.quant.layer_formats import LAYER_FORMATS, LayerFormat, parse_formats
 from mixdq_jax.quant.lowrank import LowRank
 from mixdq_jax.quant.modes import conv_geometry
 from mixdq_jax.quant.qconfig import FLOAT_BITS, input_parts, is_bos_layer
-from mixdq_jax.quant.registry import layer_splits, unet_layers
+from mixdq_jax.quant.registry import layer_splits, traced_records, unet_layers
 
 SCHEMA = "mixdq-layer-costs/1"
 LOWRANK_GROUP = 64  # SVDQuant's group size
@@ -194,19 +194,7 @@ def layer_shapes(
 def _layer_shapes(
     config: UNetConfig, batch: int, hw: tuple[int, int], seq_len: int
 ) -> dict[str, LayerShape]:
-    h, w = hw
-    model = UNet2DConditionModel(config=config)
-    params = param_shapes(model)
-    inputs = example_inputs(config, batch=batch, height=h, width=w, seq_len=seq_len)
-    seen: dict[str, dict] = {}
-
-    def run(p, kw):
-        with intercept(_RecordLayers()) as records:
-            out = model.apply({"params": p}, **kw)
-        seen.update(records.data)
-        return out
-
-    jax.eval_shape(run, params, inputs)
+    seen = traced_records(config, _RecordLayers(), batch=batch, hw=hw, seq_len=seq_len)
     splits = layer_splits(unet_layers(config))
     return {
         name: LayerShape(name=name, bos=is_bos_layer(name), split=splits.get(name), **v)

@@ -34,11 +34,11 @@ import numpy as np
 
 from mixdq_jax.deploy.memory import stored_param_bytes, tree_nbytes
 from mixdq_jax.deploy.packed import DeployPlan, packed_shapes
-from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, example_inputs, param_shapes
-from mixdq_jax.quant.intercept import LayerCall, Mode, Records, intercept
+from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, param_shapes
+from mixdq_jax.quant.intercept import LayerCall, Mode, Records
 from mixdq_jax.quant.lowrank import LOWRANK_BITS
 from mixdq_jax.quant.qconfig import FLOAT_BITS, QuantSpec
-from mixdq_jax.quant.registry import layer_splits, unet_layers
+from mixdq_jax.quant.registry import layer_splits, traced_records, unet_layers
 
 Bits = int | Mapping[str, int]
 
@@ -77,19 +77,7 @@ def _macs(config: UNetConfig, hw: tuple[int, int], seq_len: int) -> dict[str, in
 def _counts(
     config: UNetConfig, hw: tuple[int, int], seq_len: int
 ) -> dict[str, tuple[int, int, int, int]]:
-    model = UNet2DConditionModel(config=config)
-    params = param_shapes(model)
-    inputs = example_inputs(config, batch=1, height=hw[0], width=hw[1], seq_len=seq_len)
-    counted: dict[str, int] = {}
-
-    def run(p, kw):
-        with intercept(_CountMacs()) as records:
-            out = model.apply({"params": p}, **kw)
-        counted.update(records.data)
-        return out
-
-    jax.eval_shape(run, params, inputs)
-    return counted
+    return traced_records(config, _CountMacs(), batch=1, hw=hw, seq_len=seq_len)
 
 
 def layer_macs(config: UNetConfig, *, latent: Latent = None, seq_len: int = 77) -> dict[str, int]:

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, example_inputs
+from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, example_inputs, param_shapes
 from mixdq_jax.quant.intercept import intercept
 from mixdq_jax.quant.modes import RecordShapes
 
@@ -119,6 +119,27 @@ def _lookup(params: Any, name: str) -> Any:
 
 
 @functools.cache
+def traced_records(
+    config: UNetConfig, mode: Any, *, batch: int, hw: tuple[int, int], seq_len: int
+) -> dict[str, Any]:
+    """What a collecting ``mode`` records over one abstract UNet forward (``jax.eval_shape``
+    over the params' shapes: no weight is materialised, so the full-size UNet costs nothing)
+    at ``batch`` x ``hw`` latents and ``seq_len`` text tokens."""
+    model = UNet2DConditionModel(config=config)
+    params = param_shapes(model)
+    inputs = example_inputs(config, batch=batch, height=hw[0], width=hw[1], seq_len=seq_len)
+    seen: dict[str, Any] = {}
+
+    def run(p, kw):
+        with intercept(mode) as records:
+            out = model.apply({"params": p}, **kw)
+        seen.update(records.data)
+        return out
+
+    jax.eval_shape(run, params, inputs)
+    return seen
+
+
 def unet_layers(config: UNetConfig) -> tuple[LayerInfo, ...]:
     """The quantizable layers of a UNet config at its own sample size (cached per config)."""
     return tuple(build_registry(config))

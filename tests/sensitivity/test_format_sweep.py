@@ -17,6 +17,7 @@ from mixdq_jax.quant.layer_formats import LAYER_FORMATS, parse_formats
 from mixdq_jax.rundir import RunDir
 from mixdq_jax.sensitivity import Evaluator, load_calibration
 from mixdq_jax.sensitivity.formats import FORMAT_SWEEPS, format_sweep
+from tests.sensitivity.test_sweep import _ssim_np  # the numpy global SSIM
 from tests.tiny_models import SMALL_UNET, build_sdxl
 
 PROMPTS = ("a red circle", "two yellow triangles")
@@ -88,17 +89,6 @@ def test_per_layer_fp8_choice_is_the_global_format(pipe, run_dir):
         QuantSpec(fp8=True, fp8_layers=frozenset())
     with pytest.raises(ValueError, match="unknown layer"):
         qconfig_for(pipe, QuantSpec(fp8_layers=frozenset({"nope"})))
-
-
-def _ssim_np(x: np.ndarray, y: np.ndarray) -> float:
-    """Global SSIM (one window = the image, sample covariance), mean over channels."""
-    x, y = x.astype(np.float64).reshape(-1, 3), y.astype(np.float64).reshape(-1, 3)
-    mx, my = x.mean(0), y.mean(0)
-    vx, vy = x.var(0, ddof=1), y.var(0, ddof=1)
-    cxy = ((x - mx) * (y - my)).sum(0) / (len(x) - 1)
-    c1, c2 = 0.01**2, 0.03**2
-    s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    return float(s.mean())
 
 
 def test_format_sweep_equals_one_layer_in_the_plain_loop(pipe, run_dir, calib_config, swept):
