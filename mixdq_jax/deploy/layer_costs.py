@@ -13,7 +13,7 @@ format, the measured latency at the shapes the layer runs at, the stored bytes a
   are timed once and share the number.
 - Bytes: ``tree_nbytes`` of the layer's packed node (`packed.pack_layer` traced), float: the
   kernel and bias at the float dtype.
-- BOPs: MACs x `evaluation.bops.op_bits` (fp8 counts as 8 x 8), plus the low-rank branch
+- BOPs: MACs x `layer_formats.op_bits` (fp8 counts as 8 x 8), plus the low-rank branch
   (``tokens x r x (K + N)`` MACs) at 16 x 16 for ``w4a4lr``. MACs are for the table's batch.
 
 The table resumes: it is rewritten (atomically, layers in call order) after every layer, and
@@ -76,11 +76,10 @@ from mixdq_jax.deploy.packed import (
     packed_shapes,
     storage_bits_for,
 )
-from mixdq_jax.evaluation.bops import op_bits
 from mixdq_jax.io_utils import atomic_write_text, read_json_object
 from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, example_inputs, param_shapes
 from mixdq_jax.quant.intercept import LayerCall, Mode, Records
-from mixdq_jax.quant.layer_formats import LAYER_FORMATS, LayerFormat, parse_formats
+from mixdq_jax.quant.layer_formats import LAYER_FORMATS, LayerFormat, op_bits, parse_formats
 from mixdq_jax.quant.lowrank import LowRank
 from mixdq_jax.quant.modes import conv_geometry
 from mixdq_jax.quant.qconfig import FLOAT_BITS, input_parts, is_bos_layer

@@ -36,6 +36,7 @@ from mixdq_jax.deploy.memory import stored_param_bytes, tree_nbytes
 from mixdq_jax.deploy.packed import DeployPlan, packed_shapes
 from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, param_shapes
 from mixdq_jax.quant.intercept import LayerCall, Mode, Records
+from mixdq_jax.quant.layer_formats import op_bits
 from mixdq_jax.quant.lowrank import LOWRANK_BITS
 from mixdq_jax.quant.qconfig import FLOAT_BITS, QuantSpec
 from mixdq_jax.quant.registry import layer_splits, traced_records, unet_layers
@@ -100,13 +101,6 @@ def layer_branch_macs(
         if r:
             out[name] = tokens * r * (k + n)
     return out
-
-
-def op_bits(w_bits: int, a_bits: int) -> int:
-    """Bits of one multiply: ``w x a`` with quantized activations, FP16 x FP16 without."""
-    if a_bits >= FLOAT_BITS:
-        return FLOAT_BITS * FLOAT_BITS
-    return min(w_bits, FLOAT_BITS) * a_bits
 
 
 def _per_layer(bits: Bits, names: list[str], what: str) -> dict[str, int]:

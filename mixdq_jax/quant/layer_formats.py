@@ -53,6 +53,14 @@ LAYER_FORMATS: dict[str, LayerFormat] = {
 DEFAULT_SEARCH_FORMATS = ("float", "fp8", "w8a8", "w4a8", "w4a16")
 
 
+def op_bits(w_bits: int, a_bits: int) -> int:
+    """Bits of one multiply (a BOPs term): ``w x a`` with quantized activations, FP16 x FP16
+    without (weight-only layers dequantize and multiply in float)."""
+    if a_bits >= FLOAT_BITS:
+        return FLOAT_BITS * FLOAT_BITS
+    return min(w_bits, FLOAT_BITS) * a_bits
+
+
 def parse_formats(names: str | Iterable[str], what: str = "--formats") -> tuple[LayerFormat, ...]:
     """Formats from ``"float,w8a8,..."`` or a list of names, in the given order, no repeats;
     ``float`` is always included (every layer can stay as written)."""
