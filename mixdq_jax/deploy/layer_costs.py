@@ -80,7 +80,7 @@ from mixdq_jax.io_utils import atomic_write_text, read_json_object
 from mixdq_jax.models.unet import UNet2DConditionModel, UNetConfig, example_inputs, param_shapes
 from mixdq_jax.quant.intercept import LayerCall, Mode, Records
 from mixdq_jax.quant.layer_formats import LAYER_FORMATS, LayerFormat, op_bits, parse_formats
-from mixdq_jax.quant.lowrank import LowRank
+from mixdq_jax.quant.lowrank import LowRank, fraction_rank
 from mixdq_jax.quant.modes import conv_geometry
 from mixdq_jax.quant.qconfig import FLOAT_BITS, input_parts, is_bos_layer
 from mixdq_jax.quant.registry import layer_splits, traced_records, unet_layers
@@ -203,18 +203,12 @@ def _layer_shapes(
 
 # ------------------------------------------------------------------------------ plans
 def layer_rank(weight_shape: tuple[int, ...], rank_fraction: float | None = None) -> int:
-    """The low-rank branch's rank of a ``w4a4lr`` layer: rank 32, or the rank whose branch
-    holds ``rank_fraction`` of the weights (at least 1, at most 32), capped at the GEMM's
-    sides. The rule of `mixdq_jax.methods.format.LowRankSettings.layer_rank` (the tests hold
-    them equal), not imported: `mixdq_jax.methods` imports the allocation solvers, which the
-    GPU check must not load."""
+    """The low-rank branch's rank of a ``w4a4lr`` layer (`quant.lowrank.fraction_rank` at
+    SVDQuant's rank 32), capped at the GEMM's sides."""
     k, n = math.prod(weight_shape[:-1]), int(weight_shape[-1])
-    rank = DEFAULT_RANK
-    if rank_fraction is not None:
-        if not 0.0 < rank_fraction < 1.0:
-            raise ValueError(f"rank_fraction {rank_fraction} not in (0, 1)")
-        rank = int(min(DEFAULT_RANK, max(1, round(rank_fraction * k * n / (k + n)))))
-    return min(rank, k, n)
+    if rank_fraction is not None and not 0.0 < rank_fraction < 1.0:
+        raise ValueError(f"rank_fraction {rank_fraction} not in (0, 1)")
+    return min(fraction_rank(k, n, DEFAULT_RANK, rank_fraction), k, n)
 
 
 def format_plan(

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mixdq_jax.methods.target import Target
-from mixdq_jax.quant.lowrank import ALPHAS, LOWRANK_BITS, LowRank
+from mixdq_jax.quant.lowrank import ALPHAS, LOWRANK_BITS, LowRank, fraction_rank
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,9 +52,7 @@ class LowRankSettings:
 
     def layer_rank(self, k: int, n: int) -> int:
         """The branch's rank for a ``[k, n]`` layer GEMM."""
-        if self.rank_fraction is None:
-            return self.rank
-        return int(min(self.rank, max(1, round(self.rank_fraction * k * n / (k + n)))))
+        return fraction_rank(k, n, self.rank, self.rank_fraction)
 
 
 @dataclass(frozen=True, kw_only=True)

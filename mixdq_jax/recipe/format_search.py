@@ -128,7 +128,7 @@ def protected_acts(scores: Mapping[str, Mapping[str, Mapping[str, float]]], frac
         return set()
     out: set[str] = set()
     for metric, names in (
-        ("ssim", [n for n in scores["ssim"]]),
+        ("ssim", list(scores["ssim"])),
         ("sqnr", [n for n in scores["sqnr"] if not is_content_layer(n)]),
     ):
         best = {n: max(scores[metric][n][f] for f in act) for n in names}
