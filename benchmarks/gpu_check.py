@@ -16,9 +16,12 @@ budget; winners written to ``pallas_kernels/tuned/<device>.json`` and ``$OUT/tun
 ``gemm_timing`` (SDXL GEMM shapes: float dots, int8/W4A8 and group-scaled W4A4 with a rank-32
 branch on XLA and Pallas, activation quantization) and ``unet`` (one full-size SDXL-turbo UNet
 forward at 512x512, batch 1, for fp16, w8a8, w4a8 and bf16, each in a fresh subprocess so its
-peak GPU memory is its own) and ``layer_costs`` (`mixdq_jax.deploy.layer_costs`: every
-Dense/Conv of the full-size SDXL-turbo UNet at batch 1, 128x128 latent, timed alone in each
-per-layer format float, fp8, w8a8, w4a8, w4a16, w4a4lr, with bytes and BOPs, into
+peak GPU memory is its own), ``selection`` (the recipe's candidate pick on the shipped testbed
+model: one pipeline call per candidate against `mixdq_jax.batch_render` chunks under vmap and
+lax.map, compile and per-candidate seconds apart, images compared) and ``layer_costs``
+(`mixdq_jax.deploy.layer_costs`: every Dense/Conv of the full-size SDXL-turbo UNet at batch 1,
+128x128 latent, timed alone in each per-layer format float, fp8, w8a8, w4a8, w4a16, w4a4lr,
+with bytes and BOPs, into
 ``$OUT/layer_costs.json``; within ``--layer-costs-budget-s`` and the deadline it stops between
 layers, keeps what it wrote, and a rerun with the same ``$OUT`` resumes the table).
 Every section runs in try/except and stores its error; the JSON is rewritten atomically after
@@ -58,7 +61,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 SDXL_CONFIG = REPO / "benchmarks" / "data" / "sdxl_turbo_unet_config.json"
 SCHEMA_VERSION = 1
-SECTIONS = ("versions", "kernel_checks", "autotune", "gemm_timing", "unet", "layer_costs")
+SECTIONS = ("versions", "kernel_checks", "autotune", "gemm_timing", "unet", "selection",
+            "layer_costs")
 LAYER_COST_FORMATS = ("float", "fp8", "w8a8", "w4a8", "w4a16", "w4a4lr")
 UNET_CONFIGS = ("fp16", "w8a8", "w4a8", "bf16")  # bf16 last: the least informative
 FORBIDDEN = ("diffusers", "cvxpy", "highspy", "torch", "mixdq_jax.allocation")
@@ -1024,6 +1028,81 @@ def section_unet(ctx: Context, result: dict) -> None:
     }
 
 
+# ----------------------------------------------------------------------------- selection
+SELECTION_PROMPTS = ("a red cube on grass", "two blue balls", "a green cone in a room",
+                     "a yellow cube next to a red ball")  # fmt: skip
+
+
+def _time_chunks(chunks: Any) -> dict:
+    """Times an iterator of ``(indices, images)`` chunks: the first (compile + run) apart from
+    the rest (seconds per candidate); keeps the first chunk's images."""
+    t0 = time.perf_counter()
+    idx, first = next(chunks)
+    first_s = time.perf_counter() - t0
+    t0, n = time.perf_counter(), 0
+    for rest_idx, _ in chunks:
+        n += len(rest_idx)
+    run_s = time.perf_counter() - t0
+    return {"first_chunk_s": round(first_s, 3), "per_candidate_s": round(run_s / max(n, 1), 5),
+            "candidates_timed": n, "images": first[0]}  # fmt: skip
+
+
+def section_selection(ctx: Context, result: dict) -> None:
+    """Random weight-pick candidates (2/4/8 bits per layer, float activations) on the testbed:
+    `Pipeline.__call__` per candidate (the recipe's CPU default) against `BatchRenderer` chunks
+    (vmap: the accelerator default; lax.map). The dry run leaves lax.map out (one compile
+    less; tests/test_batch_render.py checks it)."""
+    if not ctx.dry_run and not ctx.on_gpu:
+        return skip(result, "no GPU")
+    import numpy as np
+
+    from mixdq_jax.api import load_pipeline
+    from mixdq_jax.batch_render import BatchRenderer, RenderSettings
+    from mixdq_jax.quant.qconfig import QuantSpec
+    from mixdq_jax.quant.registry import layer_splits, unet_layers
+
+    chunk = 2 if ctx.dry_run else ctx.args.selection_chunk
+    n = 2 * chunk if ctx.dry_run else 4 * chunk
+    prompts = SELECTION_PROMPTS[:1] if ctx.dry_run else SELECTION_PROMPTS
+    pipe = load_pipeline("testbed")
+    splits = layer_splits(unet_layers(pipe.unet.config))
+    rng = np.random.default_rng(0)
+    qconfigs = [
+        QuantSpec(weight_bits={k: int(rng.choice([2, 4, 8])) for k in splits}, act_bits=16)
+        .to_qconfig(splits)
+        for _ in range(n)
+    ]
+    h, w = pipe.image_size
+    settings = RenderSettings(prompts=prompts, steps=1, guidance_scale=0.0, height=h, width=w,
+                              seed=0, batch_size=len(prompts))  # fmt: skip
+    result.update(model="testbed", prompts=len(prompts), candidates=n, chunk=chunk, ways={})
+
+    def per_call():
+        for i, q in enumerate(qconfigs):
+            yield [i], np.asarray(pipe(list(prompts), height=h, width=w, seed=0, qconfig=q))[None]
+
+    ways = {"per_call": per_call}
+    for parallel in ("vmap",) if ctx.dry_run else ("vmap", "map"):
+        renderer = BatchRenderer(pipe, settings, parallel=parallel)
+        ways[parallel] = lambda r=renderer: r.render(qconfigs, chunk=chunk)
+    reference = None
+    for name, chunks in ways.items():
+        if ctx.time_left() < 30:
+            result["ways"][name] = {"status": "skipped", "error": "deadline"}
+            continue
+        entry = _time_chunks(chunks())
+        images = entry.pop("images")
+        reference = images if reference is None else reference
+        entry["max_abs_diff_vs_per_call"] = float(np.max(np.abs(images - reference)))
+        result["ways"][name] = entry
+        log(f"selection {name}: {entry}")
+        ctx.write()
+    per = {k: v.get("per_candidate_s") for k, v in result["ways"].items()}
+    if per.get("per_call") and per.get("vmap"):
+        result["vmap_speedup_per_candidate"] = round(per["per_call"] / per["vmap"], 2)
+    ctx.doc["summary"]["selection_per_candidate_s"] = per
+
+
 # ----------------------------------------------------------------------------- layer costs
 
 
@@ -1263,7 +1342,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         tempfile.gettempdir(), "gpu_check_out"),
                     help="output folder (default $OUT, else /tmp/gpu_check_out)")
     ap.add_argument("--deadline-s", type=float, default=None,
-                    help="stop starting work after this (default 450; dry run 200)")
+                    help="stop starting work after this (default 450; dry run 300)")
     ap.add_argument("--sections", default="",
                     help=f"comma list of sections to run (default all: {','.join(SECTIONS)})")
     ap.add_argument("--autotune-budget-s", type=float, default=None,
@@ -1291,6 +1370,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="per-layer cost table: latent side (default 128 = 1024px; dry 8)")
     ap.add_argument("--layer-costs-repeats", type=int, default=None,
                     help="per-layer cost table: timed calls per layer (default 5; dry run 1)")
+    ap.add_argument("--selection-chunk", type=int, default=8,
+                    help="candidates per batched call in the selection section (8; dry run 2)")
     ap.add_argument("--compile-cache", default=None,
                     help="persistent JAX compilation cache folder ('' = off; default "
                          "/tmp/mixdq_gpu_check_jax_cache, off in the dry run)")
@@ -1301,7 +1382,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     dry = args.dry_run
     defaults = {
-        "deadline_s": (200.0, 450.0), "autotune_budget_s": (15.0, 60.0),
+        "deadline_s": (300.0, 450.0), "autotune_budget_s": (15.0, 60.0),
         "gemm_budget_s": (30.0, 50.0), "gemm_repeats": (2, 7), "unet_repeats": (1, 5),
         "unet_child_timeout_s": (90.0, 200.0), "unet_min_start_s": (10.0, 40.0),
         "latent": (8, 64), "compile_cache": ("", "/tmp/mixdq_gpu_check_jax_cache"),
@@ -1342,6 +1423,7 @@ def main(argv: list[str] | None = None) -> int:
         "autotune": section_autotune,
         "gemm_timing": section_gemm_timing,
         "unet": section_unet,
+        "selection": section_selection,
         "layer_costs": section_layer_costs,
     }
     for name in SECTIONS:

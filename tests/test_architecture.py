@@ -24,6 +24,7 @@ RANKS = {
     "mixdq_jax.hub": 0,  # hub ids -> a local snapshot (weights_convert resolves through it)
     "mixdq_jax.quant": 1,
     "mixdq_jax.pipeline": 2,
+    "mixdq_jax.batch_render": 2,  # many configurations through one compiled sampling program
     "mixdq_jax.testbed": 0,  # data, judge, vocab, model (and a light package init)
     "mixdq_jax.testbed.train": 1,
     "mixdq_jax.loader": 3,

@@ -140,6 +140,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = parser.add_argument_group("sensitivity sweep and bit allocation")
     add_allocation_args(g)
     g.add_argument("--chunk", type=_count, default=8, help="sweep configurations per call (8)")
+    g.add_argument(
+        "--selection-chunk", type=_count, default=None,
+        help="candidates rendered per compiled call when picking (1: a pipeline call each; "
+        "default 1 on a CPU, 8 on an accelerator)",
+    )  # fmt: skip
+    g.add_argument(
+        "--selection-parallel", choices=("vmap", "map"), default=None,
+        help="how a selection chunk runs (default: map on a CPU, vmap elsewhere)",
+    )  # fmt: skip
     add_recon_args(parser.add_argument_group(
         "learned rounding (methods that reconstruct blocks: qdiffusion, ptqd, edadm, ...)"
     ))  # fmt: skip
@@ -255,7 +264,8 @@ def run(args: argparse.Namespace) -> int:
         knobs=allocation_options(args),
         steps=args.steps, guidance_scale=args.guidance_scale, height=args.height,
         width=args.width, seed=args.seed, batch_size=args.batch_size, chunk=args.chunk,
-        reconstruction=recon_config(args),
+        reconstruction=recon_config(args), selection_chunk=args.selection_chunk,
+        selection_parallel=args.selection_parallel,
     )  # fmt: skip
     targets = [run_directory("--run", args.run)]
     if args.out is not None:  # its contents: check_export_folder's rules

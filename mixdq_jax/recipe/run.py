@@ -26,15 +26,17 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
 from mixdq_jax.allocation import average_bits
+from mixdq_jax.batch_render import PARALLEL, BatchRenderer, RenderSettings
 from mixdq_jax.calibrate import CalibConfig, calibrate
 from mixdq_jax.evaluation.bops import compute_cost, spec_ranks
 from mixdq_jax.io_utils import atomic_write_json, atomic_write_text
@@ -69,6 +71,7 @@ if TYPE_CHECKING:
     from mixdq_jax.evaluation.run import ReportEval
 
 NO_BOS_SWEEPS = "sensitivity-nobos"
+DEVICE_SELECTION_CHUNK = 8  # candidates per compiled call on an accelerator
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,7 +83,10 @@ class RecipeConfig:
     ``selection``). ``knobs``: the allocation's options (``None``: the preset's,
     `Preset.knobs`). ``height``/``width``: ``None`` is the model's native size.
     ``reconstruction``: the settings of the ``reconstruct`` stage (methods with learned
-    rounding).
+    rounding). ``selection_chunk``: candidates rendered per compiled call in the picks
+    (`mixdq_jax.batch_render`; 1: one pipeline call each; ``None``: 1 on a CPU, where
+    batching measured slower, 8 elsewhere); ``selection_parallel``: ``"vmap"`` or ``"map"``
+    over a chunk (``None``: `batch_render.default_parallel`).
     """
 
     calib_prompts: tuple[str, ...]
@@ -95,6 +101,8 @@ class RecipeConfig:
     batch_size: int = 8
     chunk: int = 8
     reconstruction: ReconConfig = field(default_factory=ReconConfig)
+    selection_chunk: int | None = None
+    selection_parallel: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "calib_prompts", tuple(self.calib_prompts))
@@ -105,6 +113,19 @@ class RecipeConfig:
             raise ValueError("the recipe needs calibration prompts and selection prompts")
         if self.steps < 1 or self.batch_size < 1 or self.chunk < 1:
             raise ValueError("steps, batch_size and chunk must be >= 1")
+        if self.selection_chunk is not None and self.selection_chunk < 1:
+            raise ValueError(f"selection_chunk must be >= 1, got {self.selection_chunk}")
+        if self.selection_parallel not in (None, *PARALLEL):
+            raise ValueError(
+                f"selection_parallel must be one of {PARALLEL}, got {self.selection_parallel!r}"
+            )
+
+    @property
+    def chosen_selection_chunk(self) -> int:
+        """``selection_chunk``, or its default on this backend."""
+        if self.selection_chunk is not None:
+            return self.selection_chunk
+        return 1 if jax.default_backend() == "cpu" else DEVICE_SELECTION_CHUNK
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,6 +180,7 @@ class Recipe:
         self._evaluator: Evaluator | None = None
         self._reference: np.ndarray | None = None
         self._first_reference: np.ndarray | None = None
+        self._renderers: dict[str, BatchRenderer] = {}
         self._ranges: dict[str, np.ndarray] | None = None
         self._learned: dict[str, QuantizedUNet] = {}
         self._chosen: dict[str, ChosenBits] = {}
@@ -299,6 +321,40 @@ class Recipe:
             self._first_reference = self.render(None, count=1)
         return released_pixel_error(self.render(qconfig, count=1), self._first_reference)
 
+    def selection_errors(
+        self, qconfigs: Iterable[QConfig], *, chunk: int | None = None
+    ) -> Iterator[tuple[range, list[float]]]:
+        """`selection_error` of many configurations, ``(indices, errors)`` per chunk: the
+        candidates rendered ``chunk`` at a time through one compiled program
+        (`mixdq_jax.batch_render`; default ``config.chosen_selection_chunk``; 1: a pipeline
+        call each, as `selection_error`, built one at a time from a lazy ``qconfigs``)."""
+        chunk = self.config.chosen_selection_chunk if chunk is None else chunk
+        if chunk == 1:
+            for i, qconfig in enumerate(qconfigs):
+                yield range(i, i + 1), [self.selection_error(qconfig)]
+            return
+        c = self.config
+        released = c.preset.selection == "released"
+        if released and self._first_reference is None:
+            self._first_reference = self.render(None, count=1)
+        kind = "released" if released else "mse"
+        renderer = self._renderers.get(kind)
+        if renderer is None:
+            settings = RenderSettings(
+                prompts=c.select_prompts[:1] if released else c.select_prompts, steps=c.steps,
+                guidance_scale=c.guidance_scale, height=self.height, width=self.width,
+                seed=c.seed, batch_size=c.batch_size,
+            )  # fmt: skip
+            renderer = self._renderers[kind] = BatchRenderer(
+                self.pipe, settings, parallel=c.selection_parallel
+            )
+        ref = self._first_reference if released else self.reference()
+        for idx, images in renderer.render(list(qconfigs), chunk=chunk):
+            if released:
+                yield idx, [released_pixel_error(im, ref) for im in images]
+            else:
+                yield idx, [float(np.mean((im - ref) ** 2)) for im in images]
+
     # ---------------------------------------------------------------- allocation stages
     def _settings(self, target: Target, method: Method) -> dict[str, Any]:
         c = self.config
@@ -337,12 +393,14 @@ class Recipe:
             desc=f"{key} {kind} candidates", unit="cfg", file=sys.stderr,
         )  # fmt: skip
         with bar:
-            for i in todo:
-                scores[fingerprints[i]] = self.selection_error(qconfig_of(candidates[i]))
+            qconfigs = (qconfig_of(candidates[i]) for i in todo)
+            for idx, errors in self.selection_errors(qconfigs):
+                for j, error in zip(idx, errors, strict=True):
+                    scores[fingerprints[todo[j]]] = error
                 self.run.write_candidate_scores(
                     key, kind, {"candidates": listing, "scores": scores}
                 )
-                bar.update(1)
+                bar.update(len(idx))
         best = min(range(len(candidates)), key=lambda i: (scores[fingerprints[i]], i))
         return dict(candidates[best])
 

@@ -246,12 +246,17 @@ def test_a_unit_of_each_kind_runs_alone_as_inside_the_sdxl_unet(tmp_path):
     assert any(splits[n] is not None for n in chosen[-1].layers)
     for unit in chosen:
         inner = tuple(n for n in unit.layers if n != unit.name)
-        whole = capture(apply, params, data, [unit.name, *inner], mode=FakeQuant(),
-                        qconfig=qconfig, stop_early=True)  # fmt: skip
-        call, arrays = unit_inputs(apply, params, data, unit.name, 2, mode=FakeQuant(),
-                                   qconfig=qconfig)  # fmt: skip
-        alone = call.run(params, [jnp.asarray(a) for a in arrays], mode=FakeQuant(),
-                         qconfig=qconfig, layers=inner)  # fmt: skip
+        # op by op, both sides: a compiled program may round an activation that sits on an
+        # 8-bit boundary the other way, and one flipped code grows through every later
+        # quantized layer (a third of conv_out's elements on this CPU); the same ops on the
+        # same inputs give the same bits, so any difference left is the plumbing's
+        with jax.disable_jit():
+            whole = capture(apply, params, data, [unit.name, *inner], mode=FakeQuant(),
+                            qconfig=qconfig, stop_early=True)  # fmt: skip
+            call, arrays = unit_inputs(apply, params, data, unit.name, 2, mode=FakeQuant(),
+                                       qconfig=qconfig)  # fmt: skip
+            alone = call.run(params, [jnp.asarray(a) for a in arrays], mode=FakeQuant(),
+                             qconfig=qconfig, layers=inner)  # fmt: skip
         for name in (unit.name, *inner):
             np.testing.assert_allclose(np.asarray(alone[name]), np.asarray(whole[name]),
-                                       rtol=1e-4, atol=1e-4, err_msg=name)  # fmt: skip
+                                       rtol=1e-5, atol=1e-5, err_msg=name)  # fmt: skip
