@@ -244,16 +244,18 @@ def test_a_unit_of_each_kind_runs_alone_as_inside_the_sdxl_unet(tmp_path):
              lambda n: n.startswith("up_blocks") and ".resnets." in n]  # fmt: skip
     chosen = [next(u for u in units if kind(u.name)) for kind in kinds]
     assert any(splits[n] is not None for n in chosen[-1].layers)
+    # op by op, both sides: a compiled program may round an activation that sits on an 8-bit
+    # boundary the other way, and one flipped code grows through every later quantized layer
+    # (a third of conv_out's elements on this CPU); the same ops on the same inputs give the
+    # same bits, so any difference left is the plumbing's. One pass captures every unit.
+    names = [n for unit in chosen for n in unit.layers if n != unit.name]
+    with jax.disable_jit():
+        whole = capture(apply, params, data, [u.name for u in chosen] + names,
+                        mode=FakeQuant(), qconfig=qconfig)  # fmt: skip
     for unit in chosen:
         inner = tuple(n for n in unit.layers if n != unit.name)
-        # op by op, both sides: a compiled program may round an activation that sits on an
-        # 8-bit boundary the other way, and one flipped code grows through every later
-        # quantized layer (a third of conv_out's elements on this CPU); the same ops on the
-        # same inputs give the same bits, so any difference left is the plumbing's
         with jax.disable_jit():
-            whole = capture(apply, params, data, [unit.name, *inner], mode=FakeQuant(),
-                            qconfig=qconfig, stop_early=True)  # fmt: skip
-            call, arrays = unit_inputs(apply, params, data, unit.name, 2, mode=FakeQuant(),
+            call, arrays = unit_inputs(apply, params, data, unit.name, 3, mode=FakeQuant(),
                                        qconfig=qconfig)  # fmt: skip
             alone = call.run(params, [jnp.asarray(a) for a in arrays], mode=FakeQuant(),
                              qconfig=qconfig, layers=inner)  # fmt: skip
