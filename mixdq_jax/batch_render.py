@@ -116,10 +116,7 @@ class BatchRenderer:
                     "or formats) than configuration 0: they cannot be rendered together"
                 )
         columns = list(zip(*(leaves for leaves, _ in flat), strict=True))
-        if self.parallel == "vmap":  # the configuration axis only where candidates differ
-            vary = tuple(any(not _same(c[0], x) for x in c[1:]) for c in columns)
-        else:  # lax.map: every leaf per configuration, exactly as a pipeline call
-            vary = (True,) * len(columns)
+        vary = batched_leaves(columns, self.parallel)
         shared = [np.asarray(c[0]) for c, v in zip(columns, vary, strict=True) if not v]
         key = (treedef, vary, chunk)
         fn = self.programs.get(key)
@@ -163,6 +160,17 @@ class BatchRenderer:
         if self.parallel == "map":
             return jax.lax.map(one, stacked)
         return jax.vmap(one)(stacked)
+
+
+def batched_leaves(columns: Sequence[Sequence[Any]], parallel: str) -> tuple[bool, ...]:
+    """Which leaves carry the configuration axis (``columns``: each leaf's values over the
+    configurations). Under vmap those that differ between configurations, and the first leaf
+    when none does (one candidate left, or identical ones: vmap needs a batched argument);
+    under lax.map every leaf, exactly as a pipeline call."""
+    if parallel == "map":
+        return (True,) * len(columns)
+    vary = tuple(any(not _same(c[0], x) for x in c[1:]) for c in columns)
+    return vary if any(vary) else (True, *vary[1:])
 
 
 def _same(a: Any, b: Any) -> bool:

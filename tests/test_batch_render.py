@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mixdq_jax.api import load_pipeline
-from mixdq_jax.batch_render import BatchRenderer, RenderSettings
+from mixdq_jax.batch_render import BatchRenderer, RenderSettings, batched_leaves
 from mixdq_jax.pipeline import NonFiniteError
 from mixdq_jax.quant.qconfig import QuantSpec
 from mixdq_jax.quant.registry import layer_splits, unet_layers
@@ -119,3 +119,12 @@ def test_a_non_finite_candidate_is_named(setup, renderers):
     with pytest.raises(NonFiniteError, match="candidate 1") as err:  # the map program again
         list(renderers["map"].render([acts[0], bad], chunk=3))
     assert err.value.stage == "UNet"
+
+
+def test_batched_leaves_under_vmap_are_those_that_differ_and_never_none():
+    a, b = np.zeros(3), np.ones(3)
+    assert batched_leaves([(a, a), (a, b), (b, b)], "vmap") == (False, True, False)
+    # one candidate left (a resumed pick), or identical ones: vmap still needs a batched leaf
+    assert batched_leaves([(a,), (b,)], "vmap") == (True, False)
+    assert batched_leaves([(a, a), (b, b)], "vmap") == (True, False)
+    assert batched_leaves([(a, a), (a, b)], "map") == (True, True)
