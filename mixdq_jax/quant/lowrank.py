@@ -43,7 +43,6 @@ ALPHAS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(20))
 MIN_SMOOTH = 1e-5
 
 
-
 def fraction_rank(k: int, n: int, rank: int, rank_fraction: float | None) -> int:
     """The branch rank of a ``[k, n]`` GEMM: ``rank``, or the rank whose branch holds
     ``rank_fraction`` of the weights, ``round(f k n / (k + n))`` (at least 1, at most
@@ -51,6 +50,7 @@ def fraction_rank(k: int, n: int, rank: int, rank_fraction: float | None) -> int
     if rank_fraction is None:
         return rank
     return int(min(rank, max(1, round(rank_fraction * k * n / (k + n)))))
+
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True, kw_only=True)

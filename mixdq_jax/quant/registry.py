@@ -118,7 +118,6 @@ def _lookup(params: Any, name: str) -> Any:
     return node
 
 
-@functools.cache
 def traced_records(
     config: UNetConfig, mode: Any, *, batch: int, hw: tuple[int, int], seq_len: int
 ) -> dict[str, Any]:
@@ -140,6 +139,7 @@ def traced_records(
     return seen
 
 
+@functools.cache
 def unet_layers(config: UNetConfig) -> tuple[LayerInfo, ...]:
     """The quantizable layers of a UNet config at its own sample size (cached per config)."""
     return tuple(build_registry(config))
